@@ -1,0 +1,1 @@
+"""Offline side of mixcli: the converted format, the quantizers and the converter."""

@@ -1,0 +1,168 @@
+"""Every fact about the converted model format, in one place.
+
+A converted model is a directory holding ``manifest.json`` and one or more data files. The
+manifest names the format and its version, carries the model config, the quantization spec, the
+tokenizer files and chat template, and a table of tensors. Each tensor is made of *parts* (for a
+4-bit tensor: packed nibbles ``qs``, fp16 scales ``d`` and, for q4_1, fp16 mins ``m``), each part a
+plain little-endian array at a byte offset in a data file, so the runtime can map it with
+``numpy.memmap`` and hand the views straight to the numba kernels.
+
+Block layouts mirror GGUF's (same group size, same nibble order) so a GGUF Q4_0 / Q4_1 / Q8_0
+tensor imports by copying bytes, and because llama.cpp's order suits SIMD: in each block of 32
+weights, byte j holds weight j in its low nibble and weight j+16 in its high nibble, so one
+16-byte load feeds two contiguous 16-float activation runs.
+
+Dimension letters: N output rows, K input columns (the reduction axis), G quant group (32).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FORMAT_NAME = "mixcli-q"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_FILE_PATTERN = "weights-{:05d}.bin"
+DATA_FILE_RE = re.compile(r"^weights-\d{5}\.bin$")
+TENSOR_ALIGN = 4096  # every tensor starts on a page: map, madvise and prefetch it alone
+PART_ALIGN = 64  # every part of a tensor starts on a cache line
+QK = 32  # weights per quant block (G)
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """One storage type: how a [N, K] matrix becomes parts, and what it costs."""
+
+    name: str
+    block: int  # weights per block along K (1 for float types)
+    bits_per_weight: float
+    parts: tuple[str, ...]
+
+    def part_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and numpy dtype string of each part for an [N, K] matrix (or [K] vector, n=0)."""
+        lead = (n,) if n else ()
+        if self.name == "f32":
+            return {"w": (lead + (k,), "<f4")}
+        if self.name == "f16":
+            return {"w": (lead + (k,), "<f2")}
+        nb = k // self.block
+        if self.name == "q8_0":
+            return {"qs": (lead + (k,), "i1"), "d": (lead + (nb,), "<f2")}
+        if self.name == "q4_0":
+            return {"qs": (lead + (k // 2,), "u1"), "d": (lead + (nb,), "<f2")}
+        if self.name == "q4_1":
+            return {
+                "qs": (lead + (k // 2,), "u1"),
+                "d": (lead + (nb,), "<f2"),
+                "m": (lead + (nb,), "<f2"),
+            }
+        raise KeyError(self.name)
+
+
+QUANT_TYPES: dict[str, QuantType] = {
+    "f32": QuantType("f32", 1, 32.0, ("w",)),
+    "f16": QuantType("f16", 1, 16.0, ("w",)),
+    # int8 weights, one fp16 scale per 32 (GGUF Q8_0)
+    "q8_0": QuantType("q8_0", QK, 8.5, ("qs", "d")),
+    # 4-bit, w = d * (q - 8), one fp16 scale per 32 (GGUF Q4_0)
+    "q4_0": QuantType("q4_0", QK, 4.5, ("qs", "d")),
+    # 4-bit, w = d * q + m, fp16 scale and min per 32 (GGUF Q4_1)
+    "q4_1": QuantType("q4_1", QK, 5.0, ("qs", "d", "m")),
+}
+
+# What `--quant` offers, and which storage type each role gets under it. Router and norms are
+# never quantized (tiny, and routing decisions are sensitive). Under 4-bit, the embedding and
+# the output head stay 8-bit, as llama.cpp keeps its output head at 6 bits: one embedding row is
+# read per token, and the head's error goes straight into every logit.
+QUANT_PRESETS: dict[str, dict[str, str]] = {
+    "q4_0": {"linear": "q4_0", "embed": "q8_0", "output": "q8_0", "router": "f32", "norm": "f32"},
+    "q4_1": {"linear": "q4_1", "embed": "q8_0", "output": "q8_0", "router": "f32", "norm": "f32"},
+    "q8_0": {"linear": "q8_0", "embed": "q8_0", "output": "q8_0", "router": "f32", "norm": "f32"},
+    "f16": {"linear": "f16", "embed": "f16", "output": "f16", "router": "f32", "norm": "f32"},
+}
+DEFAULT_QUANT = "q4_0"
+
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
+
+
+def fallback_type(qtype: str, k: int) -> str:
+    """A block type needs K to be a multiple of its block; otherwise keep the tensor in f16."""
+    qt = QUANT_TYPES[qtype]
+    return qtype if k % qt.block == 0 else "f16"
+
+
+def align(offset: int, to: int) -> int:
+    return (offset + to - 1) // to * to
+
+
+# Canonical tensor names in a converted model (role in brackets, shape in dimension letters).
+def tensor_names(n_layers: int, n_experts: int, moe: bool, tied: bool) -> list[str]:
+    names = ["tok_embeddings"]  # [embed] [V, D]
+    for layer in range(n_layers):
+        p = f"layers.{layer}."
+        names += [p + "attn_norm", p + "ffn_norm"]  # [norm] [D]
+        names += [p + "attn.wq", p + "attn.wk", p + "attn.wv", p + "attn.wo"]
+        # wq [H*HD, D], wk/wv [KVH*HD, D], wo [D, H*HD]
+        if moe:
+            names.append(p + "moe.gate")  # [router] [E, D]
+        for e in range(n_experts):
+            # w1, w3 [F, D]; w2 [D, F]: written back to back, one contiguous region per expert
+            names += [f"{p}experts.{e}.w1", f"{p}experts.{e}.w3", f"{p}experts.{e}.w2"]
+    names.append("norm")  # [norm] [D]
+    if not tied:
+        names.append("output")  # [output] [V, D]
+    return names
+
+
+def role_of(name: str) -> str:
+    if name == "tok_embeddings":
+        return "embed"
+    if name == "output":
+        return "output"
+    if name.endswith("norm"):
+        return "norm"
+    if name.endswith("moe.gate"):
+        return "router"
+    return "linear"
+
+
+def expert_region_name(layer: int, expert: int) -> str:
+    return f"layers.{layer}.experts.{expert}"
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest.json schema (version 1). All offsets are absolute byte offsets in the named data file.
+#
+# {
+#   "format": "mixcli-q", "version": 1,
+#   "config": {ModelConfig.to_dict()},
+#   "quant": {"preset": "q4_0", "types": {"linear": "q4_0", "embed": "q8_0", ...}, "group": 32},
+#   "tokenizer": {"kind": "sentencepiece" | "hf-json", "file": "tokenizer.model",
+#                 "config_file": "tokenizer_config.json" | null, "bos_token": "<s>",
+#                 "eos_token": "</s>", "add_bos": true, "extra_eos_tokens": [],
+#                 "chat_template": "<jinja text>" | null, "template_family": "mistral" | "chatml" | null}
+#                 (or null when the checkpoint carried no tokenizer)
+#   "source": {"kind": "hf-safetensors" | "gguf", "path": "<as given>", "dtype": "bf16"},
+#   "files": [{"name": "weights-00000.bin", "size": 123}],
+#   "tensors": {
+#     "<canonical name>": {"type": "q4_0", "shape": [N, K], "file": "weights-00000.bin",
+#                          "offset": o, "nbytes": n, "sha256": "<hex of the bytes [o, o+n)>",
+#                          "parts": {"qs": {"offset": o, "shape": [N, K/2], "dtype": "u1"},
+#                                    "d": {"offset": o2, "shape": [N, K/32], "dtype": "<f2"}},
+#                          "max_abs_err": 0.01}
+#   },
+#   "experts": {"layers.0.experts.3": {"file": "weights-00000.bin", "offset": o, "nbytes": n}},
+#   "stats": {"params": P, "bytes": B, "bits_per_weight": b, "seconds": s, "max_abs_err": e}
+# }
+#
+# Rules the reader checks: format and version match; every file name matches DATA_FILE_RE (so no
+# path can leave the model directory); files exist with the recorded size; every part lies inside
+# its file, has the shape its type implies, and starts at a multiple of PART_ALIGN; every tensor
+# starts at a multiple of TENSOR_ALIGN; an expert region covers exactly its w1, w3, w2 in order.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
