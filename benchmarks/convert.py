@@ -1,0 +1,184 @@
+"""Benchmark `mixcli convert` on a random-weight bf16 checkpoint of real Mixtral width.
+
+    python benchmarks/convert.py [--layers 1] [--quant q4_0] [--dir /tmp]
+
+Builds the checkpoint in a temporary directory (removed at the end): hidden 4096, expert FFN
+14336, 8 experts, 32/8 heads, vocab 32000, ``--layers`` layers, one safetensors shard per layer.
+Then, with the source's pages dropped from the page cache each time (fsync + posix_fadvise
+DONTNEED), it times reading the source twice with ``cat`` and runs the conversion in a fresh
+subprocess, whose own ru_maxrss is its peak resident memory. Goals from the issue: peak RSS under
+2x the largest tensor, conversion faster than reading the source twice.
+
+A tiny conversion runs first so numba's on-disk kernel cache is warm (a one-time cost per install).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+from quant.convert import convert_checkpoint
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+s = convert_checkpoint({src!r}, {out!r}, quant={quant!r})
+dt = time.perf_counter() - t
+print(json.dumps({{"seconds": dt, "params": s.params, "bytes": s.bytes_on_disk, "bpw": s.bits_per_weight,
+                  "max_abs_err": s.max_abs_err, "rss_imports_kib": rss0,
+                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+"""
+
+
+def mixtral_config(layers: int, vocab: int) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": vocab, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "rope_theta": 1e6, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+
+
+def write_bf16_shard(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> None:
+    """Stream random bf16 tensors into a safetensors file without holding one in memory."""
+    header, off = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            total = int(np.prod(shape))
+            scale = 1.0 if len(shape) == 1 else 0.02
+            for a in range(0, total, 1 << 24):
+                x = rng.standard_normal(min(1 << 24, total - a), dtype=np.float32) * np.float32(scale)
+                if len(shape) == 1:
+                    x += np.float32(1.0)
+                fh.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # truncate to bf16
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def make_checkpoint(src: Path, layers: int, vocab: int) -> None:
+    from babymodels import hf_tensor_shapes
+
+    cfg = mixtral_config(layers, vocab)
+    src.mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps(cfg, indent=1))
+    shapes = hf_tensor_shapes(cfg)
+    groups: list[dict] = [{} for _ in range(layers)]
+    for name, shape in shapes.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else (0 if "embed" in name else layers - 1)
+        groups[layer][name] = shape
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for i, g in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        write_bf16_shard(src / fname, g, rng)
+        weight_map.update({n: fname for n in g})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def drop_cache(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def time_read_twice(files: list[Path]) -> float:
+    total = 0.0
+    for _ in range(2):
+        drop_cache(files)
+        t = time.perf_counter()
+        subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+        total += time.perf_counter() - t
+    return total
+
+
+def run_child(src: Path, out: Path, quant: str) -> dict:
+    code = CHILD.format(repo=str(REPO), src=str(src), out=str(out), quant=quant)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if r.returncode:
+        sys.exit(f"conversion failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--quant", default="q4_0")
+    ap.add_argument("--dir", default=None, help="where to build the temporary checkpoint (default: system temp)")
+    args = ap.parse_args()
+
+    from babymodels import make_hf_checkpoint
+
+    base = Path(tempfile.mkdtemp(prefix="mixcli-bench-", dir=args.dir))
+    try:
+        warm = make_hf_checkpoint(base / "warm", "mixtral", dtype="bf16")
+        run_child(warm, base / "warm-out", args.quant)  # fills numba's kernel cache
+
+        src = base / "src"
+        t = time.perf_counter()
+        make_checkpoint(src, args.layers, args.vocab)
+        gen = time.perf_counter() - t
+        files = sorted(src.glob("*.safetensors"))
+        src_bytes = sum(f.stat().st_size for f in files)
+        from quant.sources.hf import open_hf_checkpoint
+
+        with open_hf_checkpoint(src) as ck:
+            largest = max(ck.tensors.values(), key=lambda t: t.nbytes)
+        read2 = time_read_twice(files)
+        drop_cache(files)
+        res = run_child(src, base / "out", args.quant)
+        rss = res["rss_kib"] * 1024
+        rows = [
+            ("layers / quant", f"{args.layers} / {args.quant}"),
+            ("parameters", f"{res['params'] / 1e9:.3f} B"),
+            ("source size (bf16)", f"{src_bytes / 2**30:.2f} GiB"),
+            ("output size", f"{res['bytes'] / 2**30:.2f} GiB ({res['bpw']:.2f} bits/weight)"),
+            ("conversion time", f"{res['seconds']:.2f} s"),
+            ("params/s", f"{res['params'] / res['seconds'] / 1e6:.0f} M/s"),
+            ("read source twice (cold, cat)", f"{read2:.2f} s"),
+            ("peak RSS of conversion", f"{rss / 2**20:.0f} MiB"),
+            ("  of which imports (numpy, numba...)", f"{res['rss_imports_kib'] / 1024:.0f} MiB"),
+            ("largest tensor", f"{largest.hf_name} {list(largest.shape)} {largest.nbytes / 2**20:.0f} MiB"),
+            ("peak RSS / largest tensor", f"{rss / largest.nbytes:.2f}"),
+            ("largest quant error", f"{res['max_abs_err']:.4g}"),
+            ("goal: RSS < 2x largest", "met" if rss < 2 * largest.nbytes else "MISSED"),
+            ("goal: faster than reading twice", "met" if res["seconds"] < read2 else "MISSED"),
+            ("(generating the checkpoint took)", f"{gen:.1f} s"),
+        ]
+        width = max(len(a) for a, _ in rows)
+        print(f"{'metric':<{width}}  value")
+        print(f"{'-' * width}  {'-' * 40}")
+        for a, b in rows:
+            print(f"{a:<{width}}  {b}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`mixcli convert SRC -o OUT`: a Hugging Face checkpoint directory -> a mixcli model directory.
+
+Thin: flags in, ``quant.convert.convert_checkpoint`` does the work, a rich progress bar on stderr
+while it runs (tensors and source bytes done) and a summary table on stdout at the end. Errors
+are ``MixcliError``s that the app turns into one line and an exit code.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from quant.convert import ConvertSummary, convert_checkpoint
+from quant.formats import DEFAULT_QUANT
+
+
+class QuantChoice(str, Enum):
+    q4_0 = "q4_0"
+    q4_1 = "q4_1"
+    q8_0 = "q8_0"
+    f16 = "f16"
+
+
+def convert_command(
+    src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json + *.safetensors)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to create for the converted model")],
+    quant: Annotated[
+        QuantChoice, typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1, 8-bit q8_0, or f16 (no quantization)")
+    ] = QuantChoice(DEFAULT_QUANT),
+    force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,
+) -> None:
+    """Convert a Hugging Face checkpoint into a memory-mappable mixcli model."""
+    err = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.fields[tensor]}", justify="left"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors_done]}/{task.fields[tensors_total]} tensors"),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    # no bar when stderr is a pipe or file: logs get the summary, not a thousand redraws
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("convert", total=None, tensor="opening", tensors_done=0, tensors_total="?")
+
+        def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+            bar.update(task, completed=bytes_done, total=bytes_total, tensor=name, tensors_done=done, tensors_total=total)
+
+        summary = convert_checkpoint(src, output, quant=QuantChoice(quant).value, force=force, progress=progress)
+    Console().print(summary_table(summary))
+
+
+def summary_table(s: ConvertSummary) -> Table:
+    table = Table(title=f"converted to {s.out}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("quantization", s.quant)
+    table.add_row("parameters", f"{s.params:,} ({s.params / 1e9:.2f} B)" if s.params >= 1e8 else f"{s.params:,}")
+    table.add_row("bits per weight", f"{s.bits_per_weight:.2f}")
+    table.add_row("size on disk", _size(s.bytes_on_disk))
+    table.add_row("source size", _size(s.source_bytes))
+    table.add_row("time", f"{s.seconds:.1f} s")
+    where = f" ({s.max_err_tensor})" if s.max_err_tensor else ""
+    table.add_row("largest quant error", f"{s.max_abs_err:.3g}{where}")
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,487 @@
+"""Write a converted model directory: page-aligned data files, then manifest.json last.
+
+The writer is independent of where tensors come from (an HF safetensors directory today, a GGUF
+file later): ``add_tensor`` quantizes a source a row chunk at a time, so peak memory is one chunk
+plus whatever the source maps; ``add_tensor_parts`` takes already-quantized parts (an exact GGUF
+import). Bytes go out through a background thread that writes and hashes them (both release the
+GIL), so the disk, sha256 and the quantizer run at the same time.
+
+``verify_model_dir`` checks a directory against every rule of the manifest schema in
+``quant.formats``, so the runtime's reader and the tests share one definition of "valid".
+
+Dimension letters: N rows, K columns (reduction axis), NB = K / 32 blocks per row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mixcli.errors import CheckpointError, ModelFormatError
+from . import fastquant, q4
+from .formats import (
+    DATA_FILE_PATTERN,
+    DATA_FILE_RE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PART_ALIGN,
+    QK,
+    QUANT_TYPES,
+    TENSOR_ALIGN,
+    align,
+    expert_region_name,
+    tensor_names,
+)
+
+FILE_LIMIT = 16 << 30  # start a new data file past this size (an expert region never splits)
+CHUNK_WEIGHTS = 1 << 20  # weights per row chunk: ~4 MB of f32, stays in cache between passes
+_QUEUE_DEPTH = 8  # chunks in flight to the writer thread
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """Stored values -> float32. uint16 arrays are bf16 bit patterns (numpy has no bf16 dtype)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def encode_chunk(raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float, np.ndarray | None]:
+    """Source rows [N, K] (float32, float16, or uint16 bf16 bits) -> (parts, max |dequant - x|,
+    x as float32 when it holds NaN/inf else None). ``scratch`` (flat uint32) may hold the
+    decoded rows; the returned parts never alias it."""
+    k = raw.shape[1]
+    if qtype in fastquant.FAST_TYPES and k % QK == 0:
+        parts, err, nbad, x = fastquant.quantize_chunk(raw, qtype, scratch)  # x [N, K] f32
+        return parts, err, (x if nbad else None)
+    x = to_float32(raw)  # [N, K]
+    if not np.isfinite(x).all():
+        return {}, 0.0, x
+    parts = q4.quantize(x, qtype)
+    err = float(np.abs(q4.dequantize(parts, qtype) - x).max()) if x.size and qtype != "f32" else 0.0
+    return parts, err, None
+
+
+class _Sink(threading.Thread):
+    """Writes queued buffers to their file and feeds the tensor's hasher, in order."""
+
+    def __init__(self, write: Callable[[Any, memoryview], None]):
+        super().__init__(name="mixcli-writer", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self._write = write
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain, so the producer never blocks on a dead sink
+            fh, buf, hasher = item
+            try:
+                self._write(fh, buf)
+                if hasher is not None:
+                    hasher.update(buf)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                self.error = exc
+
+
+class ModelWriter:
+    """Writes tensors into ``out_dir``; ``finish`` writes manifest.json and returns it."""
+
+    def __init__(self, out_dir: str | Path, *, file_limit: int = FILE_LIMIT, chunk_weights: int = CHUNK_WEIGHTS):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.file_limit = file_limit
+        self.chunk_weights = chunk_weights
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.experts: dict[str, dict[str, Any]] = {}
+        self.files: list[dict[str, Any]] = []
+        self.max_abs_err = 0.0
+        self.max_err_tensor: str | None = None
+        self._hashers: dict[str, Any] = {}
+        self._scratch = np.empty(max(chunk_weights, 1), dtype=np.uint32)  # decoded rows, reused
+        self._fh = None
+        self._pos = 0
+        self._expert: dict[str, Any] | None = None
+        self._t0 = time.perf_counter()
+        self._sink = _Sink(self._write_raw)
+        self._sink.start()
+        self._closed = False
+        self._new_file()
+
+    # -- bytes out ----------------------------------------------------------------------------
+    def _write_raw(self, fh: Any, buf: memoryview) -> None:
+        """The one place bytes reach the disk (runs on the sink thread)."""
+        fh.write(buf)
+
+    def _emit(self, data: np.ndarray | bytes, hasher: Any = None) -> None:
+        if self._sink.error is not None:
+            raise self._sink.error
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        if len(buf):
+            self._sink.q.put((self._fh, buf, hasher))
+            self._pos += len(buf)
+
+    def _pad_to(self, offset: int, hasher: Any = None) -> None:
+        if offset > self._pos:
+            self._emit(bytes(offset - self._pos), hasher)
+
+    def _new_file(self) -> None:
+        if self._fh is not None:
+            self._sink.q.put((self._fh, memoryview(b""), None))
+            self.files[-1]["size"] = self._pos
+        name = DATA_FILE_PATTERN.format(len(self.files))
+        self._fh = open(self.out_dir / name, "wb", buffering=0)
+        self.files.append({"name": name, "size": 0})
+        self._pos = 0
+
+    def _start_tensor(self, name: str, qtype: str, shape: tuple[int, ...]) -> tuple[int, dict[str, dict[str, Any]], int]:
+        """Reserve space for a tensor: (offset, part layout, nbytes); rolls to a new file if needed."""
+        if self._closed:
+            raise RuntimeError("writer already finished")
+        if name in self.tensors:
+            raise ValueError(f"tensor {name} written twice")
+        if len(shape) not in (1, 2):
+            raise ValueError(f"tensor {name}: shape {shape} is not a vector or a matrix")
+        qt = QUANT_TYPES[qtype]
+        n, k = (shape[0], shape[1]) if len(shape) == 2 else (0, shape[0])
+        if k % qt.block:
+            raise ValueError(f"tensor {name}: K={k} is not a multiple of the {qtype} block ({qt.block})")
+        layout, rel = {}, 0
+        for part, (pshape, dtype) in qt.part_shapes(n, k).items():
+            rel = align(rel, PART_ALIGN)
+            layout[part] = {"offset": rel, "shape": list(pshape), "dtype": dtype}
+            rel += int(np.prod(pshape)) * np.dtype(dtype).itemsize
+        offset = align(self._pos, TENSOR_ALIGN)
+        region_open = self._expert is not None and self._expert["offset"] is not None
+        if offset + rel > self.file_limit and self._pos > 0 and not region_open:
+            self._new_file()
+            offset = 0
+        self._pad_to(offset)
+        for p in layout.values():
+            p["offset"] += offset
+        if self._expert is not None:
+            if self._expert["offset"] is None:
+                self._expert["offset"] = offset
+                self._expert["file"] = self.files[-1]["name"]
+            self._expert["tensors"].append(name)
+        return offset, layout, rel
+
+    def _record(self, name: str, qtype: str, shape: tuple[int, ...], offset: int, layout: dict, nbytes: int,
+                hasher: Any, err: float | None) -> dict[str, Any]:
+        entry = {"type": qtype, "shape": list(shape), "file": self.files[-1]["name"], "offset": offset,
+                 "nbytes": nbytes, "sha256": None, "parts": layout, "max_abs_err": err}
+        self.tensors[name] = entry
+        self._hashers[name] = hasher
+        if err is not None and err > self.max_abs_err:
+            self.max_abs_err, self.max_err_tensor = err, name
+        return entry
+
+    # -- public API ---------------------------------------------------------------------------
+    def row_step(self, k: int) -> int:
+        """Rows per chunk that ``add_tensor`` asks ``rows`` for, for a tensor K wide."""
+        return max(1, self.chunk_weights // max(k, 1))
+
+    def add_tensor(
+        self,
+        name: str,
+        qtype: str,
+        shape: tuple[int, ...],
+        rows: Callable[[int, int], np.ndarray],
+        *,
+        release: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        """Quantize and write a tensor a row chunk at a time.
+
+        ``rows(a, b)`` returns source rows [a, b) as [b-a, K] float32 / float16 / uint16 (bf16
+        bits); a vector of K is one row. ``release(a, b)`` is called once those rows are consumed
+        (a memory-mapped source drops its pages); ``progress(rows_done, rows_total)`` after each
+        chunk. ``label`` names the tensor in errors (e.g. its source name)."""
+        shape = tuple(int(s) for s in shape)
+        offset, layout, nbytes = self._start_tensor(name, qtype, shape)
+        nrows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        step = self.row_step(k)
+        parts = list(layout)
+        held: dict[str, list[np.ndarray]] = {p: [] for p in parts[1:]}  # small parts: written after the first
+        hasher = hashlib.sha256()
+        err = 0.0
+        for a in range(0, nrows, step):
+            b = min(nrows, a + step)
+            raw = rows(a, b)
+            if raw.shape != (b - a, k):
+                raise ValueError(f"rows({a}, {b}) of {name} gave shape {raw.shape}, expected {(b - a, k)}")
+            chunk, chunk_err, bad = encode_chunk(raw, qtype, self._scratch)
+            if bad is not None:
+                raise _nonfinite_error(label or name, bad, a)
+            if not np.isfinite(chunk_err):
+                raise CheckpointError(
+                    f"tensor {label or name} has values beyond what {qtype}'s fp16 scales can hold (|w| > 65504)",
+                    "convert with --quant q8_0 or q4_0, which keep such weights finite, or check the checkpoint",
+                )
+            err = max(err, chunk_err)
+            self._emit(chunk[parts[0]], hasher)  # [rows, ...] first part streams in row order
+            for p in parts[1:]:
+                held[p].append(chunk[p])
+            if release is not None:
+                release(a, b)
+            if progress is not None:
+                progress(b, nrows)
+        for p in parts[1:]:
+            self._pad_to(layout[p]["offset"], hasher)
+            for c in held[p]:
+                self._emit(c, hasher)
+        return self._record(name, qtype, shape, offset, layout, nbytes, hasher, err)
+
+    def add_tensor_parts(self, name: str, qtype: str, shape: tuple[int, ...], parts: dict[str, np.ndarray],
+                         max_abs_err: float | None = None) -> dict[str, Any]:
+        """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d)."""
+        shape = tuple(int(s) for s in shape)
+        offset, layout, nbytes = self._start_tensor(name, qtype, shape)
+        if set(parts) != set(layout):
+            raise ValueError(f"tensor {name}: parts {sorted(parts)} but {qtype} needs {sorted(layout)}")
+        hasher = hashlib.sha256()
+        for p, spec in layout.items():
+            arr = np.asarray(parts[p])
+            if list(arr.shape) != spec["shape"] or arr.dtype != np.dtype(spec["dtype"]):
+                raise ValueError(f"tensor {name} part {p}: {arr.shape} {arr.dtype}, expected {spec['shape']} {spec['dtype']}")
+            self._pad_to(spec["offset"], hasher)
+            self._emit(arr, hasher)
+        return self._record(name, qtype, shape, offset, layout, nbytes, hasher, max_abs_err)
+
+    def begin_expert(self, layer: int, expert: int, nbytes: int | None = None) -> None:
+        """The next three tensors (w1, w3, w2) form one contiguous region; ``nbytes``, when
+        known, lets the writer start a new data file first instead of splitting the region."""
+        if self._expert is not None:
+            raise RuntimeError("begin_expert inside another expert region")
+        if nbytes is not None and self._pos > 0 and align(self._pos, TENSOR_ALIGN) + nbytes > self.file_limit:
+            self._new_file()
+        self._expert = {"name": expert_region_name(layer, expert), "offset": None, "file": None, "tensors": []}
+
+    def end_expert(self) -> None:
+        region, self._expert = self._expert, None
+        if region is None:
+            raise RuntimeError("end_expert without begin_expert")
+        want = [f"{region['name']}.{w}" for w in ("w1", "w3", "w2")]
+        if region["tensors"] != want:
+            raise ValueError(f"expert region {region['name']} holds {region['tensors']}, expected {want}")
+        last = self.tensors[want[-1]]
+        self.experts[region["name"]] = {"file": region["file"], "offset": region["offset"],
+                                        "nbytes": last["offset"] + last["nbytes"] - region["offset"]}
+
+    def _drain(self) -> None:
+        if self._sink.is_alive():
+            self._sink.q.put(None)
+            self._sink.join()
+        if self._fh is not None:
+            self.files[-1]["size"] = self._pos
+            self._fh.close()
+            self._fh = None
+
+    def finish(self, config: Any, quant: dict[str, Any], tokenizer: dict[str, Any] | None, source: dict[str, Any],
+               extra: dict[str, Any] | None = None, *, fsync: bool = True) -> dict[str, Any]:
+        """Flush data, then write manifest.json (last, so its presence means complete)."""
+        if self._expert is not None:
+            raise RuntimeError(f"expert region {self._expert['name']} not ended")
+        self._drain()
+        self._closed = True
+        if self._sink.error is not None:
+            raise self._sink.error
+        if fsync:
+            for f in self.files:
+                with open(self.out_dir / f["name"], "rb+") as fh:
+                    os.fsync(fh.fileno())
+        for name, h in self._hashers.items():
+            self.tensors[name]["sha256"] = h.hexdigest()
+        params = sum(int(np.prod(t["shape"])) for t in self.tensors.values())
+        nbytes = sum(t["nbytes"] for t in self.tensors.values())
+        if is_dataclass(config):
+            config = asdict(config)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": config,
+            "quant": quant,
+            "tokenizer": tokenizer,
+            "source": source,
+            "files": self.files,
+            "tensors": self.tensors,
+            "experts": self.experts,
+            "stats": {
+                "params": params,
+                "bytes": nbytes,
+                "bits_per_weight": nbytes * 8 / params if params else 0.0,
+                "seconds": time.perf_counter() - self._t0,
+                "max_abs_err": self.max_abs_err,
+                "max_err_tensor": self.max_err_tensor,
+            },
+        }
+        for key, value in (extra or {}).items():
+            if key in manifest:
+                raise ValueError(f"extra manifest key {key!r} would overwrite a schema field")
+            manifest[key] = value
+        path = self.out_dir / MANIFEST_NAME
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.write("\n")
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        return manifest
+
+    def abort(self) -> None:
+        """Stop the sink and close files; the caller removes the directory."""
+        self._closed = True
+        self._drain()
+
+    def __enter__(self) -> "ModelWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+
+def _nonfinite_error(name: str, x: np.ndarray, row0: int) -> CheckpointError:
+    """x [N, K] float32 with at least one NaN/inf: name the tensor and the first bad element."""
+    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+    r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+    kinds = " and ".join(s for s, n in ((f"{nan} NaN", nan), (f"{inf} inf", inf)) if n)
+    return CheckpointError(
+        f"tensor {name} contains {kinds} value(s) in rows {row0}..{row0 + x.shape[0] - 1} (first at row {row0 + r}, column {c})",
+        "the checkpoint is corrupt or from a diverged training run; download it again or use another checkpoint",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking a converted directory
+# ------------------------------------------------------------------------------------------------
+_EXPERT_RE = re.compile(r"^layers\.(\d+)\.experts\.(\d+)$")
+
+
+def _bad(model_dir: Path, what: str) -> ModelFormatError:
+    return ModelFormatError(f"{model_dir} is not a valid mixcli model: {what}", "convert the model again with `mixcli convert`")
+
+
+def verify_model_dir(model_dir: str | Path, check_sha: bool = True) -> dict[str, Any]:
+    """Check a converted model directory against the manifest rules; return the manifest."""
+    from mixcli.config import ModelConfig
+    from quant.sources.hf import expected_shape
+
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ModelFormatError(f"{model_dir} has no {MANIFEST_NAME}", "convert a checkpoint with `mixcli convert` first")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad(model_dir, f"{MANIFEST_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise _bad(model_dir, f"format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT_NAME!r}")
+    if m.get("version") != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{model_dir} has format version {m.get('version')}, this mixcli reads version {FORMAT_VERSION}",
+            "convert the model again with this mixcli",
+        )
+    for key in ("config", "quant", "tokenizer", "source", "files", "tensors", "experts", "stats"):
+        if key not in m:
+            raise _bad(model_dir, f"manifest lacks {key!r}")
+    sizes: dict[str, int] = {}
+    for f in m["files"]:
+        name = f.get("name", "")
+        if not DATA_FILE_RE.match(name):
+            raise _bad(model_dir, f"data file name {name!r} is not allowed")
+        p = model_dir / name
+        if not p.is_file():
+            raise _bad(model_dir, f"data file {name} is missing")
+        if p.stat().st_size != f.get("size"):
+            raise _bad(model_dir, f"data file {name} is {p.stat().st_size} bytes, manifest says {f.get('size')}")
+        sizes[name] = f["size"]
+    try:
+        cfg = ModelConfig.from_dict(m["config"])
+    except TypeError as exc:
+        raise _bad(model_dir, f"config is incomplete ({exc})") from None
+    want = tensor_names(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
+    tensors = m["tensors"]
+    if set(tensors) != set(want):
+        missing = sorted(set(want) - set(tensors)) or sorted(set(tensors) - set(want))
+        raise _bad(model_dir, f"tensor table does not match the config (first difference: {missing[0]})")
+    for name in want:
+        t = tensors[name]
+        qt = QUANT_TYPES.get(t.get("type"))
+        if qt is None:
+            raise _bad(model_dir, f"tensor {name} has unknown type {t.get('type')!r}")
+        shape = tuple(t["shape"])
+        if shape != expected_shape(cfg, name):
+            raise _bad(model_dir, f"tensor {name} has shape {list(shape)}, config implies {list(expected_shape(cfg, name))}")
+        if t["file"] not in sizes:
+            raise _bad(model_dir, f"tensor {name} lies in unlisted file {t['file']!r}")
+        if t["offset"] % TENSOR_ALIGN:
+            raise _bad(model_dir, f"tensor {name} starts at {t['offset']}, not a multiple of {TENSOR_ALIGN}")
+        if t["offset"] + t["nbytes"] > sizes[t["file"]]:
+            raise _bad(model_dir, f"tensor {name} runs past the end of {t['file']}")
+        n, k = (shape[0], shape[1]) if len(shape) == 2 else (0, shape[0])
+        if k % qt.block:
+            raise _bad(model_dir, f"tensor {name}: K={k} does not fit {qt.name} blocks")
+        parts = t.get("parts", {})
+        expect = qt.part_shapes(n, k)
+        if list(parts) != list(expect):
+            raise _bad(model_dir, f"tensor {name} has parts {list(parts)}, {qt.name} needs {list(expect)}")
+        prev_end = t["offset"]
+        for pname, (pshape, dtype) in expect.items():
+            p = parts[pname]
+            if list(p["shape"]) != list(pshape) or p["dtype"] != dtype:
+                raise _bad(model_dir, f"tensor {name} part {pname} is {p['shape']} {p['dtype']}, expected {list(pshape)} {dtype}")
+            if p["offset"] % PART_ALIGN or p["offset"] < prev_end:
+                raise _bad(model_dir, f"tensor {name} part {pname} is misplaced (offset {p['offset']})")
+            prev_end = p["offset"] + int(np.prod(pshape)) * np.dtype(dtype).itemsize
+        if prev_end > t["offset"] + t["nbytes"]:
+            raise _bad(model_dir, f"tensor {name}'s parts overrun its {t['nbytes']} bytes")
+    regions = m["experts"]
+    want_regions = {expert_region_name(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)}
+    if set(regions) != want_regions:
+        raise _bad(model_dir, "expert regions do not match the config")
+    for rname, r in regions.items():
+        w1, w3, w2 = (tensors[f"{rname}.{w}"] for w in ("w1", "w3", "w2"))
+        if {w1["file"], w3["file"], w2["file"], r["file"]} != {r["file"]} or r["offset"] != w1["offset"] \
+                or not w1["offset"] < w3["offset"] < w2["offset"] \
+                or r["offset"] + r["nbytes"] != w2["offset"] + w2["nbytes"]:
+            raise _bad(model_dir, f"expert region {rname} does not cover exactly its w1, w3, w2 in order")
+    if check_sha:
+        for f in m["files"]:
+            with open(model_dir / f["name"], "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f["size"] else None
+            try:
+                for name, t in tensors.items():
+                    if t["file"] == f["name"]:
+                        with memoryview(mm) as mv, mv[t["offset"]:t["offset"] + t["nbytes"]] as view:
+                            digest = hashlib.sha256(view).hexdigest()
+                        if digest != t["sha256"]:
+                            raise _bad(model_dir, f"tensor {name} fails its sha256 check (the file is damaged)")
+            finally:
+                if mm is not None:
+                    mm.close()
+    return m
+
+
+def read_tensor_parts(model_dir: str | Path, manifest: dict[str, Any], name: str) -> dict[str, np.ndarray]:
+    """Memory-mapped views of one tensor's parts (shapes per formats.QuantType.part_shapes)."""
+    t = manifest["tensors"][name]
+    path = Path(model_dir) / t["file"]
+    return {
+        p: np.memmap(path, dtype=np.dtype(spec["dtype"]), mode="r", offset=spec["offset"], shape=tuple(spec["shape"]))
+        for p, spec in t["parts"].items()
+    }
