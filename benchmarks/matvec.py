@@ -1,0 +1,104 @@
+"""Throughput of the matrix kernels: G weights/s for decode (matvec), G weight-token MAC/s for
+prefill (matmul), numba against its numpy twin.
+
+Decode is memory-bandwidth bound, so each case cycles through enough copies of the matrix
+(>= 128 MiB) that it streams from DRAM, not from the 32 MiB L3, as a real model's weights do.
+Each figure is the median (and best) of several timed passes after a JIT warm-up.
+
+    python benchmarks/matvec.py [--runs 7] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mixcli import kernels, kernels_ref  # noqa: E402
+from quant import q4  # noqa: E402
+
+STREAM_BYTES = 128 << 20
+
+
+def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
+    """Kernel arguments of a random [N, K] matrix (quantizing a real one is slow; random parts
+    have the same layout and cost)."""
+    nb = k // 32
+    d = (rng.standard_normal((n, nb)) * 0.01).astype(np.float16)
+    if qtype == "q4_0":
+        return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), d]
+    if qtype == "q4_1":
+        return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), d, d.copy()]
+    if qtype == "q8_0":
+        return [rng.integers(-127, 128, (n, k), dtype=np.int8), d]
+    return [rng.standard_normal((n, k)).astype(np.float16)]
+
+
+def _time(fn, mats, runs: int) -> tuple[float, float]:
+    """(median, best) seconds per call over `runs` passes through every copy."""
+    fn(mats[0])
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for m in mats:
+            fn(m)
+        ts.append((time.perf_counter() - t) / len(mats))
+    return float(np.median(ts)), float(np.min(ts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    shapes = [(14336, 4096)] if a.quick else [(14336, 4096), (4096, 14336)]
+    threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
+    rows = []
+    print(f"numba {numba.__version__}, int8 activations: {kernels.ACT_INT8}, threads available {numba.config.NUMBA_NUM_THREADS}")
+    for qtype in ("q4_0", "q4_1", "q8_0", "f16"):
+        for n, k in shapes:
+            one = _parts(qtype, n, k, rng)
+            nbytes = sum(p.nbytes for p in one)
+            copies = max(1, -(-STREAM_BYTES // nbytes))
+            mats = [one] + [[p.copy() for p in one] for _ in range(copies - 1)]
+            x = rng.standard_normal(k).astype(np.float32)
+            out = np.empty(n, np.float32)
+            mv = getattr(kernels, f"matvec_{qtype}")
+            for th in threads:
+                numba.set_num_threads(th)
+                med, best = _time(lambda m: mv(*m, x, out), mats, a.runs)
+                rows.append((f"matvec_{qtype}", f"{n}x{k}", str(th), n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
+            ref = getattr(kernels_ref, f"matvec_{qtype}")
+            med, best = _time(lambda m: ref(*m, x, out), mats[:1], 2)
+            rows.append((f"numpy twin {qtype}", f"{n}x{k}", "-", n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
+            del mats
+    # prefill
+    for qtype, (n, k) in [("q4_0", (14336, 4096)), ("q8_0", (14336, 4096)), ("f16", (14336, 4096))]:
+        T = 128
+        one = _parts(qtype, n, k, rng)
+        X = rng.standard_normal((T, k)).astype(np.float32)
+        out = np.empty((T, n), np.float32)
+        mm = getattr(kernels, f"matmul_{qtype}")
+        for th in threads:
+            numba.set_num_threads(th)
+            med, best = _time(lambda m: mm(*m, X, out), [one], max(3, a.runs // 2))
+            rows.append((f"matmul_{qtype} T={T}", f"{n}x{k}", str(th), n * k * T / med / 1e9, n * k * T / best / 1e9, 0.0))
+        ref = getattr(kernels_ref, f"matmul_{qtype}")
+        med, best = _time(lambda m: ref(*m, X, out), [one], 2)
+        rows.append((f"numpy twin matmul {qtype}", f"{n}x{k}", "-", n * k * T / med / 1e9, n * k * T / best / 1e9, 0.0))
+
+    head = ("kernel", "N x K", "thr", "G/s median", "G/s best", "GB/s median")
+    print(f"{head[0]:<26}{head[1]:>12}{head[2]:>5}{head[3]:>12}{head[4]:>10}{head[5]:>13}")
+    for name, shape, th, med, best, gbs in rows:
+        print(f"{name:<26}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{gbs:>13.2f}" if gbs else
+              f"{name:<26}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{'':>13}")
+    print("matvec rows: G weights/s; matmul rows: G weight-token MAC/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Random-weight models of real Mixtral width, written straight into the converted format.
+
+Speed does not depend on weight values, so instead of generating a 6 GB bf16 checkpoint and
+converting it, this writes random q4_0 blocks (random nibbles, small fp16 scales) through the
+converter's own writer. Shared by the benchmark scripts.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mixcli.config import ModelConfig  # noqa: E402
+from quant import formats  # noqa: E402
+from quant.writer import ModelWriter  # noqa: E402
+
+MIXTRAL_WIDTH = dict(
+    architecture="MixtralForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000, rms_norm_eps=1e-5,
+    rope_theta=1e6, max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def _random_parts(rng, qtype: str, n: int, k: int, scale: float) -> dict[str, np.ndarray]:
+    shapes = formats.QUANT_TYPES[qtype].part_shapes(n, k)
+    parts = {}
+    for name, (shape, dt) in shapes.items():
+        if name == "qs":
+            parts[name] = rng.integers(0, 256, size=shape, dtype=np.uint8).view(np.dtype(dt))
+        elif name in ("d", "m"):
+            parts[name] = (rng.random(shape, dtype=np.float32) * scale).astype(dt) * (-1 if name == "m" else 1)
+        else:  # float types: small random values
+            parts[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+    return parts
+
+
+def write_random_model(out: Path, quant: str = "q4_0", seed: int = 0, gate_bias=None, **overrides) -> Path:
+    """Write a random model; ``gate_bias`` [L, E] (optional) skews routing toward some experts by
+    adding a constant direction to the router rows (used by the expert-cache benchmark)."""
+    cfg = ModelConfig(**{**MIXTRAL_WIDTH, **overrides})
+    preset = formats.QUANT_PRESETS[quant]
+    rng = np.random.default_rng(seed)
+    D, F, H, KVH, HD, V, E = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                              cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size, cfg.num_local_experts)
+    w = ModelWriter(out)
+    shapes = {"attn.wq": (H * HD, D), "attn.wk": (KVH * HD, D), "attn.wv": (KVH * HD, D), "attn.wo": (D, H * HD)}
+    for name in formats.tensor_names(cfg.num_hidden_layers, E, cfg.moe, cfg.tie_word_embeddings):
+        role = formats.role_of(name)
+        qtype = preset[role]
+        if role == "norm":
+            w.add_tensor_parts(name, "f32", (D,), {"w": np.ones(D, "<f4")})
+            continue
+        if role == "router":
+            g = rng.standard_normal((E, D)).astype(np.float32) * 0.05
+            if gate_bias is not None:
+                layer = int(name.split(".")[1])
+                g += np.asarray(gate_bias, np.float32)[layer][:, None] / np.sqrt(D)
+            w.add_tensor_parts(name, "f32", (E, D), {"w": g.astype("<f4")})
+            continue
+        if name in ("tok_embeddings", "output"):
+            shape = (V, D)
+        elif ".experts." in name:
+            shape = (F, D) if name.endswith(("w1", "w3")) else (D, F)
+        else:
+            shape = shapes[name.split(".", 2)[2]]
+        if name.endswith(".w1"):
+            layer, e = int(name.split(".")[1]), int(name.split(".")[3])
+            w.begin_expert(layer, e)
+        w.add_tensor_parts(name, qtype, shape, _random_parts(rng, qtype, *shape, scale=0.002))
+        if name.endswith(".w2"):
+            w.end_expert()
+    w.finish(config=cfg, quant={"preset": quant, "types": preset, "group": formats.QK}, tokenizer=None,
+             source={"kind": "synthetic", "seed": seed})
+    return out
+
+
+def _random_q4_0_bytes(rng, shape: tuple[int, ...], scale: float = 0.002) -> np.ndarray:
+    """GGUF Q4_0 data for a float tensor of ``shape`` (last axis K): uint8 [..., K/32*18]."""
+    *lead, k = shape
+    nb = k // 32
+    blocks = rng.integers(0, 256, size=(*lead, nb, 18), dtype=np.uint8)
+    d = (rng.random((*lead, nb), dtype=np.float32) * scale + scale / 4).astype("<f2")
+    blocks[..., :2] = d[..., None].view(np.uint8).reshape(*lead, nb, 2)
+    return blocks.reshape(*lead, nb * 18)
+
+
+def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 32000) -> Path:
+    """A Q4_0 GGUF of a random model at real Mixtral width, as llama.cpp lays one out (stacked
+    experts, llama architecture with expert_count), with a dummy SentencePiece vocabulary so that
+    llama.cpp loads it. Norms and router stay f32, token_embd and output Q4_0 like llama.cpp's
+    pure Q4_0 files; the blocks are random bytes (speed does not depend on values)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    c = {**MIXTRAL_WIDTH, "num_hidden_layers": layers, "vocab_size": vocab}
+    D, F, H, KVH, HD, E = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                           c["num_key_value_heads"], c["head_dim"], c["num_local_experts"])
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("mixtral-width-random")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(D)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KVH)
+    w.add_rope_dimension_count(HD)
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_expert_count(E)
+    w.add_expert_used_count(c["num_experts_per_tok"])
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    toks += [f"\u2581t{i}" for i in range(vocab - len(toks))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * (vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([-float(i) for i in range(vocab)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+
+    def q4(name, shape):
+        w.add_tensor(name, _random_q4_0_bytes(rng, shape), raw_dtype=T.Q4_0)
+
+    q4("token_embd.weight", (vocab, D))
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(D, np.float32))
+        q4(p + "attn_q.weight", (H * HD, D))
+        q4(p + "attn_k.weight", (KVH * HD, D))
+        q4(p + "attn_v.weight", (KVH * HD, D))
+        q4(p + "attn_output.weight", (D, H * HD))
+        w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, D)) * 0.05).astype(np.float32))
+        q4(p + "ffn_gate_exps.weight", (E, F, D))
+        q4(p + "ffn_up_exps.weight", (E, F, D))
+        q4(p + "ffn_down_exps.weight", (E, D, F))
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    q4("output.weight", (vocab, D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,842 @@
+"""The numba kernels of the forward pass; ``kernels_ref`` holds a plain numpy twin of each.
+
+Decode is memory-bandwidth bound: every weight byte is read once per token, so the matvec kernels
+exist to keep the vector units ahead of memory. What makes them fast (measured, see
+benchmarks/matvec.py):
+
+- **int8 activations, integer dot.** As llama.cpp does for Q4_0/Q4_1/Q8_0, x is quantized once
+  per call to int8 with one f32 scale per block of 32 (``quantize_act``), and each block is an
+  unsigned-by-signed byte dot (``vpdpbusd``, AVX-512 VNNI) into eight int32 lanes, converted to f32
+  and scaled once per block. The nibbles stay unsigned 0..15 and the ``-8`` of Q4_0 (the ``+128``
+  that makes Q8_0 bytes unsigned) is folded out of the inner loop: ``8 * d_w * d_x * sum(xq)`` is
+  subtracted once per block, with ``d_x * sum(xq)`` precomputed per block. The extra error is
+  int8 rounding of x, about 0.4% of a block's largest |x|, an order of magnitude under Q4's own.
+  Decode (``matvec``) and prefill (``matmul``) quantize x the same way, so a cached incremental
+  run equals a full forward pass to float rounding.
+- **Several output rows per step**, sharing each loaded activation block, with per-lane vector
+  accumulators that are reduced once per row (not once per block), and a software prefetch a few
+  cache lines ahead in each row stream. ``prange`` runs over groups of rows.
+- numba cannot type float16 arrays, and numba's integer rules widen every ``uint8 & 15`` to
+  int64, which defeats vectorisation. So the inner loops are small LLVM IR generators
+  (``numba.extending.intrinsic``) over explicit vector types, and float16 arrays cross into numba
+  viewed as uint16 and widen with ``fpext half`` (``vcvtph2ps``).
+
+Hosts without AVX-512 VNNI (or with ``NUMBA_CPU_NAME`` set, as for portable caches) get the
+``*_f32act`` kernels, which keep x in f32: same API, exact to float rounding, slower.
+
+Every public function writes into a preallocated ``out`` and allocates nothing per call once
+warm: the activation scratch (int8 x and its per-block scales and sums) lives in thread-local
+buffers kept by size, so concurrent callers on different threads do not share one.
+
+Shapes use the dimension letters: N output rows, K input columns, G = 32 weights per quant block,
+NB = K / 32 blocks per row, T tokens, D hidden, H / KVH heads, HD head dim, S cache positions,
+E experts, F FFN width.
+"""
+from __future__ import annotations
+
+import threading
+
+import llvmlite.binding as _llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import get_thread_id, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from quant.formats import QK
+
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+_PJIT = dict(cache=True, fastmath=True, nogil=True, parallel=True)
+
+
+def _host_has_vnni() -> bool:
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False  # a portable cache target: only the generic paths
+    feats = _llvm.get_host_cpu_features()
+    return bool(feats.get("avx512vnni") and feats.get("avx512vl") and feats.get("avx512bw"))
+
+
+HAS_VNNI = _host_has_vnni()
+
+_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_FAST = ("fast",)
+ROWS = 8  # output rows per matvec step (shares one activation block load among 8 rows)
+PREFETCH = 256  # bytes ahead in each weight row stream
+MM_ROWS, MM_TOKS = 4, 4  # prefill tile: 4 rows x 4 tokens = 16 vector accumulators
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _splat(t, n, v):
+    return ir.Constant(_vec(t, n), [v] * n)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLVM IR building blocks
+@intrinsic
+def h2f(typingctx, u):
+    """float16 bits (uint16) -> float32, one ``vcvtph2ps`` lane."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _f32)
+
+    return sig, codegen
+
+
+def _arr(context, builder, ty, val):
+    """(byte pointer to data, [strides in bytes], [shape]) of a numba array value."""
+    a = context.make_array(ty)(context, builder, val)
+    strides = cgutils.unpack_tuple(builder, a.strides, ty.ndim)
+    shape = cgutils.unpack_tuple(builder, a.shape, ty.ndim)
+    return builder.bitcast(a.data, _i8.as_pointer()), strides, shape
+
+
+def _load(builder, base, off, ty):
+    ptr = builder.gep(base, [off])
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
+
+
+def _c64(v):
+    return ir.Constant(_i64, v)
+
+
+def _clamp(builder, v, hi):
+    """min(v, hi) for int64 values."""
+    return builder.select(builder.icmp_signed("<", v, hi), v, hi)
+
+
+def _make_tile(kind: str, nrows: int, ntoks: int, with_corr: bool):
+    """An intrinsic ``tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t)`` -> UniTuple(f32, ntoks*nrows):
+    dot products of weight rows min(r+i, n-1) with int8-quantized activations of tokens
+    min(t0+j, t-1), element [j * nrows + i]. Without ``with_corr`` the per-block offset term
+    (Q4_0's -8, Q8_0's +128, Q4_1's min) is left out, for the caller to add (``_block_offsets``):
+    16 scalar accumulators would not fit the registers beside 16 vector ones. Clamping lets tails reuse full tiles (the duplicate
+    results are identical and written to the same place).
+
+    qs: q4 [N, K/2] uint8 or q8 [N, K] int8; d, m: [N, NB] uint16 (float16 bits; m only for
+    q4_1); xq [T, K] int8; xdx [T, NB] f32 block scales of x; xsq [T, NB] f32 = xdx * sum(xq of
+    the block); xsum [T, NB] f32 = exact sum of the block of x (unused here).
+    """
+    q4 = kind in ("q4_0", "q4_1")
+    offset = {"q4_0": 8.0, "q8_0": 128.0, "q4_1": 0.0}[kind]
+
+    @intrinsic
+    def tile(typingctx, qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t):
+        sig = types.UniTuple(types.float32, ntoks * nrows)(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t)
+
+        def codegen(context, builder, signature, args):
+            qs_v, d_v, m_v, r_v, n_v, xq_v, xdx_v, xsq_v, _xsum, t0_v, t_v = args
+            at = signature.args
+            qs_p, qs_st, _ = _arr(context, builder, at[0], qs_v)
+            d_p, d_st, d_sh = _arr(context, builder, at[1], d_v)
+            m_p, m_st, _ = _arr(context, builder, at[2], m_v)
+            xq_p, xq_st, _ = _arr(context, builder, at[5], xq_v)
+            xdx_p, xdx_st, _ = _arr(context, builder, at[6], xdx_v)
+            xsq_p, xsq_st, _ = _arr(context, builder, at[7], xsq_v)
+            nb = d_sh[1]
+            mod = builder.module
+            vnni = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_vec(_i32, 8), [_vec(_i32, 8)] * 3), "llvm.x86.avx512.vpdpbusd.256"
+            )
+            pf = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0"
+            )
+            red = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_f32, [_f32, _vec(_f32, 8)]), "llvm.vector.reduce.fadd.v8f32"
+            )
+            zero8f = ir.Constant(_vec(_f32, 8), [0.0] * 8)
+            accs = [cgutils.alloca_once_value(builder, zero8f) for _ in range(ntoks * nrows)]
+            cors = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in range(ntoks * nrows)]
+            nm1 = builder.sub(n_v, _c64(1))
+            tm1 = builder.sub(t_v, _c64(1))
+            rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
+            toks = [_clamp(builder, builder.add(t0_v, _c64(j)), tm1) for j in range(ntoks)]
+            row_q = [builder.mul(ri, qs_st[0]) for ri in rows]
+            row_d = [builder.mul(ri, d_st[0]) for ri in rows]
+            row_m = [builder.mul(ri, m_st[0]) for ri in rows]
+            tok_x = [builder.mul(tj, xq_st[0]) for tj in toks]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                b4 = builder.mul(b, _c64(4))
+                xv, dx, cs = [], [], []
+                for j, tj in enumerate(toks):
+                    xv.append(_load(builder, xq_p, builder.add(tok_x[j], builder.mul(b, _c64(32))), _vec(_i8, 32)))
+                    dx.append(_load(builder, xdx_p, builder.add(builder.mul(tj, xdx_st[0]), b4), _f32))
+                    # dx * sum(xq) for every type, also Q4_1's min term: the result is then exactly
+                    # W @ x_hat with x_hat = xq * dx, whatever the type
+                    cs.append(_load(builder, xsq_p, builder.add(builder.mul(tj, xsq_st[0]), b4), _f32))
+                for i in range(nrows):
+                    if q4:
+                        qoff = builder.add(row_q[i], builder.mul(b, _c64(16)))
+                    else:
+                        qoff = builder.add(row_q[i], builder.mul(b, _c64(32)))
+                    if PREFETCH and ntoks == 1:
+                        builder.call(pf, [builder.gep(qs_p, [builder.add(qoff, _c64(PREFETCH))]),
+                                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+                    if q4:
+                        qv = _load(builder, qs_p, qoff, _vec(_i8, 16))
+                        lo = builder.and_(qv, _splat(_i8, 16, 15))
+                        hi = builder.lshr(qv, _splat(_i8, 16, 4))
+                        qu = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
+                    else:  # signed bytes + 128 -> unsigned, the +128 comes back out as `offset`
+                        qv = _load(builder, qs_p, qoff, _vec(_i8, 32))
+                        qu = builder.xor(qv, _splat(_i8, 32, -128))
+                    qu = builder.bitcast(qu, _vec(_i32, 8))
+                    dh = _load(builder, d_p, builder.add(row_d[i], builder.mul(b, _c64(2))), _i16)
+                    dw = builder.fpext(builder.bitcast(dh, ir.HalfType()), _f32)
+                    if kind == "q4_1" and with_corr:
+                        mh = _load(builder, m_p, builder.add(row_m[i], builder.mul(b, _c64(2))), _i16)
+                        mw = builder.fpext(builder.bitcast(mh, ir.HalfType()), _f32)
+                    zero = ir.Constant(_vec(_i32, 8), [0] * 8)
+                    for j in range(ntoks):
+                        k = j * nrows + i
+                        dot = builder.call(vnni, [zero, qu, builder.bitcast(xv[j], _vec(_i32, 8))])
+                        fd = builder.sitofp(dot, _vec(_f32, 8))
+                        s = builder.fmul(dw, dx[j], flags=_FAST)
+                        sv = builder.insert_element(ir.Constant(_vec(_f32, 8), ir.Undefined), s, ir.Constant(_i32, 0))
+                        sv = builder.shuffle_vector(sv, sv, ir.Constant(_vec(_i32, 8), [0] * 8))
+                        acc = builder.load(accs[k])
+                        builder.store(builder.fadd(acc, builder.fmul(fd, sv, flags=_FAST), flags=_FAST), accs[k])
+                        if not with_corr:
+                            continue
+                        c = builder.load(cors[k])
+                        w = mw if kind == "q4_1" else dw
+                        builder.store(builder.fadd(c, builder.fmul(w, cs[j], flags=_FAST), flags=_FAST), cors[k])
+            outs = []
+            for k in range(ntoks * nrows):
+                tot = builder.call(red, [ir.Constant(_f32, 0.0), builder.load(accs[k])], fastmath=_FAST)
+                c = builder.load(cors[k])
+                if not with_corr:
+                    outs.append(tot)
+                elif kind == "q4_1":
+                    outs.append(builder.fadd(tot, c, flags=_FAST))
+                else:
+                    outs.append(builder.fsub(tot, builder.fmul(c, ir.Constant(_f32, offset), flags=_FAST), flags=_FAST))
+            return context.make_tuple(builder, signature.return_type, outs)
+
+        return sig, codegen
+
+    return tile
+
+
+_mv_tile = {kd: _make_tile(kd, ROWS, 1, True) for kd in ("q4_0", "q4_1", "q8_0")}
+_mm_tile = {kd: _make_tile(kd, MM_ROWS, MM_TOKS, False) for kd in ("q4_0", "q4_1", "q8_0")}
+_mv_q4_0_tile, _mv_q4_1_tile, _mv_q8_0_tile = _mv_tile["q4_0"], _mv_tile["q4_1"], _mv_tile["q8_0"]
+_mm_q4_0_tile, _mm_q4_1_tile, _mm_q8_0_tile = _mm_tile["q4_0"], _mm_tile["q4_1"], _mm_tile["q8_0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization (llama.cpp's Q8_0 rounding: d = amax / 127, q = round(x / d))
+@njit(**_JIT)
+def quantize_act(x, xq, xdx, xsq, xsum):
+    """x [T, K] f32 -> xq [T, K] int8, xdx [T, NB] block scales, xsq [T, NB] = xdx * sum(xq),
+    xsum [T, NB] = sum(x) per block (exact; kept for callers, the tiles use xsq)."""
+    T, K = x.shape
+    for t in range(T):
+        for b in range(K // QK):
+            o = b * QK
+            amax = np.float32(0.0)
+            s = np.float32(0.0)
+            for j in range(QK):
+                v = x[t, o + j]
+                amax = max(amax, abs(v))
+                s += v
+            dx = amax / np.float32(127.0)
+            inv = np.float32(1.0) / dx if amax > 0 else np.float32(0.0)
+            qsum = 0
+            for j in range(QK):
+                q = np.int32(np.rint(x[t, o + j] * inv))
+                xq[t, o + j] = q
+                qsum += q
+            xdx[t, b] = dx
+            xsq[t, b] = dx * np.float32(qsum)
+            xsum[t, b] = s
+
+
+# One driver per type, written out: numba's cache keys a function by its name and line, so
+# drivers made by a factory would share cache entries.
+@njit(**_PJIT)
+def _mv_q4_0(qs, d, m, x, xq, xdx, xsq, xsum, out):
+    # x [K]; scratch [1, K] / [1, NB]; out [N]
+    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+    n = out.shape[0]
+    for g in prange((n + ROWS - 1) // ROWS):
+        r = g * ROWS
+        res = _mv_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
+
+
+@njit(**_PJIT)
+def _mv_q4_1(qs, d, m, x, xq, xdx, xsq, xsum, out):
+    # x [K]; scratch [1, K] / [1, NB]; out [N]
+    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+    n = out.shape[0]
+    for g in prange((n + ROWS - 1) // ROWS):
+        r = g * ROWS
+        res = _mv_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
+
+
+@njit(**_PJIT)
+def _mv_q8_0(qs, d, m, x, xq, xdx, xsq, xsum, out):
+    # x [K]; scratch [1, K] / [1, NB]; out [N]
+    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+    n = out.shape[0]
+    for g in prange((n + ROWS - 1) // ROWS):
+        r = g * ROWS
+        res = _mv_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
+
+
+@njit(**_JIT)
+def _block_offsets(dm, r, xsq, c, out):
+    """out [T] += c * sum_b dm[r, b] * xsq[t, b]: the per-block offset term of row r (c = -8 with
+    the scales for Q4_0, -128 for Q8_0, 1 with the mins for Q4_1)."""
+    for t in range(out.shape[0]):
+        s = np.float32(0.0)
+        for b in range(xsq.shape[1]):
+            s += h2f(dm[r, b]) * xsq[t, b]
+        out[t] += c * s
+
+
+# Prefill: row groups outer (parallel), token tiles inner, so a group's weight bytes stay in L1
+# while every token passes over them and each block is unpacked once per 4 tokens.
+@njit(**_PJIT)
+def _mm_q4_0(qs, d, m, X, xq, xdx, xsq, xsum, out):
+    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
+    quantize_act(X, xq, xdx, xsq, xsum)
+    T, n = out.shape
+    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+        r = g * MM_ROWS
+        for t0 in range(0, T, MM_TOKS):
+            res = _mm_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
+            for j in range(MM_TOKS):
+                if t0 + j < T:
+                    for i in range(MM_ROWS):
+                        if r + i < n:
+                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+        for i in range(MM_ROWS):
+            if r + i < n:
+                _block_offsets(d, r + i, xsq, np.float32(-8.0), out[:, r + i])
+
+
+@njit(**_PJIT)
+def _mm_q4_1(qs, d, m, X, xq, xdx, xsq, xsum, out):
+    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
+    quantize_act(X, xq, xdx, xsq, xsum)
+    T, n = out.shape
+    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+        r = g * MM_ROWS
+        for t0 in range(0, T, MM_TOKS):
+            res = _mm_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
+            for j in range(MM_TOKS):
+                if t0 + j < T:
+                    for i in range(MM_ROWS):
+                        if r + i < n:
+                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+        for i in range(MM_ROWS):
+            if r + i < n:
+                _block_offsets(m, r + i, xsq, np.float32(1.0), out[:, r + i])
+
+
+@njit(**_PJIT)
+def _mm_q8_0(qs, d, m, X, xq, xdx, xsq, xsum, out):
+    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
+    quantize_act(X, xq, xdx, xsq, xsum)
+    T, n = out.shape
+    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+        r = g * MM_ROWS
+        for t0 in range(0, T, MM_TOKS):
+            res = _mm_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
+            for j in range(MM_TOKS):
+                if t0 + j < T:
+                    for i in range(MM_ROWS):
+                        if r + i < n:
+                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+        for i in range(MM_ROWS):
+            if r + i < n:
+                _block_offsets(d, r + i, xsq, np.float32(-128.0), out[:, r + i])
+
+
+# ---------------------------------------------------------------------------------------------
+# f32-activation paths: any host, exact to float rounding
+@njit(**_JIT)
+def _dequant_q4_0_into(qs, d, r, out):
+    for b in range(d.shape[1]):
+        s = h2f(d[r, b])
+        for j in range(16):
+            q = np.float32(qs[r, b * 16 + j])
+            hi = np.floor(q * np.float32(0.0625))
+            out[b * 32 + j] = (q - np.float32(16.0) * hi - np.float32(8.0)) * s
+            out[b * 32 + 16 + j] = (hi - np.float32(8.0)) * s
+
+
+@njit(**_JIT)
+def _dequant_q4_1_into(qs, d, m, r, out):
+    for b in range(d.shape[1]):
+        s = h2f(d[r, b])
+        mn = h2f(m[r, b])
+        for j in range(16):
+            q = np.float32(qs[r, b * 16 + j])
+            hi = np.floor(q * np.float32(0.0625))
+            out[b * 32 + j] = (q - np.float32(16.0) * hi) * s + mn
+            out[b * 32 + 16 + j] = hi * s + mn
+
+
+@njit(**_JIT)
+def _dequant_q8_0_into(qs, d, r, out):
+    for b in range(d.shape[1]):
+        s = h2f(d[r, b])
+        for j in range(32):
+            out[b * 32 + j] = np.float32(qs[r, b * 32 + j]) * s
+
+
+@njit(**_JIT)
+def _dot(w, x):
+    s = np.float32(0.0)
+    for k in range(x.shape[0]):
+        s += w[k] * x[k]
+    return s
+
+
+@njit(**_JIT)
+def _dot_h(w, x):
+    s = np.float32(0.0)
+    for k in range(x.shape[0]):
+        s += h2f(w[k]) * x[k]
+    return s
+
+
+@njit(**_PJIT)
+def _mv_q4_0_f32(qs, d, x, out):
+    # 4 rows per step, nibbles widened through f32 (floor(q/16) is the high nibble), the -8 folded
+    # out: sum(w x) = d * (sum(q x) - 8 sum(x)) per block.
+    n = out.shape[0]
+    nb = d.shape[1]
+    for g in prange((n + 3) // 4):
+        r0 = min(g * 4, n - 1)
+        r1 = min(g * 4 + 1, n - 1)
+        r2 = min(g * 4 + 2, n - 1)
+        r3 = min(g * 4 + 3, n - 1)
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for b in range(nb):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            xs = np.float32(0.0)
+            o = b * 16
+            for j in range(16):
+                xl = x[b * 32 + j]
+                xh = x[b * 32 + 16 + j]
+                xs += xl + xh
+                f = np.float32(qs[r0, o + j])
+                h = np.floor(f * np.float32(0.0625))
+                s0 += (f - np.float32(16.0) * h) * xl + h * xh
+                f = np.float32(qs[r1, o + j])
+                h = np.floor(f * np.float32(0.0625))
+                s1 += (f - np.float32(16.0) * h) * xl + h * xh
+                f = np.float32(qs[r2, o + j])
+                h = np.floor(f * np.float32(0.0625))
+                s2 += (f - np.float32(16.0) * h) * xl + h * xh
+                f = np.float32(qs[r3, o + j])
+                h = np.floor(f * np.float32(0.0625))
+                s3 += (f - np.float32(16.0) * h) * xl + h * xh
+            xs *= np.float32(8.0)
+            a0 += h2f(d[r0, b]) * (s0 - xs)
+            a1 += h2f(d[r1, b]) * (s1 - xs)
+            a2 += h2f(d[r2, b]) * (s2 - xs)
+            a3 += h2f(d[r3, b]) * (s3 - xs)
+        out[r0] = a0
+        out[r1] = a1
+        out[r2] = a2
+        out[r3] = a3
+
+
+@njit(**_PJIT)
+def _mm_quant_f32(kind, qs, d, m, X, rowbuf, out):
+    # X [T, K]; rowbuf [threads, K] f32; out [T, N]. Each row dequantized once into the thread's
+    # buffer, then dotted with every token.
+    T, n = out.shape
+    for r in prange(n):
+        w = rowbuf[get_thread_id()]
+        if kind == 0:
+            _dequant_q4_0_into(qs, d, r, w)
+        elif kind == 1:
+            _dequant_q4_1_into(qs, d, m, r, w)
+        else:
+            _dequant_q8_0_into(qs, d, r, w)
+        for t in range(T):
+            out[t, r] = _dot(w, X[t])
+
+
+@njit(**_PJIT)
+def _mv_f16(w, x, out):
+    for r in prange(out.shape[0]):
+        out[r] = _dot_h(w[r], x)
+
+
+@njit(**_PJIT)
+def _mv_f32(w, x, out):
+    for r in prange(out.shape[0]):
+        out[r] = _dot(w[r], x)
+
+
+@njit(**_PJIT)
+def _mm_f16(w, X, rowbuf, out):
+    T, n = out.shape
+    for r in prange(n):
+        buf = rowbuf[get_thread_id()]
+        for k in range(w.shape[1]):
+            buf[k] = h2f(w[r, k])
+        for t in range(T):
+            out[t, r] = _dot(buf, X[t])
+
+
+@njit(**_PJIT)
+def _mm_f32(w, X, out):
+    T, n = out.shape
+    for r in prange(n):
+        for t in range(T):
+            out[t, r] = _dot(w[r], X[t])
+
+
+# ---------------------------------------------------------------------------------------------
+# scratch and the public matrix API
+_tls = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A thread-local buffer of at least ``shape`` (leading axis grows), viewed to ``shape``."""
+    store = getattr(_tls, "bufs", None)
+    if store is None:
+        store = _tls.bufs = {}
+    key = (name, shape[1:], np.dtype(dtype).str)
+    buf = store.get(key)
+    if buf is None or buf.shape[0] < shape[0]:
+        buf = store[key] = np.empty((max(shape[0], 1),) + shape[1:], dtype)
+    return buf[: shape[0]] if buf.shape[0] != shape[0] else buf
+
+
+def _act(t: int, k: int):
+    """(xq [T, K] int8, xdx, xsq, xsum [T, NB] f32) thread-local scratch."""
+    nb = k // QK
+    return (
+        _scratch("xq", (t, k), np.int8),
+        _scratch("xdx", (t, nb), np.float32),
+        _scratch("xsq", (t, nb), np.float32),
+        _scratch("xsum", (t, nb), np.float32),
+    )
+
+
+def _rowbuf(k: int) -> np.ndarray:
+    return _scratch("row", (numba.config.NUMBA_NUM_THREADS, k), np.float32)
+
+
+def _u16(a: np.ndarray) -> np.ndarray:
+    """float16 arrays cross into numba as their uint16 bits (numba has no CPU float16)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def matvec_q4_0_f32act(qs, d, x, out):
+    """x [K] f32 -> out [N] = W x, W from q4_0 parts qs [N, K/2], d [N, NB]; x kept in f32."""
+    _mv_q4_0_f32(qs, _u16(d), x, out)
+
+
+def matvec_q4_1_f32act(qs, d, m, x, out):
+    matmul_q4_1_f32act(qs, d, m, x.reshape(1, -1), out.reshape(1, -1))
+
+
+def matvec_q8_0_f32act(qs, d, x, out):
+    matmul_q8_0_f32act(qs, d, x.reshape(1, -1), out.reshape(1, -1))
+
+
+def matmul_q4_0_f32act(qs, d, X, out):
+    d = _u16(d)
+    _mm_quant_f32(0, qs, d, d, X, _rowbuf(X.shape[1]), out)
+
+
+def matmul_q4_1_f32act(qs, d, m, X, out):
+    _mm_quant_f32(1, qs, _u16(d), _u16(m), X, _rowbuf(X.shape[1]), out)
+
+
+def matmul_q8_0_f32act(qs, d, X, out):
+    d = _u16(d)
+    _mm_quant_f32(2, qs, d, d, X, _rowbuf(X.shape[1]), out)
+
+
+def _matvec_q4_0_q8act(qs, d, x, out):
+    d = _u16(d)
+    _mv_q4_0(qs, d, d, x, *_act(1, x.shape[0]), out)
+
+
+def _matvec_q4_1_q8act(qs, d, m, x, out):
+    _mv_q4_1(qs, _u16(d), _u16(m), x, *_act(1, x.shape[0]), out)
+
+
+def _matvec_q8_0_q8act(qs, d, x, out):
+    d = _u16(d)
+    _mv_q8_0(qs, d, d, x, *_act(1, x.shape[0]), out)
+
+
+def _matmul_q4_0_q8act(qs, d, X, out):
+    d = _u16(d)
+    _mm_q4_0(qs, d, d, X, *_act(*X.shape), out)
+
+
+def _matmul_q4_1_q8act(qs, d, m, X, out):
+    _mm_q4_1(qs, _u16(d), _u16(m), X, *_act(*X.shape), out)
+
+
+def _matmul_q8_0_q8act(qs, d, X, out):
+    d = _u16(d)
+    _mm_q8_0(qs, d, d, X, *_act(*X.shape), out)
+
+
+# The public quantized kernels: int8 activations where the host has VNNI, f32 otherwise.
+if HAS_VNNI:
+    matvec_q4_0 = _matvec_q4_0_q8act
+    matvec_q4_1 = _matvec_q4_1_q8act
+    matvec_q8_0 = _matvec_q8_0_q8act
+    matmul_q4_0 = _matmul_q4_0_q8act
+    matmul_q4_1 = _matmul_q4_1_q8act
+    matmul_q8_0 = _matmul_q8_0_q8act
+else:
+    matvec_q4_0 = matvec_q4_0_f32act
+    matvec_q4_1 = matvec_q4_1_f32act
+    matvec_q8_0 = matvec_q8_0_f32act
+    matmul_q4_0 = matmul_q4_0_f32act
+    matmul_q4_1 = matmul_q4_1_f32act
+    matmul_q8_0 = matmul_q8_0_f32act
+ACT_INT8 = HAS_VNNI  # whether the quantized kernels round x to int8 blocks (see module doc)
+
+
+def matvec_f16(w, x, out):
+    """w [N, K] float16, x [K] f32 -> out [N] f32."""
+    _mv_f16(_u16(w), x, out)
+
+
+def matvec_f32(w, x, out):
+    """w [N, K] f32, x [K] f32 -> out [N] f32."""
+    _mv_f32(w, x, out)
+
+
+def matmul_f16(w, X, out):
+    """w [N, K] float16, X [T, K] f32 -> out [T, N] f32."""
+    _mm_f16(_u16(w), X, _rowbuf(X.shape[1]), out)
+
+
+def matmul_f32(w, X, out):
+    """w [N, K] f32, X [T, K] f32 -> out [T, N] f32."""
+    _mm_f32(w, X, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding rows
+@njit(**_JIT)
+def _row_q4_0(qs, d, row, out):
+    _dequant_q4_0_into(qs, d, row, out)
+
+
+@njit(**_JIT)
+def _row_q4_1(qs, d, m, row, out):
+    _dequant_q4_1_into(qs, d, m, row, out)
+
+
+@njit(**_JIT)
+def _row_q8_0(qs, d, row, out):
+    _dequant_q8_0_into(qs, d, row, out)
+
+
+@njit(**_JIT)
+def _row_f16(w, row, out):
+    for k in range(out.shape[0]):
+        out[k] = h2f(w[row, k])
+
+
+def dequant_row_q4_0(qs, d, row, out):
+    """Row ``row`` of a q4_0 matrix into out [K] f32 (the embedding lookup)."""
+    _row_q4_0(qs, _u16(d), row, out)
+
+
+def dequant_row_q4_1(qs, d, m, row, out):
+    _row_q4_1(qs, _u16(d), _u16(m), row, out)
+
+
+def dequant_row_q8_0(qs, d, row, out):
+    _row_q8_0(qs, _u16(d), row, out)
+
+
+def dequant_row_f16(w, row, out):
+    _row_f16(_u16(w), row, out)
+
+
+def dequant_row_f32(w, row, out):
+    out[:] = w[row]
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest of the layer
+@njit(**_PJIT)
+def rmsnorm(x, w, eps, out):
+    """x [T, D], w [D] f32 -> out [T, D] = x * rsqrt(mean(x^2) + eps) * w (HF order, in f32)."""
+    T, D = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for i in range(D):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+        for i in range(D):
+            out[t, i] = (x[t, i] * inv) * w[i]
+
+
+@njit(**_PJIT)
+def rope_inplace(x, pos, inv_freq):
+    """x [T, NH, HD] f32 rotated in place at positions pos [T] int64, HF's rotate_half pairing:
+    dim i with i + HD/2, angle = f32(pos) * inv_freq[i] in f32."""
+    T, NH, HD = x.shape
+    half = HD // 2
+    for t in prange(T):
+        p = np.float32(pos[t])
+        for i in range(half):
+            a = p * inv_freq[i]
+            c = np.cos(a)
+            s = np.sin(a)
+            for h in range(NH):
+                x0 = x[t, h, i]
+                x1 = x[t, h, i + half]
+                x[t, h, i] = x0 * c - x1 * s
+                x[t, h, i + half] = x1 * c + x0 * s
+
+
+@njit(**_JIT)
+def _attend_one(q, kc, vc, n, scale, out, sc):
+    """One query q [HD] against cache rows 0..n-1 of kc, vc [S, HD] (uint16 bits) -> out [HD];
+    sc [>= n] holds the scores."""
+    HD = q.shape[0]
+    mx = np.float32(-np.inf)
+    for j in range(n):
+        s = np.float32(0.0)
+        for i in range(HD):
+            s += q[i] * h2f(kc[j, i])
+        s *= scale
+        sc[j] = s
+        mx = max(mx, s)
+    tot = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(sc[j] - mx)
+        sc[j] = e
+        tot += e
+    for i in range(HD):
+        out[i] = 0.0
+    for j in range(n):
+        p = sc[j]
+        for i in range(HD):
+            out[i] += p * h2f(vc[j, i])
+    inv = np.float32(1.0) / tot
+    for i in range(HD):
+        out[i] *= inv
+
+
+@njit(**_PJIT)
+def _attention(q, kc, vc, pos0, scale, out, scratch):
+    T, H, HD = q.shape
+    KVH = kc.shape[0]
+    grp = H // KVH
+    sc = np.float32(scale)
+    if scratch.shape[0] >= T * H:  # one scratch row per (token, head): all pairs in parallel
+        for th in prange(T * H):
+            t = th // H
+            h = th - t * H
+            _attend_one(q[t, h], kc[h // grp], vc[h // grp], pos0 + t + 1, sc, out[t, h], scratch[th])
+    else:  # one scratch row per head: heads in parallel, tokens in turn
+        for h in prange(H):
+            for t in range(T):
+                _attend_one(q[t, h], kc[h // grp], vc[h // grp], pos0 + t + 1, sc, out[t, h], scratch[h])
+
+
+def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
+    """Causal GQA attention over a float16 KV cache.
+
+    q [T, H, HD] f32 (roped), k_cache / v_cache [KVH, S, HD] float16 with positions
+    0..pos0+T-1 filled; query t sits at pos0+t and sees keys 0..pos0+t; head h reads kv head
+    h // (H // KVH); out [T, H, HD] f32. scratch f32 holds scores: [T*H, >= pos0+T] runs every
+    (token, head) pair in parallel; [H, >= pos0+T] (the decode buffer, e.g. [H, S]) runs heads in
+    parallel and tokens in turn. Softmax in f32 with max subtraction.
+    """
+    T, H = q.shape[0], q.shape[1]
+    if scratch.shape[0] < H or scratch.shape[1] < pos0 + T:
+        raise ValueError(f"attention scratch {scratch.shape} is smaller than [{H}, {pos0 + T}]")
+    _attention(q, _u16(k_cache), _u16(v_cache), pos0, scale, out, scratch)
+
+
+@njit(**_JIT)
+def _silu_mul(a, b, out):
+    for i in range(a.shape[0]):
+        v = a[i]
+        out[i] = v / (np.float32(1.0) + np.exp(-v)) * b[i]
+
+
+def silu_mul(a, b, out):
+    """out = silu(a) * b elementwise, for a, b, out [T, F] or [F] (C-contiguous; out may be a)."""
+    _silu_mul(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+
+
+@njit(**_JIT)
+def route_topk(logits, k, weights_out, idx_out):
+    """logits [T, E] f32 -> idx_out [T, K] int32 (largest softmax probability first; equal values
+    keep the lower expert first) and weights_out [T, K] f32: softmax over all E in f32, the top
+    K renormalised to sum 1 (Mixtral's router)."""
+    T, E = logits.shape
+    for t in range(T):
+        mx = logits[t, 0]
+        for e in range(1, E):
+            mx = max(mx, logits[t, e])
+        tot = np.float32(0.0)
+        for e in range(E):
+            tot += np.exp(logits[t, e] - mx)
+        for j in range(k):
+            best = -1
+            bv = np.float32(0.0)
+            for e in range(E):
+                taken = False
+                for i in range(j):
+                    if idx_out[t, i] == e:
+                        taken = True
+                if taken:
+                    continue
+                v = np.exp(logits[t, e] - mx) / tot
+                if best < 0 or v > bv:
+                    best = e
+                    bv = v
+            idx_out[t, j] = best
+            weights_out[t, j] = bv
+        s = np.float32(0.0)
+        for j in range(k):
+            s += weights_out[t, j]
+        for j in range(k):
+            weights_out[t, j] /= s
+
+
+@njit(**_JIT)
+def _add_scaled(out, x, w):
+    for i in range(out.shape[0]):
+        out[i] += w * x[i]
+
+
+def add_scaled(out, x, w):
+    """out += w * x for out, x [D] or [T, D] (C-contiguous), w a scalar."""
+    _add_scaled(out.reshape(-1), x.reshape(-1), np.float32(w))

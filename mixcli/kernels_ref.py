@@ -1,0 +1,156 @@
+"""Plain numpy twins of ``mixcli.kernels``: same names, same signatures, written for clarity.
+
+They are the reference the numba kernels are tested against and, with MIXCLI_KERNELS=ref, a
+whole-model reference. Weights are dequantized with ``quant.q4`` (itself bit-exact with the gguf
+package) and multiplied in f32 with x kept in f32, so the twins carry no activation rounding;
+``quantize_act`` is the twin of the int8 activation rounding the fast kernels apply (see
+``kernels.ACT_INT8``), for tests that want to isolate it.
+
+Shapes use the dimension letters: N output rows, K input columns, NB = K / 32 blocks, T tokens,
+H / KVH heads, HD head dim, S cache positions, E experts.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from quant import q4
+from quant.formats import QK
+
+ACT_INT8 = False
+
+
+def _w(qtype: str, **parts) -> np.ndarray:
+    return q4.dequantize(parts, qtype)  # [N, K] f32
+
+
+# ---- matrix-vector (decode) and matrix-matrix (prefill) ----------------------------------------
+def matvec_q4_0(qs, d, x, out):
+    out[:] = _w("q4_0", qs=qs, d=d) @ x
+
+
+def matvec_q4_1(qs, d, m, x, out):
+    out[:] = _w("q4_1", qs=qs, d=d, m=m) @ x
+
+
+def matvec_q8_0(qs, d, x, out):
+    out[:] = _w("q8_0", qs=qs, d=d) @ x
+
+
+def matvec_f16(w, x, out):
+    out[:] = np.asarray(w, np.float32) @ x
+
+
+def matvec_f32(w, x, out):
+    out[:] = w @ x
+
+
+def matmul_q4_0(qs, d, X, out):
+    out[:] = X @ _w("q4_0", qs=qs, d=d).T  # [T, N]
+
+
+def matmul_q4_1(qs, d, m, X, out):
+    out[:] = X @ _w("q4_1", qs=qs, d=d, m=m).T
+
+
+def matmul_q8_0(qs, d, X, out):
+    out[:] = X @ _w("q8_0", qs=qs, d=d).T
+
+
+def matmul_f16(w, X, out):
+    out[:] = X @ np.asarray(w, np.float32).T
+
+
+def matmul_f32(w, X, out):
+    out[:] = X @ w.T
+
+
+# the f32-activation kernels of the fast module have the same twins
+matvec_q4_0_f32act, matvec_q4_1_f32act, matvec_q8_0_f32act = matvec_q4_0, matvec_q4_1, matvec_q8_0
+matmul_q4_0_f32act, matmul_q4_1_f32act, matmul_q8_0_f32act = matmul_q4_0, matmul_q4_1, matmul_q8_0
+
+
+def quantize_act(x, xq, xdx, xsq, xsum):
+    """x [T, K] f32 -> xq [T, K] int8 = rint(x / dx), dx = amax / 127 per block of 32 (f32);
+    xdx [T, NB] = dx, xsq [T, NB] = dx * sum(xq), xsum [T, NB] = sum(x)."""
+    T, K = x.shape
+    xb = x.reshape(T, K // QK, QK)  # [T, NB, G]
+    dx = (np.abs(xb).max(axis=2) / np.float32(127.0)).astype(np.float32)  # [T, NB]
+    with np.errstate(divide="ignore"):
+        inv = np.where(dx > 0, np.float32(1.0) / dx, np.float32(0.0)).astype(np.float32)
+    q = np.rint(xb * inv[:, :, None]).astype(np.int8)
+    xq[:] = q.reshape(T, K)
+    xdx[:] = dx
+    xsq[:] = dx * q.sum(axis=2, dtype=np.int32).astype(np.float32)
+    xsum[:] = xb.sum(axis=2)
+
+
+# ---- embedding rows -----------------------------------------------------------------------------
+def dequant_row_q4_0(qs, d, row, out):
+    out[:] = q4.dequantize({"qs": qs[row], "d": d[row]}, "q4_0")
+
+
+def dequant_row_q4_1(qs, d, m, row, out):
+    out[:] = q4.dequantize({"qs": qs[row], "d": d[row], "m": m[row]}, "q4_1")
+
+
+def dequant_row_q8_0(qs, d, row, out):
+    out[:] = q4.dequantize({"qs": qs[row], "d": d[row]}, "q8_0")
+
+
+def dequant_row_f16(w, row, out):
+    out[:] = w[row]
+
+
+def dequant_row_f32(w, row, out):
+    out[:] = w[row]
+
+
+# ---- the rest of the layer ----------------------------------------------------------------------
+def rmsnorm(x, w, eps, out):
+    """x [T, D] -> x * rsqrt(mean(x^2) + eps) * w, in f32 (HF's LlamaRMSNorm order)."""
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    out[:] = (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def rope_inplace(x, pos, inv_freq):
+    """x [T, NH, HD] rotated in place; HF's rotate_half pairing (i with i + HD/2)."""
+    ang = pos.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, HD/2] f32
+    cos = np.cos(ang)[:, None, :]
+    sin = np.sin(ang)[:, None, :]
+    half = x.shape[2] // 2
+    x0 = x[:, :, :half].copy()
+    x1 = x[:, :, half:].copy()
+    x[:, :, :half] = x0 * cos - x1 * sin
+    x[:, :, half:] = x1 * cos + x0 * sin
+
+
+def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
+    """Causal GQA attention; q [T, H, HD], caches [KVH, S, HD] float16, out [T, H, HD]."""
+    T, H, HD = q.shape
+    grp = H // k_cache.shape[0]
+    n = pos0 + T
+    k = np.asarray(k_cache[:, :n], np.float32)  # [KVH, n, HD]
+    v = np.asarray(v_cache[:, :n], np.float32)
+    for h in range(H):
+        s = (q[:, h] @ k[h // grp].T) * np.float32(scale)  # [T, n]
+        s[np.arange(n)[None, :] > (pos0 + np.arange(T))[:, None]] = -np.inf
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[h // grp]
+
+
+def silu_mul(a, b, out):
+    out[...] = a / (np.float32(1.0) + np.exp(-a)) * b
+
+
+def route_topk(logits, k, weights_out, idx_out):
+    """Softmax over E in f32, the k largest (lower expert first among equals), renormalised."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)  # [T, E]
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]  # [T, K]
+    w = np.take_along_axis(p, idx, axis=1)
+    idx_out[:] = idx
+    weights_out[:] = w / w.sum(axis=1, keepdims=True)
+
+
+def add_scaled(out, x, w):
+    out += np.float32(w) * x

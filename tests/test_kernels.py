@@ -1,0 +1,255 @@
+"""Every numba kernel against its numpy twin (mixcli.kernels_ref) on odd shapes, and the twins'
+own semantics against independent references: torch for routing, direct transcriptions of
+Hugging Face's rotate_half RoPE and of causal softmax attention with GQA.
+
+The fast quantized kernels round activations to int8 blocks where the host has VNNI
+(``kernels.ACT_INT8``); they are checked two ways: against the twin fed the same int8
+activations (tight, float rounding only) and against the exact f32 product within the rigorous
+bound that rounding implies.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixcli import kernels as K
+from mixcli import kernels_ref as R
+from quant import q4
+
+RTOL = 1e-4
+QTYPES = ("q4_0", "q4_1", "q8_0")
+
+
+def _close(got, want, rtol=RTOL):
+    """Max error within rtol of the largest reference magnitude (fastmath reorders sums)."""
+    scale = max(float(np.abs(want).max()), 1e-30)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+def _matrix(qtype, n, k, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    parts = q4.quantize(w, qtype)
+    if qtype in ("f16", "f32"):
+        return [parts["w"]]
+    return [parts["qs"], parts["d"]] + ([parts["m"]] if qtype == "q4_1" else [])
+
+
+def _dense(qtype, args):
+    names = ("w",) if qtype in ("f16", "f32") else ("qs", "d", "m")
+    return q4.dequantize(dict(zip(names, args)), qtype)  # [N, K] f32
+
+
+def _act_hat(X):
+    """X [T, K] as the int8 kernels see it: xq * dx per block, by the numpy twin of quantize_act."""
+    T, k = X.shape
+    xq, dx = np.empty((T, k), np.int8), np.empty((T, k // 32), np.float32)
+    xs, xsum = np.empty_like(dx), np.empty_like(dx)
+    R.quantize_act(X, xq, dx, xs, xsum)
+    return (xq.reshape(T, -1, 32) * dx[:, :, None]).reshape(T, k).astype(np.float32)
+
+
+def _act_bound(w, X):
+    """|W x - W x_hat| <= sum_k |w_k| |x_k - x_hat_k|, per [T, N]."""
+    return np.abs(X - _act_hat(X)) @ np.abs(w).T
+
+
+QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n,k", QSHAPES)
+@pytest.mark.parametrize("t", [1, 3, 6])
+def test_quantized_matmul_and_matvec(qtype, n, k, t):
+    args = _matrix(qtype, n, k, seed=n * 1000 + k)
+    X = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
+    w = _dense(qtype, args)
+    want = np.empty((t, n), np.float32)
+    getattr(R, f"matmul_{qtype}")(*args, X, want)
+    np.testing.assert_allclose(want, X @ w.T, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    got = np.full((t, n), np.nan, np.float32)
+    getattr(K, f"matmul_{qtype}")(*args, X, got)
+    one = np.full(n, np.nan, np.float32)
+    getattr(K, f"matvec_{qtype}")(*args, X[-1], one)
+    if K.ACT_INT8:
+        hat = _act_hat(X) @ w.T  # the same int8 activations, exact product
+        _close(got, hat)
+        _close(one, hat[-1])
+        assert np.all(np.abs(got - want) <= _act_bound(w, X) * 1.001 + 1e-4 * np.abs(want).max())
+    else:
+        _close(got, want)
+        _close(one, want[-1])
+    # decode and prefill agree: an incremental run equals a full forward
+    _close(one, got[-1], rtol=2e-5)
+
+    f32 = np.full((t, n), np.nan, np.float32)
+    getattr(K, f"matmul_{qtype}_f32act")(*args, X, f32)
+    _close(f32, want)
+    getattr(K, f"matvec_{qtype}_f32act")(*args, X[0], one)
+    _close(one, want[0])
+
+
+@pytest.mark.parametrize("qtype", ["f16", "f32"])
+@pytest.mark.parametrize("n,k", [(1, 37), (5, 32), (13, 97), (7, 160)])
+def test_float_matmul_and_matvec(qtype, n, k):
+    args = _matrix(qtype, n, k, seed=n + k)
+    X = np.random.default_rng(k).standard_normal((3, k)).astype(np.float32)
+    want = np.empty((3, n), np.float32)
+    getattr(R, f"matmul_{qtype}")(*args, X, want)
+    got = np.empty((3, n), np.float32)
+    getattr(K, f"matmul_{qtype}")(*args, X, got)
+    _close(got, want)
+    one = np.empty(n, np.float32)
+    getattr(K, f"matvec_{qtype}")(*args, X[1], one)
+    _close(one, want[1])
+
+
+def test_quantize_act_matches_twin():
+    X = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
+    X[1, :32] = 0.0  # an all-zero block
+    bufs = [(np.empty((3, 96), np.int8),) + tuple(np.empty((3, 3), np.float32) for _ in range(3)) for _ in range(2)]
+    K.quantize_act(X, *bufs[0])
+    R.quantize_act(X, *bufs[1])
+    np.testing.assert_array_equal(bufs[0][0], bufs[1][0])
+    for a, b in zip(bufs[0][1:], bufs[1][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", QTYPES + ("f16", "f32"))
+def test_dequant_row(qtype):
+    k = 96 if qtype in QTYPES else 37
+    args = _matrix(qtype, 5, k, seed=7)
+    dense = _dense(qtype, args)
+    for row in (0, 4):
+        got = np.empty(k, np.float32)
+        getattr(K, f"dequant_row_{qtype}")(*args, row, got)
+        want = np.empty(k, np.float32)
+        getattr(R, f"dequant_row_{qtype}")(*args, row, want)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, dense[row])
+
+
+def test_rmsnorm_matches_torch_formula():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 37)).astype(np.float32)
+    w = rng.standard_normal(37).astype(np.float32)
+    got, ref = np.empty_like(x), np.empty_like(x)
+    K.rmsnorm(x, w, 1e-5, got)
+    R.rmsnorm(x, w, 1e-5, ref)
+    tx = torch.from_numpy(x)  # LlamaRMSNorm.forward, transcribed
+    want = (torch.from_numpy(w) * (tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-5))).numpy()
+    _close(got, want, 1e-6)
+    _close(ref, want, 1e-6)
+
+
+def _hf_rope(x, pos, inv_freq):
+    """transformers' rotary embedding + apply_rotary_pos_emb (rotate_half), in torch f32."""
+    t = torch.from_numpy(x).transpose(0, 1)  # [NH, T, HD]
+    freqs = (torch.from_numpy(inv_freq)[:, None].float() @ torch.from_numpy(pos)[None, :].float()).T  # [T, HD/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    half = t.shape[-1] // 2
+    rot = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return (t * cos + rot * sin).transpose(0, 1).numpy()
+
+
+@pytest.mark.parametrize("T,pos0", [(1, 0), (1, 57), (3, 1000)])
+def test_rope(T, pos0):
+    rng = np.random.default_rng(T + pos0)
+    HD = 16
+    x = rng.standard_normal((T, 3, HD)).astype(np.float32)
+    pos = np.arange(pos0, pos0 + T, dtype=np.int64)
+    inv_freq = (1.0 / (10000.0 ** (np.arange(0, HD, 2, dtype=np.int64).astype(np.float32) / HD))).astype(np.float32)
+    want = _hf_rope(x, pos, inv_freq)
+    got = x.copy()
+    K.rope_inplace(got, pos, inv_freq)
+    ref = x.copy()
+    R.rope_inplace(ref, pos, inv_freq)
+    _close(got, want, 2e-5)  # cos/sin of large f32 angles differ in the last bits between libms
+    _close(ref, want, 2e-5)
+
+
+def _naive_attention(q, kc, vc, pos0, scale):
+    T, H, HD = q.shape
+    KVH = kc.shape[0]
+    out = np.zeros((T, H, HD), np.float64)
+    for t in range(T):
+        for h in range(H):
+            kv = h // (H // KVH)
+            keys = kc[kv, : pos0 + t + 1].astype(np.float64)
+            s = keys @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ vc[kv, : pos0 + t + 1].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("T,pos0,scratch_rows", [(1, 9, "H"), (5, 0, "TH"), (4, 6, "TH"), (4, 6, "H")])
+def test_attention(T, pos0, scratch_rows):
+    rng = np.random.default_rng(T * 10 + pos0)
+    H, KVH, HD, S = 6, 2, 8, 16
+    q = rng.standard_normal((T, H, HD)).astype(np.float32)
+    kc = np.zeros((KVH, S, HD), np.float16)
+    vc = np.zeros((KVH, S, HD), np.float16)
+    kc[:, : pos0 + T] = rng.standard_normal((KVH, pos0 + T, HD))
+    vc[:, : pos0 + T] = rng.standard_normal((KVH, pos0 + T, HD))
+    scale = HD**-0.5
+    want = _naive_attention(q, kc, vc, pos0, scale)
+    scratch = np.empty((T * H if scratch_rows == "TH" else H, S), np.float32)
+    got = np.empty((T, H, HD), np.float32)
+    K.attention(q, kc, vc, pos0, scale, got, scratch)
+    ref = np.empty_like(got)
+    R.attention(q, kc, vc, pos0, scale, ref, None)
+    _close(got, want, 1e-5)
+    _close(ref, want, 1e-5)
+
+
+def test_silu_mul_and_add_scaled():
+    rng = np.random.default_rng(3)
+    for shape in [(37,), (3, 37)]:
+        a, b = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+        a0 = a.copy()
+        want = (torch.nn.functional.silu(torch.from_numpy(a)) * torch.from_numpy(b)).numpy()
+        got = np.empty_like(a)
+        K.silu_mul(a, b, got)
+        _close(got, want, 1e-6)
+        K.silu_mul(a, b, a)  # in place, as the model calls it
+        _close(a, want, 1e-6)
+        ref = np.empty_like(b)
+        R.silu_mul(a0, b, ref)
+        _close(ref, want, 1e-6)
+        out = rng.standard_normal(shape).astype(np.float32)
+        out2 = out.copy()
+        K.add_scaled(out, b, 0.3)
+        R.add_scaled(out2, b, 0.3)
+        _close(out, out2, 1e-6)
+
+
+def _torch_route(logits, k):
+    p = torch.softmax(torch.from_numpy(logits), dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(p, k, dim=-1)
+    return (w / w.sum(-1, keepdim=True)).numpy(), idx.numpy()
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (5, 8, 2), (4, 3, 1), (3, 16, 4)])
+def test_route_topk_matches_torch(T, E, k):
+    logits = np.random.default_rng(E * k + T).standard_normal((T, E)).astype(np.float32)
+    want_w, want_i = _torch_route(logits, k)
+    for mod in (K, R):
+        w, i = np.empty((T, k), np.float32), np.empty((T, k), np.int32)
+        mod.route_topk(logits, k, w, i)
+        np.testing.assert_array_equal(i, want_i)
+        _close(w, want_w, 1e-6)
+
+
+def test_route_topk_ties():
+    """torch.topk's order among equal values is unspecified on CPU (it partitions with
+    nth_element); ours is lower expert first. Same weights either way."""
+    logits = np.array([[1.0, 3.0, 3.0, 2.0, 3.0, 0.5], [0.0] * 6], np.float32)
+    want_w, _ = _torch_route(logits, 2)
+    for mod in (K, R):
+        w, i = np.empty((2, 2), np.float32), np.empty((2, 2), np.int32)
+        mod.route_topk(logits, 2, w, i)
+        np.testing.assert_array_equal(i, [[1, 2], [0, 1]])
+        _close(w, want_w, 1e-6)
