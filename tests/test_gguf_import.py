@@ -1,0 +1,385 @@
+"""GGUF import: baby Llama / Mixtral GGUFs written here with gguf.GGUFWriter, as llama.cpp writes them.
+
+References we did not write: ``gguf.quants`` (llama.cpp's block quantizers), transformers' GGUF
+loader (its q/k reverse permutation and its tokenizer built from GGUF metadata).
+
+``write_gguf`` / ``make_gguf_checkpoint`` are for other tests too: ``make_gguf_checkpoint(path,
+"mixtral", seed=s)`` holds the same float weights as ``babymodels.make_hf_checkpoint(dir,
+"mixtral", seed=s)``, so a GGUF import and a safetensors conversion of one model can be compared.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from babymodels import BABY_DEFAULTS, random_weights
+from mixcli.errors import CheckpointError
+from quant import q4
+from quant.gguf_convert import convert_gguf
+from quant.sources.gguf import open_gguf
+from quant.writer import read_tensor_parts, verify_model_dir
+
+Q = gguf.GGMLQuantizationType
+
+# ---------------------------------------------------------------------------------------------
+# Writing GGUFs the way llama.cpp's convert_hf_to_gguf.py does
+# ---------------------------------------------------------------------------------------------
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = "the cat sat on the mat. the dog ate the hat, then the cat ran! Is that the rat? The end."
+
+
+def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
+    """A tiny GPT-2 style vocabulary (tokens, token types, merges) learned by BPE on CORPUS:
+    3 control tokens, the characters of the corpus in GPT-2's byte spelling, then merges."""
+    spell = {" ": "Ġ", "\n": "Ċ"}
+    words = [["Ġ" if c == " " else c for c in w] for w in (CORPUS.replace(" ", "\n ").split("\n"))]
+    chars = sorted({spell.get(c, c) for c in CORPUS + "\n"} | set("abcdefghijklmnopqrstuvwxyzTI"))
+    tokens = SPECIALS + chars
+    merges: list[str] = []
+    while len(tokens) < size:
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + 1
+        if not counts:  # the corpus is fully merged: pad with more single characters
+            tokens += [c for c in "0123456789ABCDEFGHJKLMNOPQRSUVWXYZ" if c not in tokens][:size - len(tokens)]
+            break
+        (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        if a + b not in tokens:
+            tokens.append(a + b)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i:i + 2] = [a + b]
+                i += 1
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+    return tokens, types, merges
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, verbatim in numpy."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return w.astype(np.float32)
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w.astype(np.float32), qtype)  # [..., bytes] uint8
+
+
+DEFAULT_TYPES = {"linear": Q.Q4_0, "embed": Q.Q8_0, "output": Q.Q8_0, "norm": Q.F32, "router": Q.F32}
+
+
+def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], *,
+               types: dict[str, Q] | None = None, stacked: bool = True, arch: str = "llama",
+               chat_template: str | None = CHATML, tokenizer: str = "gpt2") -> Path:
+    """Write HF-named float weights as a llama.cpp GGUF: names, permuted q/k, metadata, vocab.
+
+    ``types`` maps role (linear, embed, output, norm, router) to a GGUF type; ``stacked`` writes
+    Mixtral experts as ``ffn_*_exps`` [E, ...] tensors (current llama.cpp), else as the older
+    per-expert ``ffn_gate.E``."""
+    types = {**DEFAULT_TYPES, **(types or {})}
+    h, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    n_exp = cfg.get("num_local_experts", 0) if cfg["architectures"][0] == "MixtralForCausalLM" else 0
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("baby")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(h)
+    w.add_head_count_kv(kvh)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    if n_exp:
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if tokenizer == "gpt2":
+        tokens, ttypes, merges = byte_level_vocab(cfg["vocab_size"])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types(ttypes)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    def put(name: str, arr: np.ndarray, role: str) -> None:
+        w.add_tensor(name, _encode(arr, types[role]), raw_dtype=types[role] if types[role] not in (Q.F32, Q.F16) else None)
+
+    put("token_embd.weight", weights["model.embed_tokens.weight"], "embed")
+    for layer in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{layer}.", f"blk.{layer}."
+        put(b + "attn_norm.weight", weights[p + "input_layernorm.weight"], "norm")
+        put(b + "attn_q.weight", llama_permute(weights[p + "self_attn.q_proj.weight"], h), "linear")
+        put(b + "attn_k.weight", llama_permute(weights[p + "self_attn.k_proj.weight"], kvh), "linear")
+        put(b + "attn_v.weight", weights[p + "self_attn.v_proj.weight"], "linear")
+        put(b + "attn_output.weight", weights[p + "self_attn.o_proj.weight"], "linear")
+        put(b + "ffn_norm.weight", weights[p + "post_attention_layernorm.weight"], "norm")
+        if n_exp:
+            put(b + "ffn_gate_inp.weight", weights[p + "block_sparse_moe.gate.weight"], "router")
+            for gname, wname in (("ffn_gate", "w1"), ("ffn_down", "w2"), ("ffn_up", "w3")):
+                per = [weights[f"{p}block_sparse_moe.experts.{e}.{wname}.weight"] for e in range(n_exp)]
+                if stacked:
+                    put(f"{b}{gname}_exps.weight", np.stack(per), "linear")  # [E, N, K]
+                else:
+                    for e, x in enumerate(per):
+                        put(f"{b}{gname}.{e}.weight", x, "linear")
+        else:
+            put(b + "ffn_gate.weight", weights[p + "mlp.gate_proj.weight"], "linear")
+            put(b + "ffn_up.weight", weights[p + "mlp.up_proj.weight"], "linear")
+            put(b + "ffn_down.weight", weights[p + "mlp.down_proj.weight"], "linear")
+    put("output_norm.weight", weights["model.norm.weight"], "norm")
+    if "lm_head.weight" in weights:
+        put("output.weight", weights["lm_head.weight"], "output")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def make_gguf_checkpoint(path: Path, kind: str = "mixtral", *, tied: bool = False, seed: int = 0,
+                         **kw: Any) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """A baby GGUF with babymodels' float weights for (kind, tied, seed): (file, cfg, weights)."""
+    cfg = {**BABY_DEFAULTS[kind], "tie_word_embeddings": tied}
+    weights = random_weights(cfg, seed)
+    return write_gguf(Path(path), cfg, weights, **kw), cfg, weights
+
+
+# canonical name -> HF name (for comparing against the float originals)
+def hf_name(name: str) -> str:
+    top = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    parts = name.split(".")
+    p = f"model.layers.{parts[1]}."
+    rest = ".".join(parts[2:])
+    fixed = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+             "attn.wq": "self_attn.q_proj.weight", "attn.wk": "self_attn.k_proj.weight",
+             "attn.wv": "self_attn.v_proj.weight", "attn.wo": "self_attn.o_proj.weight",
+             "moe.gate": "block_sparse_moe.gate.weight"}
+    if rest in fixed:
+        return p + fixed[rest]
+    e, wn = parts[3], parts[4]
+    return f"{p}block_sparse_moe.experts.{e}.{wn}.weight"
+
+
+def _dense_hf_name(name: str) -> str:
+    n = hf_name(name)
+    for w, mlp in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        n = n.replace(f"block_sparse_moe.experts.0.{w}.weight", f"mlp.{mlp}.weight")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked-experts", "per-expert"])
+def test_mixtral_gguf_config_and_exact_blocks(tmp_path, stacked):
+    src, cfg, weights = make_gguf_checkpoint(tmp_path / "baby.gguf", "mixtral", stacked=stacked)
+    ck = open_gguf(src)
+    c = ck.config
+    assert (c.architecture, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == ("MixtralForCausalLM", 64, 96, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (4, 2, 16, 100)
+    assert (c.num_local_experts, c.num_experts_per_tok, c.tie_word_embeddings) == (4, 2, False)
+    assert c.rope_theta == cfg["rope_theta"] and c.max_position_embeddings == cfg["max_position_embeddings"]
+    assert c.rms_norm_eps == pytest.approx(cfg["rms_norm_eps"])
+
+    out = tmp_path / "out"
+    summary = convert_gguf(src, out)
+    m = verify_model_dir(out)
+    assert summary.max_abs_err == 0.0 and m["source"]["kind"] == "gguf"
+    for name, t in m["tensors"].items():
+        want_type = {"embed": "q8_0", "output": "q8_0", "norm": "f32", "router": "f32"}.get(
+            "embed" if name == "tok_embeddings" else "output" if name == "output" else
+            "norm" if name.endswith("norm") else "router" if name.endswith("moe.gate") else "linear", "q4_0")
+        assert t["type"] == want_type, name
+        ours = read_tensor_parts(out, m, name)
+        ref = q4.quantize(weights[hf_name(name)], want_type)  # our quantizer on the original floats
+        for part, arr in ref.items():
+            np.testing.assert_array_equal(np.asarray(ours[part]), arr, err_msg=f"{name}.{part}")
+
+
+def test_unpermuted_qk_equal_originals_and_transformers(tmp_path):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    types = {"linear": Q.F32, "embed": Q.F32, "output": Q.F32}
+    src, cfg, weights = make_gguf_checkpoint(tmp_path / "f32.gguf", "llama", types=types)
+    ck = open_gguf(src)
+    reader = gguf.GGUFReader(src)
+    stored = {t.name: np.array(t.data) for t in reader.tensors}
+    hf_proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    for layer in range(cfg["num_hidden_layers"]):
+        for ours_name, gname, hname in (("wq", "attn_q", "q_proj"), ("wk", "attn_k", "k_proj")):
+            got = ck.read(f"layers.{layer}.attn.{ours_name}")
+            original = weights[f"model.layers.{layer}.self_attn.{hname}.weight"]
+            stored_w = stored[f"blk.{layer}.{gname}.weight"]
+            assert not np.array_equal(stored_w, original)  # the file really holds the permuted rows
+            np.testing.assert_array_equal(got, original)
+            np.testing.assert_array_equal(got, hf_proc.process(stored_w, f"blk.{layer}.{gname}.weight").weights)
+
+
+def test_llama_gguf_q4_1_f16_tied(tmp_path):
+    types = {"linear": Q.Q4_1, "embed": Q.F16}
+    src, cfg, weights = make_gguf_checkpoint(tmp_path / "llama.gguf", "llama", tied=True, types=types)
+    ck = open_gguf(src)
+    assert ck.config.architecture == "LlamaForCausalLM" and not ck.config.moe and ck.config.tie_word_embeddings
+    out = tmp_path / "out"
+    convert_gguf(src, out)
+    m = verify_model_dir(out)
+    assert "output" not in m["tensors"]
+    assert m["quant"]["preset"] == "keep"  # q4_1 linears with an f16 embedding: no preset says that
+    for name, t in m["tensors"].items():
+        ref_type = "f16" if name == "tok_embeddings" else "f32" if name.endswith("norm") else "q4_1"
+        assert t["type"] == ref_type
+        ref = q4.quantize(weights[_dense_hf_name(name)], ref_type)
+        ours = read_tensor_parts(out, m, name)
+        for part, arr in ref.items():
+            np.testing.assert_array_equal(np.asarray(ours[part]), arr, err_msg=f"{name}.{part}")
+
+
+def test_requantize_non_exact_types(tmp_path):
+    """Q5_0 / BF16 have no exact home: gguf dequantizes, our quantizer re-quantizes."""
+    types = {"linear": Q.Q5_0, "embed": Q.BF16, "output": Q.Q5_0}
+    src, cfg, weights = make_gguf_checkpoint(tmp_path / "q5.gguf", "llama", types=types)
+    reader = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    for quant in ("keep", "q4_0"):
+        out = tmp_path / f"out-{quant}"
+        convert_gguf(src, out, quant=quant)
+        m = verify_model_dir(out)
+        t = reader["blk.1.attn_v.weight"]
+        deq = gguf.quants.dequantize(np.array(t.data), t.tensor_type)  # [N, K] f32, the reference decoder
+        qtype = "q8_0" if quant == "keep" else "q4_0"
+        assert m["tensors"]["layers.1.attn.wv"]["type"] == qtype
+        ours = read_tensor_parts(out, m, "layers.1.attn.wv")
+        for part, arr in q4.quantize(deq, qtype).items():
+            np.testing.assert_array_equal(np.asarray(ours[part]), arr)
+        emb = reader["token_embd.weight"]
+        emb_deq = gguf.quants.dequantize(np.array(emb.data), emb.tensor_type)
+        emb_type = "f16" if quant == "keep" else "q8_0"
+        ours = read_tensor_parts(out, m, "tok_embeddings")
+        for part, arr in q4.quantize(emb_deq, emb_type).items():
+            np.testing.assert_array_equal(np.asarray(ours[part]), arr)
+
+
+def test_gpt2_tokenizer_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mixcli.tokenizer import load_tokenizer
+
+    src, cfg, _ = make_gguf_checkpoint(tmp_path / "baby.gguf", "mixtral")
+    out = tmp_path / "out"
+    convert_gguf(src, out)
+    info = verify_model_dir(out)["tokenizer"]
+    assert info["kind"] == "hf-json" and info["template_family"] == "chatml" and info["chat_template"] == CHATML
+    assert (info["bos_token"], info["eos_token"], info["add_bos"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert info["extra_eos_tokens"] == ["<|endoftext|>"]
+    ours = load_tokenizer(out, info)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="baby.gguf")
+    texts = ["the cat sat on the mat.", "<|im_start|>user\nIs that the rat?<|im_end|>\n", "The  end, then the dog!",
+             "hat the at eht"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert len(ids) < len(text)  # the merges are in use
+        assert ours.decode(ids, skip_special=False) == ref.decode(ids) == text
+
+
+def test_sentencepiece_tokenizer_matches_transformers():
+    """A llama (SentencePiece, scores + byte fallback) vocabulary, against transformers' own
+    builder fed the same metadata."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    from quant.gguf_tokenizer import build_tokenizer
+
+    pieces = ["▁t", "he", "▁the", "▁c", "at", "▁cat", "▁s", "▁sat", "▁o", "n", "▁on", "▁m", "▁mat", "er", "▁h", "ere"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz▁.,"))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(pieces))
+    scores = [0.0] * (3 + 256) + [-100.0 - i for i in range(len(chars))] + [-1.0 - i for i in range(len(pieces))]
+    meta = {"tokenizer.ggml.model": "llama"}
+    ours = build_tokenizer(meta, tokens, types, None, scores)
+    ref, _ = convert_gguf_tokenizer("llama", {"tokenizer_type": "llama", "tokens": tokens, "scores": scores,
+                                              "token_type": types})
+    for text in ["the cat sat on the mat", "here, there", " leading space", "café ünï 🤖", "<s>the</s>"]:
+        got = ours.encode(text, add_special_tokens=False)
+        assert got.ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(got.ids, skip_special_tokens=False) == ref.decode(got.ids, skip_special_tokens=False)
+    assert ours.encode("the cat", add_special_tokens=False).tokens == ["▁the", "▁cat"]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def _assert_clean_failure(tmp_path: Path, src: Path, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as info:
+        convert_gguf(src, tmp_path / "out" / "model")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing left: not the model, not a .partial, not the parent
+
+
+def test_truncated_gguf(tmp_path):
+    src, _, _ = make_gguf_checkpoint(tmp_path / "t.gguf", "mixtral")
+    data = src.read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 40):
+        src.write_bytes(data[:cut])
+        _assert_clean_failure(tmp_path, src, "truncated|not a valid GGUF")
+
+
+def test_bad_magic(tmp_path):
+    src, _, _ = make_gguf_checkpoint(tmp_path / "m.gguf", "llama")
+    data = bytearray(src.read_bytes())
+    data[:4] = b"GGML"
+    src.write_bytes(bytes(data))
+    _assert_clean_failure(tmp_path, src, "not a GGUF file")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_unsupported_architecture(tmp_path, arch):
+    cfg = {**BABY_DEFAULTS["llama"], "tie_word_embeddings": True}
+    src = write_gguf(tmp_path / f"{arch}.gguf", cfg, random_weights(cfg), arch=arch)
+    _assert_clean_failure(tmp_path, src, f"architecture {arch} is not supported.*llama")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    cfg = {**BABY_DEFAULTS["llama"], "tie_word_embeddings": True}
+    weights = random_weights(cfg)
+    src = write_gguf(tmp_path / "i32.gguf", cfg, weights)
+    # rewrite with one norm stored as I32 (a type no decoder handles)
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name == "blk.0.attn_norm.weight":
+            w.add_tensor(t.name, data.astype(np.int32))
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type if data.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_clean_failure(tmp_path, tmp_path / "bad.gguf", "blk.0.attn_norm.weight has GGUF type I32")
