@@ -1,0 +1,102 @@
+"""The `mixcli` command: thin Typer commands that parse, call the library, and render.
+
+Every command reports a problem as one line on stderr, ``error: <what> (<what to do>)``, and exits
+with a code from mixcli.errors: 1 for a model/checkpoint/file problem, 2 for bad usage, 130 for
+Ctrl-C. A Python traceback appears only with ``--debug``. Heavy modules are imported inside the
+commands so ``mixcli --help`` and the first token come quickly.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MixcliError
+
+app = typer.Typer(
+    name="mixcli",
+    help="Run Mixtral-class Mixture-of-Experts models on a CPU from 4-bit memory-mapped weights.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_DEBUG = False
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+):
+    """mixcli: exit codes are 0 ok, 1 model/file error, 2 bad usage, 130 interrupted."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _register() -> None:
+    from .commands.convert import convert_command
+    from .commands.generate import generate_command
+    from .commands.models import models_command, pull_command
+
+    app.command("convert", help=convert_command.__doc__)(convert_command)
+    app.command("models")(models_command)
+    app.command("pull")(pull_command)
+    app.command("generate")(generate_command)
+    from .commands.bench import bench_command, perplexity_command
+
+    app.command("bench")(bench_command)
+    app.command("perplexity")(perplexity_command)
+    try:
+        from .commands.chat import chat_command
+    except ImportError:
+        pass
+    else:
+        app.command("chat")(chat_command)
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"error: {msg}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turn known failures into one line and an exit code."""
+    import click
+
+    global _DEBUG
+    args = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG = "--debug" in args
+    args = [a for a in args if a != "--debug"]  # accepted anywhere on the line
+    _register()
+    try:
+        rv = app(args=args, standalone_mode=False, prog_name="mixcli")
+        code = rv if isinstance(rv, int) else 0
+    except MixcliError as exc:
+        if _DEBUG:
+            raise
+        _err(str(exc))
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        _err("interrupted")
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if _DEBUG:
+            raise
+        _err("interrupted")
+        code = EXIT_INTERRUPTED
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code if exc.exit_code else EXIT_USAGE
+    except BrokenPipeError:
+        code = 0  # `mixcli generate ... | head`: the reader left, which is not an error
+    sys.stdout.flush() if not sys.stdout.closed else None
+    return code
+
+
+def entry() -> None:
+    sys.exit(main())

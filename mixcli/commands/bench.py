@@ -1,0 +1,110 @@
+"""`mixcli bench` and `mixcli perplexity`: speed and quality, measured as llama.cpp measures them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import MixcliError, UsageError
+from .generate import ModelArg
+
+
+def _threads_list(spec: str) -> list[int]:
+    try:
+        out = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--threads takes a comma-separated list of counts, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise UsageError(f"--threads needs counts >= 1, got {spec!r}")
+    return out
+
+
+def bench_command(
+    model: ModelArg = None,
+    pp: Annotated[int, typer.Option("--pp", "-p", help="Prompt tokens per prompt-processing test (0: skip).")] = 512,
+    tg: Annotated[int, typer.Option("--tg", "-n", help="Tokens per generation test (0: skip).")] = 128,
+    reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
+    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2.")] = "",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+):
+    """Measure prompt processing (ppN) and generation (tgM) speed, llama-bench's way: mean and
+    standard deviation over --reps runs, for each thread count."""
+    from ..bench import run_bench
+    from ..model import physical_cores
+    from ..runtime import load_runtime_model
+
+    if reps < 1:
+        raise UsageError(f"--reps must be >= 1, got {reps}")
+    if pp < 0 or tg < 0:
+        raise UsageError("--pp and --tg must be >= 0")
+    counts = _threads_list(threads) if threads else [physical_cores()]
+    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory,
+                                 notify=lambda s: print(s, file=sys.stderr))
+    rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
+    if as_json:
+        print(json.dumps({"model": str(path), "results": [r.to_dict() for r in rows]}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = m.config
+    t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
+                    f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}")
+    for c in ("test", "threads", "tokens/s", "± std", "reps"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r.test, str(r.threads), f"{r.mean_tps:.2f}", f"{r.std_tps:.2f}", str(r.reps))
+    Console().print(t)
+
+
+def perplexity_command(
+    model: Annotated[str, typer.Argument(help="Converted model directory or registry name.")],
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default: physical cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Perplexity of a text, by llama.cpp's method: the text is tokenized (with BOS) and cut into
+    chunks of --ctx tokens; each chunk starts from an empty cache with its first token replaced by
+    BOS, and only its second half is scored, so every scored token sees at least ctx/2 tokens.
+    PPL = exp(mean negative log-likelihood), shown with llama.cpp's standard error."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..perplexity import perplexity
+    from ..runtime import load_runtime
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MixcliError(f"text file {file} does not exist", "check the path") from None
+    except UnicodeDecodeError:
+        raise MixcliError(f"{file} is not UTF-8 text", "convert it to UTF-8") from None
+    except OSError as exc:
+        raise MixcliError(f"cannot read {file}: {exc.strerror}") from None
+    rt = load_runtime(model, ctx=ctx, threads=threads, notify=lambda s: print(s, file=sys.stderr))
+    tok = rt.tokenizer
+    ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
+    if chunks is not None:
+        ids = ids[: ctx * max(chunks, 1)]
+    with Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
+                  TimeRemainingColumn(), console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task("ppl", total=max(len(ids) // ctx, 1))
+        res = perplexity(rt.model, ids, ctx, tok.bos_id if rt.add_bos else None,
+                         progress=lambda d, n: bar.update(task, completed=d))
+    if as_json:
+        print(json.dumps({"model": rt.name, "file": str(file), "ppl": res.ppl, "stderr": res.stderr,
+                          "chunks": res.n_chunks, "scored_tokens": res.n_scored, "ctx": res.ctx}))
+    else:
+        print(f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.n_chunks} chunks of {ctx} tokens, "
+              f"{res.n_scored} scored)")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,138 @@
+"""`mixcli generate`: for shell scripts. Only the generated text (or one JSON object) goes to
+stdout; notices, progress and statistics go to stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError
+
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Converted model directory or registry name (default: the default model)."),
+]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context size in tokens (default 4096, at most the model's).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default: physical cores).")]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
+]
+
+
+def read_prompt(prompt: str) -> str:
+    """The --prompt value, or all of stdin for '-'."""
+    if prompt != "-":
+        return prompt
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError("--prompt - reads stdin, but stdin is closed", "pipe text in or pass --prompt TEXT")
+    try:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    except (OSError, ValueError):
+        raise UsageError("--prompt - could not read stdin", "pipe text in or pass --prompt TEXT") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"stdin is not UTF-8 (byte {exc.start})", "convert the input to UTF-8, e.g. with iconv") from None
+
+
+def sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed):
+    """Flags left unset take SamplerConfig's defaults (the one place defaults are written)."""
+    from ..sampling import SamplerConfig
+
+    given = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+             "repeat_penalty": repeat_penalty, "seed": seed}
+    cfg = SamplerConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg.validate()
+    return cfg
+
+
+def generate_command(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text, or - to read stdin.")] = ...,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 is off (the default).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly reproducible sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable; not printed).")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, finish_reason, usage, timings.")] = False,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt that does not fit the context.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert statistics to stderr.")] = False,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    max_memory: MaxMemoryOpt = None,
+):
+    """Generate text from a prompt: the text on stdout, everything else on stderr."""
+    from ..generate import generate
+    from ..runtime import load_runtime
+    from ..sampling import make_sampler
+
+    if max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0, got {max_tokens}")
+    cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    text = read_prompt(prompt)
+    if not text.strip():
+        raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
+    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, notify=notify)
+    use_chat = (rt.template is not None) if chat is None else chat
+    if system and not use_chat:
+        raise UsageError("--system needs chat mode", "drop --raw, or put the system text in the prompt")
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        tokens, notice = rt.chat_prompt(messages)
+        if notice:
+            notify(f"note: {notice}")
+    else:
+        tokens = rt.raw_prompt(text)
+    ctx_n = rt.model.ctx
+    if len(tokens) >= ctx_n:
+        if not truncate:
+            raise UsageError(
+                f"the prompt is {len(tokens)} tokens, the context holds {ctx_n}",
+                "raise --ctx, shorten the prompt, or pass --truncate",
+            )
+        keep = ctx_n - max(1, min(max_tokens, ctx_n // 2))
+        head = tokens[:1] if rt.tokenizer.bos_id is not None and tokens[0] == rt.tokenizer.bos_id else []
+        tokens = head + tokens[len(tokens) - (keep - len(head)):]
+        notify(f"note: prompt truncated to its last {len(tokens)} tokens to fit the context of {ctx_n}")
+
+    sampler = make_sampler(cfg)
+    out = []
+    final = None
+    for resp in generate(rt.model, rt.tokenizer, tokens, sampler, max_tokens=max_tokens, stop=stop or ()):
+        if resp.text:
+            if as_json:
+                out.append(resp.text)
+            else:
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+        final = resp
+    st = final.stats
+    if as_json:
+        obj = {
+            "model": rt.name,
+            "text": "".join(out),
+            "finish_reason": final.finish_reason,
+            "usage": {
+                "prompt_tokens": st.prompt_tokens,
+                "completion_tokens": st.completion_tokens,
+                "total_tokens": st.prompt_tokens + st.completion_tokens,
+            },
+            "timings": st.to_dict(),
+        }
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    elif sys.stdout.isatty():
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        from ..ui import format_stats
+
+        notify(format_stats(rt.model, st))

@@ -1,0 +1,79 @@
+"""What `generate` and `chat` share: resolve a model argument, load the model and its tokenizer,
+and turn text (or a conversation) into prompt tokens with the model's own chat template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MixcliError
+
+
+@dataclass
+class Runtime:
+    path: Path
+    model: object  # mixcli.model.Model
+    tokenizer: object  # mixcli.tokenizer.Tokenizer
+    template: str | None  # Jinja chat template text, or None for a base model without one
+    add_bos: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], str | None]:
+        """Conversation -> prompt tokens ending in the assistant's turn, plus a notice (e.g. the
+        system message was folded into the first user turn because the template rejects it)."""
+        from .chat_template import render_conversation
+
+        if self.template is None:
+            raise MixcliError(f"{self.name} has no chat template", "use --raw for a base model")
+        tok = self.tokenizer
+        text, notice = render_conversation(
+            self.template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True
+        )
+        return tok.encode(text, add_bos=False, parse_special=True), notice
+
+    def raw_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=self.add_bos, parse_special=False)
+
+
+def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
+                 max_memory: str | None = None, notify=None) -> Runtime:
+    from .chat_template import FALLBACK_TEMPLATES
+    from .tokenizer import load_tokenizer
+
+    model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, notify=notify)
+    info = model.store.tokenizer_info
+    if not info:
+        raise MixcliError(f"{path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
+    tokenizer = load_tokenizer(path, info)
+    template = info.get("chat_template") or FALLBACK_TEMPLATES.get(info.get("template_family") or "")
+    return Runtime(path, model, tokenizer, template, bool(info.get("add_bos", False)))
+
+
+def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
+                       max_memory: str | None = None, notify=None):
+    """The model alone (no tokenizer), for benchmarks: (Model, path)."""
+    from .model import Model
+    from .registry import resolve_model
+    from .store import open_model_dir
+
+    def _pull(entry):
+        from .pull import pull_model
+
+        return pull_model(entry, notify=notify)
+
+    path = resolve_model(model_arg, pull=_pull, notify=notify)
+    store = open_model_dir(path)
+    return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory)), path
+
+
+def expert_provider(store, max_memory: str | None):
+    """None (plain memory map) unless a --max-memory budget asks for the expert cache."""
+    if not max_memory:
+        return None
+    from .expert_cache import make_expert_provider
+    from .memsize import parse_size
+    from .model import _kernel_module
+
+    return make_expert_provider(store, _kernel_module(), parse_size(max_memory))
