@@ -49,6 +49,9 @@ def _register() -> None:
 
     app.command("bench")(bench_command)
     app.command("perplexity")(perplexity_command)
+    from .commands.experts import experts_command
+
+    app.command("experts")(experts_command)
     try:
         from .commands.chat import chat_command
     except ImportError:
@@ -62,10 +65,26 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """Typer >= 0.20 raises its own bundled copy of click's exceptions; older ones raise click's."""
+    found = []
+    try:
+        from typer._click.exceptions import ClickException as Bundled
+
+        found.append(Bundled)
+    except ImportError:
+        pass
+    try:
+        from click import ClickException
+
+        found.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn known failures into one line and an exit code."""
-    import click
-
     global _DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in args
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _err(str(exc))
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         _err("interrupted")
         code = EXIT_INTERRUPTED
     except KeyboardInterrupt:
@@ -87,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _err("interrupted")
         code = EXIT_INTERRUPTED
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except _click_exceptions() as exc:
         exc.show()
         code = exc.exit_code if exc.exit_code else EXIT_USAGE
     except BrokenPipeError:
