@@ -59,7 +59,7 @@ def main() -> None:
     shapes = [(14336, 4096)] if a.quick else [(14336, 4096), (4096, 14336)]
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
     rows = []
-    print(f"numba {numba.__version__}, int8 activations: {kernels.ACT_INT8}, threads available {numba.config.NUMBA_NUM_THREADS}")
+    print(f"numba {numba.__version__}, activation mode: {kernels.ACT_MODE}, threads available {numba.config.NUMBA_NUM_THREADS}")
     for qtype in ("q4_0", "q4_1", "q8_0", "f16"):
         for n, k in shapes:
             one = _parts(qtype, n, k, rng)

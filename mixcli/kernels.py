@@ -5,14 +5,21 @@ exist to keep the vector units ahead of memory. What makes them fast (measured, 
 benchmarks/matvec.py):
 
 - **int8 activations, integer dot.** As llama.cpp does for Q4_0/Q4_1/Q8_0, x is quantized once
-  per call to int8 with one f32 scale per block of 32 (``quantize_act``), and each block is an
-  unsigned-by-signed byte dot (``vpdpbusd``, AVX-512 VNNI) into eight int32 lanes, converted to f32
-  and scaled once per block. The nibbles stay unsigned 0..15 and the ``-8`` of Q4_0 (the ``+128``
-  that makes Q8_0 bytes unsigned) is folded out of the inner loop: ``8 * d_w * d_x * sum(xq)`` is
-  subtracted once per block, with ``d_x * sum(xq)`` precomputed per block. The extra error is
-  int8 rounding of x, about 0.4% of a block's largest |x|, an order of magnitude under Q4's own.
-  Decode (``matvec``) and prefill (``matmul``) quantize x the same way, so a cached incremental
-  run equals a full forward pass to float rounding.
+  per call to int8 with one f32 scale per block of 32 (``quantize_act_levels``), and each block is
+  an unsigned-by-signed byte dot (``vpdpbusd``, AVX-512 VNNI) into eight int32 lanes, converted to
+  f32 and scaled once per block. The nibbles stay unsigned 0..15 and the ``-8`` of Q4_0 (the
+  ``+128`` that makes Q8_0 bytes unsigned) is folded out of the inner loop: ``8 * d_w * d_x *
+  sum(xq)`` is subtracted once per block, with ``d_x * sum(xq)`` precomputed per block.
+- **Two activation levels by default.** One int8 level rounds x to 1/254 of its block's largest
+  |x|. That is llama.cpp's arithmetic, and it is not harmless: over SmolLM2-135M's 30 layers it
+  moves logits by ~3.6% of their range, and greedy answers change (llama.cpp and one-level mixcli
+  both answer "What is the capital of France?" with French nonsense). The default
+  ``ACT_MODE = "int8x2"`` adds a second int8 level that rounds the first level's residual, so x
+  is kept to 1/254^2 of the block maximum (logits within ~1e-4 of the f32 product) at the cost of
+  a second byte dot per weight block; the weights are still read once, so decode, which is bound
+  by memory, slows less than prefill. ``MIXCLI_ACT=int8`` (or ``set_activation_mode``) selects
+  the one-level llama.cpp arithmetic. Decode (``matvec``) and prefill (``matmul``) quantize x the
+  same way, so a cached incremental run equals a full forward pass to float rounding.
 - **Several output rows per step**, sharing each loaded activation block, with per-lane vector
   accumulators that are reduced once per row (not once per block), and a software prefetch a few
   cache lines ahead in each row stream. ``prange`` runs over groups of rows.
@@ -22,7 +29,7 @@ benchmarks/matvec.py):
   viewed as uint16 and widen with ``fpext half`` (``vcvtph2ps``).
 
 Hosts without AVX-512 VNNI (or with ``NUMBA_CPU_NAME`` set, as for portable caches) get the
-``*_f32act`` kernels, which keep x in f32: same API, exact to float rounding, slower.
+``*_f32act`` kernels (``ACT_MODE = "f32"``), which keep x in f32: same API, exact, slower.
 
 Every public function writes into a preallocated ``out`` and allocates nothing per call once
 warm: the activation scratch (int8 x and its per-block scales and sums) lives in thread-local
@@ -34,6 +41,7 @@ E experts, F FFN width.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import llvmlite.binding as _llvm
@@ -226,17 +234,24 @@ def _make_tile(kind: str, nrows: int, ntoks: int, with_corr: bool):
 _mv_tile = {kd: _make_tile(kd, ROWS, 1, True) for kd in ("q4_0", "q4_1", "q8_0")}
 _mm_tile = {kd: _make_tile(kd, MM_ROWS, MM_TOKS, False) for kd in ("q4_0", "q4_1", "q8_0")}
 _mv_q4_0_tile, _mv_q4_1_tile, _mv_q8_0_tile = _mv_tile["q4_0"], _mv_tile["q4_1"], _mv_tile["q8_0"]
+# decode with two activation levels: both levels ride one pass over the weights (2 virtual tokens)
+_mv2_tile = {kd: _make_tile(kd, ROWS, 2, True) for kd in ("q4_0", "q4_1", "q8_0")}
+_mv2_q4_0_tile, _mv2_q4_1_tile, _mv2_q8_0_tile = _mv2_tile["q4_0"], _mv2_tile["q4_1"], _mv2_tile["q8_0"]
 _mm_q4_0_tile, _mm_q4_1_tile, _mm_q8_0_tile = _mm_tile["q4_0"], _mm_tile["q4_1"], _mm_tile["q8_0"]
 
 
 # ---------------------------------------------------------------------------------------------
 # activation quantization (llama.cpp's Q8_0 rounding: d = amax / 127, q = round(x / d))
 @njit(**_JIT)
-def quantize_act(x, xq, xdx, xsq, xsum):
-    """x [T, K] f32 -> xq [T, K] int8, xdx [T, NB] block scales, xsq [T, NB] = xdx * sum(xq),
-    xsum [T, NB] = sum(x) per block (exact; kept for callers, the tiles use xsq)."""
+def quantize_act_levels(x, levels, xq, xdx, xsq, xsum, xsqt):
+    """x [T, K] f32 -> ``levels`` int8 blocks per token, as virtual tokens v = t * levels + l:
+    level 0 rounds x by llama.cpp's Q8 rule (d = amax / 127, q = round(x / d)), level 1 rounds what level 0 left over, so
+    x = sum_l xdx[v] * xq[v] to within 1/(2 * 127 * 254) of the block's largest |x| instead of
+    1/254. xq [T*L, K] int8; xdx, xsq, xsum [T*L, NB] (xsum: sum(x) on level 0, 0 after);
+    xsqt [T, NB] = sum over levels of xsq (the per-block offset terms are linear in x_hat)."""
     T, K = x.shape
     for t in range(T):
+        v0 = t * levels
         for b in range(K // QK):
             o = b * QK
             amax = np.float32(0.0)
@@ -250,52 +265,88 @@ def quantize_act(x, xq, xdx, xsq, xsum):
             qsum = 0
             for j in range(QK):
                 q = np.int32(np.rint(x[t, o + j] * inv))
-                xq[t, o + j] = q
+                xq[v0, o + j] = q
                 qsum += q
-            xdx[t, b] = dx
-            xsq[t, b] = dx * np.float32(qsum)
-            xsum[t, b] = s
+            xdx[v0, b] = dx
+            xsq[v0, b] = dx * np.float32(qsum)
+            xsum[v0, b] = s
+            tot = dx * np.float32(qsum)
+            if levels == 2:
+                v1 = v0 + 1
+                rmax = np.float32(0.0)
+                for j in range(QK):
+                    rmax = max(rmax, abs(x[t, o + j] - dx * np.float32(xq[v0, o + j])))
+                dr = rmax / np.float32(127.0)
+                rinv = np.float32(1.0) / dr if rmax > 0 else np.float32(0.0)
+                rsum = 0
+                for j in range(QK):
+                    q = np.int32(np.rint((x[t, o + j] - dx * np.float32(xq[v0, o + j])) * rinv))
+                    xq[v1, o + j] = q
+                    rsum += q
+                xdx[v1, b] = dr
+                xsq[v1, b] = dr * np.float32(rsum)
+                xsum[v1, b] = np.float32(0.0)
+                tot += dr * np.float32(rsum)
+            xsqt[t, b] = tot
 
 
 # One driver per type, written out: numba's cache keys a function by its name and line, so
 # drivers made by a factory would share cache entries.
 @njit(**_PJIT)
-def _mv_q4_0(qs, d, m, x, xq, xdx, xsq, xsum, out):
-    # x [K]; scratch [1, K] / [1, NB]; out [N]
-    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+def _mv_q4_0(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # x [K]; scratch [L, K] / [L, NB]; out [N]
+    quantize_act_levels(x.reshape(1, x.shape[0]), levels, xq, xdx, xsq, xsum, xsqt)
     n = out.shape[0]
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
-        res = _mv_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-        for i in range(ROWS):
-            if r + i < n:
-                out[r + i] = res[i]
+        if levels == 1:
+            res = _mv_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res[i]
+        else:
+            res2 = _mv2_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res2[i] + res2[ROWS + i]
 
 
 @njit(**_PJIT)
-def _mv_q4_1(qs, d, m, x, xq, xdx, xsq, xsum, out):
-    # x [K]; scratch [1, K] / [1, NB]; out [N]
-    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+def _mv_q4_1(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # x [K]; scratch [L, K] / [L, NB]; out [N]
+    quantize_act_levels(x.reshape(1, x.shape[0]), levels, xq, xdx, xsq, xsum, xsqt)
     n = out.shape[0]
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
-        res = _mv_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-        for i in range(ROWS):
-            if r + i < n:
-                out[r + i] = res[i]
+        if levels == 1:
+            res = _mv_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res[i]
+        else:
+            res2 = _mv2_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res2[i] + res2[ROWS + i]
 
 
 @njit(**_PJIT)
-def _mv_q8_0(qs, d, m, x, xq, xdx, xsq, xsum, out):
-    # x [K]; scratch [1, K] / [1, NB]; out [N]
-    quantize_act(x.reshape(1, x.shape[0]), xq, xdx, xsq, xsum)
+def _mv_q8_0(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # x [K]; scratch [L, K] / [L, NB]; out [N]
+    quantize_act_levels(x.reshape(1, x.shape[0]), levels, xq, xdx, xsq, xsum, xsqt)
     n = out.shape[0]
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
-        res = _mv_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-        for i in range(ROWS):
-            if r + i < n:
-                out[r + i] = res[i]
+        if levels == 1:
+            res = _mv_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res[i]
+        else:
+            res2 = _mv2_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
+            for i in range(ROWS):
+                if r + i < n:
+                    out[r + i] = res2[i] + res2[ROWS + i]
 
 
 @njit(**_JIT)
@@ -312,60 +363,75 @@ def _block_offsets(dm, r, xsq, c, out):
 # Prefill: row groups outer (parallel), token tiles inner, so a group's weight bytes stay in L1
 # while every token passes over them and each block is unpacked once per 4 tokens.
 @njit(**_PJIT)
-def _mm_q4_0(qs, d, m, X, xq, xdx, xsq, xsum, out):
-    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
-    quantize_act(X, xq, xdx, xsq, xsum)
+def _mm_q4_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
+    quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
     T, n = out.shape
+    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
     for g in prange((n + MM_ROWS - 1) // MM_ROWS):
         r = g * MM_ROWS
-        for t0 in range(0, T, MM_TOKS):
-            res = _mm_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
-            for j in range(MM_TOKS):
-                if t0 + j < T:
+        for t0 in range(0, V, MM_TOKS):
+            res = _mm_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
+            for j in range(0, MM_TOKS, levels):
+                if t0 + j < V:
+                    t = (t0 + j) // levels
                     for i in range(MM_ROWS):
                         if r + i < n:
-                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+                            acc = res[j * MM_ROWS + i]
+                            if levels == 2:
+                                acc += res[(j + 1) * MM_ROWS + i]
+                            out[t, r + i] = acc
         for i in range(MM_ROWS):
             if r + i < n:
-                _block_offsets(d, r + i, xsq, np.float32(-8.0), out[:, r + i])
+                _block_offsets(d, r + i, xsqt, np.float32(-8.0), out[:, r + i])
 
 
 @njit(**_PJIT)
-def _mm_q4_1(qs, d, m, X, xq, xdx, xsq, xsum, out):
-    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
-    quantize_act(X, xq, xdx, xsq, xsum)
+def _mm_q4_1(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
+    quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
     T, n = out.shape
+    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
     for g in prange((n + MM_ROWS - 1) // MM_ROWS):
         r = g * MM_ROWS
-        for t0 in range(0, T, MM_TOKS):
-            res = _mm_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
-            for j in range(MM_TOKS):
-                if t0 + j < T:
+        for t0 in range(0, V, MM_TOKS):
+            res = _mm_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
+            for j in range(0, MM_TOKS, levels):
+                if t0 + j < V:
+                    t = (t0 + j) // levels
                     for i in range(MM_ROWS):
                         if r + i < n:
-                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+                            acc = res[j * MM_ROWS + i]
+                            if levels == 2:
+                                acc += res[(j + 1) * MM_ROWS + i]
+                            out[t, r + i] = acc
         for i in range(MM_ROWS):
             if r + i < n:
-                _block_offsets(m, r + i, xsq, np.float32(1.0), out[:, r + i])
+                _block_offsets(m, r + i, xsqt, np.float32(1.0), out[:, r + i])
 
 
 @njit(**_PJIT)
-def _mm_q8_0(qs, d, m, X, xq, xdx, xsq, xsum, out):
-    # X [T, K]; scratch [T, K] / [T, NB]; out [T, N]
-    quantize_act(X, xq, xdx, xsq, xsum)
+def _mm_q8_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
+    quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
     T, n = out.shape
+    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
     for g in prange((n + MM_ROWS - 1) // MM_ROWS):
         r = g * MM_ROWS
-        for t0 in range(0, T, MM_TOKS):
-            res = _mm_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, T)
-            for j in range(MM_TOKS):
-                if t0 + j < T:
+        for t0 in range(0, V, MM_TOKS):
+            res = _mm_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
+            for j in range(0, MM_TOKS, levels):
+                if t0 + j < V:
+                    t = (t0 + j) // levels
                     for i in range(MM_ROWS):
                         if r + i < n:
-                            out[t0 + j, r + i] = res[j * MM_ROWS + i]
+                            acc = res[j * MM_ROWS + i]
+                            if levels == 2:
+                                acc += res[(j + 1) * MM_ROWS + i]
+                            out[t, r + i] = acc
         for i in range(MM_ROWS):
             if r + i < n:
-                _block_offsets(d, r + i, xsq, np.float32(-128.0), out[:, r + i])
+                _block_offsets(d, r + i, xsqt, np.float32(-128.0), out[:, r + i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,13 +598,16 @@ def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 def _act(t: int, k: int):
-    """(xq [T, K] int8, xdx, xsq, xsum [T, NB] f32) thread-local scratch."""
-    nb = k // QK
+    """(levels, xq [T*L, K] int8, xdx, xsq, xsum [T*L, NB] f32, xsqt [T, NB] f32) thread-local
+    scratch for the current ``ACT_LEVELS``."""
+    nb, lv = k // QK, ACT_LEVELS
     return (
-        _scratch("xq", (t, k), np.int8),
-        _scratch("xdx", (t, nb), np.float32),
-        _scratch("xsq", (t, nb), np.float32),
-        _scratch("xsum", (t, nb), np.float32),
+        lv,
+        _scratch("xq", (t * lv, k), np.int8),
+        _scratch("xdx", (t * lv, nb), np.float32),
+        _scratch("xsq", (t * lv, nb), np.float32),
+        _scratch("xsum", (t * lv, nb), np.float32),
+        _scratch("xsqt", (t, nb), np.float32),
     )
 
 
@@ -606,22 +675,34 @@ def _matmul_q8_0_q8act(qs, d, X, out):
     _mm_q8_0(qs, d, d, X, *_act(*X.shape), out)
 
 
-# The public quantized kernels: int8 activations where the host has VNNI, f32 otherwise.
-if HAS_VNNI:
-    matvec_q4_0 = _matvec_q4_0_q8act
-    matvec_q4_1 = _matvec_q4_1_q8act
-    matvec_q8_0 = _matvec_q8_0_q8act
-    matmul_q4_0 = _matmul_q4_0_q8act
-    matmul_q4_1 = _matmul_q4_1_q8act
-    matmul_q8_0 = _matmul_q8_0_q8act
-else:
-    matvec_q4_0 = matvec_q4_0_f32act
-    matvec_q4_1 = matvec_q4_1_f32act
-    matvec_q8_0 = matvec_q8_0_f32act
-    matmul_q4_0 = matmul_q4_0_f32act
-    matmul_q4_1 = matmul_q4_1_f32act
-    matmul_q8_0 = matmul_q8_0_f32act
-ACT_INT8 = HAS_VNNI  # whether the quantized kernels round x to int8 blocks (see module doc)
+# The public quantized kernels, chosen by activation mode (``set_activation_mode``):
+#   "int8x2" (default with VNNI): two int8 levels per block, x kept to ~1/64516 of its block
+#            maximum; exact enough that greedy decoding follows transformers token for token.
+#   "int8":  one level, llama.cpp's Q8 activation rounding: fastest, but on small models the
+#            0.4% rounding compounds over layers (SmolLM2-135M's greedy answers change).
+#   "f32":   x in f32 (hosts without VNNI): exact, slower.
+ACT_MODES = ("int8x2", "int8", "f32")
+_QNAMES = ("matvec_q4_0", "matvec_q4_1", "matvec_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_q8_0")
+
+
+def set_activation_mode(mode: str | None = None) -> str:
+    """Rebind the public quantized kernels for ``mode`` (None: $MIXCLI_ACT, else the default).
+    Takes effect for models loaded afterwards (a ``Linear`` binds its kernel when built)."""
+    global ACT_MODE, ACT_LEVELS, ACT_INT8
+    mode = mode or os.environ.get("MIXCLI_ACT") or ("int8x2" if HAS_VNNI else "f32")
+    if mode not in ACT_MODES:
+        raise ValueError(f"activation mode {mode!r} is not one of {', '.join(ACT_MODES)}")
+    if mode != "f32" and not HAS_VNNI:
+        mode = "f32"  # the int8 paths need AVX-512 VNNI
+    ACT_MODE, ACT_LEVELS, ACT_INT8 = mode, (2 if mode == "int8x2" else 1), mode != "f32"
+    g = globals()
+    for name in _QNAMES:
+        g[name] = g[f"_{name}_q8act"] if ACT_INT8 else g[f"{name}_f32act"]
+    return mode
+
+
+ACT_MODE, ACT_LEVELS, ACT_INT8 = "f32", 1, False
+set_activation_mode()
 
 
 def matvec_f16(w, x, out):

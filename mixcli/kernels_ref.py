@@ -3,8 +3,8 @@
 They are the reference the numba kernels are tested against and, with MIXCLI_KERNELS=ref, a
 whole-model reference. Weights are dequantized with ``quant.q4`` (itself bit-exact with the gguf
 package) and multiplied in f32 with x kept in f32, so the twins carry no activation rounding;
-``quantize_act`` is the twin of the int8 activation rounding the fast kernels apply (see
-``kernels.ACT_INT8``), for tests that want to isolate it.
+``quantize_act`` and ``quantize_act_levels`` are the twins of the int8 activation rounding the
+fast kernels apply (see ``kernels.ACT_MODE``), for tests that want to isolate it.
 
 Shapes use the dimension letters: N output rows, K input columns, NB = K / 32 blocks, T tokens,
 H / KVH heads, HD head dim, S cache positions, E experts.
@@ -82,6 +82,35 @@ def quantize_act(x, xq, xdx, xsq, xsum):
     xdx[:] = dx
     xsq[:] = dx * q.sum(axis=2, dtype=np.int32).astype(np.float32)
     xsum[:] = xb.sum(axis=2)
+
+
+def quantize_act_levels(x, levels, xq, xdx, xsq, xsum, xsqt):
+    """x [T, K] -> virtual tokens v = t * levels + l: level 0 is ``quantize_act`` of x, level 1
+    ``quantize_act`` of the f32 residual x - xdx * xq; xsqt [T, NB] sums xsq over the levels."""
+    T, K = x.shape
+    NB = K // QK
+    r = np.asarray(x, np.float32).copy()
+    xsum_all = np.asarray(x, np.float32).reshape(T, NB, QK).sum(axis=2)
+    for level in range(levels):
+        q, dx, sq, _ = (np.empty((T, K), np.int8),) + tuple(np.empty((T, NB), np.float32) for _ in range(3))
+        quantize_act(r, q, dx, sq, _)
+        xq[level::levels] = q
+        xdx[level::levels] = dx
+        xsq[level::levels] = sq
+        xsum[level::levels] = xsum_all if level == 0 else 0.0
+        r = (r.reshape(T, NB, QK) - dx[:, :, None] * q.reshape(T, NB, QK).astype(np.float32)).reshape(T, K)
+    xsqt[:] = xsq.reshape(T, levels, NB).sum(axis=1)
+
+
+def act_hat(x, levels):
+    """x [T, K] as the int8 kernels see it: sum over levels of xq * xdx per block."""
+    T, K = x.shape
+    NB = K // QK
+    xq = np.empty((T * levels, K), np.int8)
+    xdx, xsq, xsum = (np.empty((T * levels, NB), np.float32) for _ in range(3))
+    quantize_act_levels(x, levels, xq, xdx, xsq, xsum, np.empty((T, NB), np.float32))
+    hat = xq.reshape(T * levels, NB, QK).astype(np.float32) * xdx[:, :, None]
+    return hat.reshape(T, levels, K).sum(axis=1)
 
 
 # ---- embedding rows -----------------------------------------------------------------------------

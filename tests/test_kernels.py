@@ -3,9 +3,9 @@ own semantics against independent references: torch for routing, direct transcri
 Hugging Face's rotate_half RoPE and of causal softmax attention with GQA.
 
 The fast quantized kernels round activations to int8 blocks where the host has VNNI
-(``kernels.ACT_INT8``); they are checked two ways: against the twin fed the same int8
-activations (tight, float rounding only) and against the exact f32 product within the rigorous
-bound that rounding implies.
+(``kernels.ACT_MODE``: two levels by default, one as llama.cpp does); they are checked in every
+mode two ways: against the twin fed the same int8 activations (tight, float rounding only) and
+against the exact f32 product within the rigorous bound that rounding implies.
 """
 from __future__ import annotations
 
@@ -42,12 +42,8 @@ def _dense(qtype, args):
 
 
 def _act_hat(X):
-    """X [T, K] as the int8 kernels see it: xq * dx per block, by the numpy twin of quantize_act."""
-    T, k = X.shape
-    xq, dx = np.empty((T, k), np.int8), np.empty((T, k // 32), np.float32)
-    xs, xsum = np.empty_like(dx), np.empty_like(dx)
-    R.quantize_act(X, xq, dx, xs, xsum)
-    return (xq.reshape(T, -1, 32) * dx[:, :, None]).reshape(T, k).astype(np.float32)
+    """X [T, K] as the int8 kernels see it, by the numpy twin of their activation rounding."""
+    return R.act_hat(X, K.ACT_LEVELS)
 
 
 def _act_bound(w, X):
@@ -58,10 +54,18 @@ def _act_bound(w, X):
 QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
 
 
+@pytest.fixture(params=["int8x2", "int8", "f32"])
+def act_mode(request):
+    """Run a test under each activation mode, restoring the default afterwards."""
+    K.set_activation_mode(request.param)  # without VNNI every mode falls back to f32
+    yield request.param
+    K.set_activation_mode()
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("n,k", QSHAPES)
 @pytest.mark.parametrize("t", [1, 3, 6])
-def test_quantized_matmul_and_matvec(qtype, n, k, t):
+def test_quantized_matmul_and_matvec(qtype, n, k, t, act_mode):
     args = _matrix(qtype, n, k, seed=n * 1000 + k)
     X = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
     w = _dense(qtype, args)
@@ -106,15 +110,25 @@ def test_float_matmul_and_matvec(qtype, n, k):
     _close(one, want[1])
 
 
-def test_quantize_act_matches_twin():
-    X = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
+@pytest.mark.parametrize("levels", [1, 2])
+def test_quantize_act_levels_matches_twin(levels):
+    X = np.random.default_rng(levels).standard_normal((3, 96)).astype(np.float32) * 5
     X[1, :32] = 0.0  # an all-zero block
-    bufs = [(np.empty((3, 96), np.int8),) + tuple(np.empty((3, 3), np.float32) for _ in range(3)) for _ in range(2)]
-    K.quantize_act(X, *bufs[0])
-    R.quantize_act(X, *bufs[1])
+    X[2, 40] = 300.0  # an outlier that coarsens its block's first level
+    bufs = [
+        (np.empty((3 * levels, 96), np.int8),) + tuple(np.empty((3 * levels, 3), np.float32) for _ in range(3))
+        + (np.empty((3, 3), np.float32),)
+        for _ in range(2)
+    ]
+    K.quantize_act_levels(X, levels, *bufs[0])
+    R.quantize_act_levels(X, levels, *bufs[1])
     np.testing.assert_array_equal(bufs[0][0], bufs[1][0])
     for a, b in zip(bufs[0][1:], bufs[1][1:]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # the rounding bound each level count promises: amax/254 for one level, amax/254^2 for two
+    amax = np.abs(X.reshape(3, 3, 32)).max(axis=2, keepdims=True)
+    err = np.abs((X - R.act_hat(X, levels)).reshape(3, 3, 32))
+    assert np.all(err <= amax / 254.0**levels * 1.01 + 1e-6)
 
 
 @pytest.mark.parametrize("qtype", QTYPES + ("f16", "f32"))
