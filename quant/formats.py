@@ -12,6 +12,18 @@ tensor imports by copying bytes, and because llama.cpp's order suits SIMD: in ea
 weights, byte j holds weight j in its low nibble and weight j+16 in its high nibble, so one
 16-byte load feeds two contiguous 16-float activation runs.
 
+The default 4-bit type is q4_0 (symmetric, groups of 32, 4.5 bits/weight), chosen by
+measurement (``python benchmarks/quant_choice.py``; relative RMS weight error on random
+[1024, 4096] matrices, Gaussian / Student-t5):
+
+    symmetric  G=16 5.00 b/w 0.076 / 0.089    asymmetric G=32 5.00 b/w 0.078 / 0.090
+    symmetric  G=32 4.50 b/w 0.086 / 0.108    asymmetric G=64 4.50 b/w 0.090 / 0.110
+    symmetric  G=64 4.25 b/w 0.095 / 0.128
+
+At equal bits the symmetric rule with the smaller group wins, and G=32 keeps GGUF's blocks (an
+exact import, and decode reads 10% fewer bytes than q4_1). On the trained babies of the parity
+tests, q4_0 agrees with transformers on 96.9-100% of greedy tokens (q4_1: 98.4-100%).
+
 Dimension letters: N output rows, K input columns (the reduction axis), G quant group (32).
 """
 from __future__ import annotations
