@@ -91,7 +91,9 @@ def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
 
 def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
     """Per-element bound on |dequantize(quantize(w)) - w| for W [N, K]: half a step, plus fp16
-    rounding of the scale (relative 2**-11 of the largest value in the block)."""
+    rounding of the scale (relative 2**-11 of the largest value in the block), plus the absolute
+    error of a scale or min that goes subnormal in fp16 (below 6.1e-5; flushed to zero below
+    2**-25): up to 2**-25 times the largest code."""
     w = np.asarray(w, dtype=np.float32)
     if qtype == "f32":
         return np.zeros_like(w)
@@ -108,6 +110,7 @@ def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
     bound = step * 0.5 + amax * 2.0**-10 + 6e-8
     if qtype == "q4_0":
         bound = np.maximum(bound, amax / 8.0 + amax * 2.0**-10)
+    bound = bound + {"q8_0": 127, "q4_0": 8, "q4_1": 16}[qtype] * 2.0**-25
     return np.broadcast_to(bound, x.shape).reshape(w.shape)
 
 
