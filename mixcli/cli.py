@@ -33,7 +33,7 @@ def _root(
 ):
     """mixcli: exit codes are 0 ok, 1 model/file error, 2 bad usage, 130 interrupted."""
     global _DEBUG
-    _DEBUG = debug
+    _DEBUG = _DEBUG or debug  # main() strips --debug from anywhere on the line and sets it first
 
 
 def _register() -> None:
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=args, standalone_mode=False, prog_name="mixcli")
         code = rv if isinstance(rv, int) else 0
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a quiet return of 130
+            _err("interrupted")
     except MixcliError as exc:
         if _DEBUG:
             raise
@@ -108,9 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_INTERRUPTED
     except typer.Exit as exc:
         code = exc.exit_code
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a quiet Exit(130)
+            _err("interrupted")
     except _click_exceptions() as exc:
-        exc.show()
         code = exc.exit_code if exc.exit_code else EXIT_USAGE
+        if type(exc).__name__ == "NoArgsIsHelpError" or _DEBUG:
+            exc.show()  # bare `mixcli`: the help text
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path} --help" if ctx is not None else "mixcli --help"
+            _err(f"{exc.format_message()} (see '{where}')")
     except BrokenPipeError:
         code = 0  # `mixcli generate ... | head`: the reader left, which is not an error
     sys.stdout.flush() if not sys.stdout.closed else None

@@ -15,8 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from quant.convert import ConvertSummary, convert_checkpoint
+from typing import TYPE_CHECKING
+
 from quant.formats import DEFAULT_QUANT
+
+if TYPE_CHECKING:
+    from quant.convert import ConvertSummary
 
 
 class QuantChoice(str, Enum):
@@ -50,6 +54,8 @@ def convert_command(
 
         def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
             bar.update(task, completed=bytes_done, total=bytes_total, tensor=name, tensors_done=done, tensors_total=total)
+
+        from quant.convert import convert_checkpoint  # numba: loaded only when converting
 
         summary = convert_checkpoint(src, output, quant=QuantChoice(quant).value, force=force, progress=progress)
     Console().print(summary_table(summary))

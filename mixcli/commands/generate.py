@@ -22,6 +22,15 @@ MaxMemoryOpt = Annotated[
 ]
 
 
+# sampling flags, shared with `mixcli chat`
+TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 is off (the default).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly reproducible sampling.")]
+
+
 def read_prompt(prompt: str) -> str:
     """The --prompt value, or all of stdin for '-'."""
     if prompt != "-":
@@ -53,12 +62,12 @@ def generate_command(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text, or - to read stdin.")] = ...,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")] = None,
-    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 is off (the default).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly reproducible sampling.")] = None,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable; not printed).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).")] = None,
