@@ -50,6 +50,18 @@ def _time(fn, mats, runs: int) -> tuple[float, float]:
     return float(np.median(ts)), float(np.min(ts))
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _stream_sum(a):
+    """A plain streaming read: the ceiling decode can reach (sum of [R, C] uint64, rows in parallel)."""
+    s = np.zeros(a.shape[0], np.uint64)
+    for r in numba.prange(a.shape[0]):
+        acc = np.uint64(0)
+        for c in range(a.shape[1]):
+            acc += a[r, c]
+        s[r] = acc
+    return s.sum()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -77,6 +89,14 @@ def main() -> None:
             med, best = _time(lambda m: ref(*m, x, out), mats[:1], 2)
             rows.append((f"numpy twin {qtype}", f"{n}x{k}", "-", n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
             del mats
+    # memory bandwidth: a plain streaming read of the same 128+ MiB
+    big = [rng.integers(0, 1 << 62, (4096, 4096), dtype=np.uint64)]  # 128 MiB, 4x the L3
+    for th in threads:
+        numba.set_num_threads(th)
+        med, best = _time(lambda m: _stream_sum(m), big, a.runs)
+        nbytes = big[0].nbytes
+        rows.append(("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9))
+    del big
     # prefill
     for qtype, (n, k) in [("q4_0", (14336, 4096)), ("q8_0", (14336, 4096)), ("f16", (14336, 4096))]:
         T = 128

@@ -8,8 +8,9 @@ benchmarks/matvec.py):
   per call to int8 with one f32 scale per block of 32 (``quantize_act_levels``), and each block is
   an unsigned-by-signed byte dot (``vpdpbusd``, AVX-512 VNNI) into eight int32 lanes, converted to
   f32 and scaled once per block. The nibbles stay unsigned 0..15 and the ``-8`` of Q4_0 (the
-  ``+128`` that makes Q8_0 bytes unsigned) is folded out of the inner loop: ``8 * d_w * d_x *
-  sum(xq)`` is subtracted once per block, with ``d_x * sum(xq)`` precomputed per block.
+  ``+128`` that makes Q8_0 bytes unsigned) is folded out of the integer dot: ``8 * d_w * d_x *
+  sum(xq)`` is subtracted per block, with ``d_x * sum(xq)`` precomputed per block (as a vector
+  added before the weight scale, so it costs no extra instruction).
 - **Two activation levels by default.** One int8 level rounds x to 1/254 of its block's largest
   |x|. That is llama.cpp's arithmetic, and it is not harmless: over SmolLM2-135M's 30 layers it
   moves logits by ~3.6% of their range, and greedy answers change (llama.cpp and one-level mixcli
@@ -20,9 +21,19 @@ benchmarks/matvec.py):
   by memory, slows less than prefill. ``MIXCLI_ACT=int8`` (or ``set_activation_mode``) selects
   the one-level llama.cpp arithmetic. Decode (``matvec``) and prefill (``matmul``) quantize x the
   same way, so a cached incremental run equals a full forward pass to float rounding.
-- **Several output rows per step**, sharing each loaded activation block, with per-lane vector
-  accumulators that are reduced once per row (not once per block), and a software prefetch a few
-  cache lines ahead in each row stream. ``prange`` runs over groups of rows.
+- **Decode: several output rows per step, two blocks per instruction** (``_make_tile2``): one
+  512-bit ``vpdpbusd`` covers a block pair of one row, the block scales become vectors
+  [s_b x8, s_b+1 x8], a token's levels are combined before the weight scale (acc += d_w *
+  (dot_0 * dx_0 + dot_1 * dx_1 + c)) and the offset term rides in c, so nothing is scalar per
+  block. ROWS rows share each activation load, accumulators are reduced once per row, and a
+  software prefetch runs a few cache lines ahead in each row stream. ``prange`` over row groups.
+- **Prefill: one virtual token per lane** (``_make_ptile``). From PACK_MIN virtual tokens
+  (tokens x levels) on, the int8 activations are repacked (``_pack_act``) in groups of 16 so that
+  4 columns of 16 tokens fill one zmm; 4 weights of a row are broadcast to all lanes and one
+  ``vpdpbusd`` adds them to 16 token dot products: 8 per block and no horizontal reduction, then
+  one convert and two fma per (row, 16 tokens, block). ~1.6 instructions per (row, virtual token,
+  block) against ~8 for the dot-per-(row, token) tile; the levels of a token are adjacent lanes,
+  summed once when the tile writes ``out``.
 - numba cannot type float16 arrays, and numba's integer rules widen every ``uint8 & 15`` to
   int64, which defeats vectorisation. So the inner loops are small LLVM IR generators
   (``numba.extending.intrinsic``) over explicit vector types, and float16 arrays cross into numba
@@ -66,12 +77,17 @@ def _host_has_vnni() -> bool:
 
 
 HAS_VNNI = _host_has_vnni()
+_GFNI = HAS_VNNI and bool(_llvm.get_host_cpu_features().get("gfni"))
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _FAST = ("fast",)
 ROWS = 8  # output rows per matvec step (shares one activation block load among 8 rows)
 PREFETCH = 256  # bytes ahead in each weight row stream
-MM_ROWS, MM_TOKS = 4, 4  # prefill tile: 4 rows x 4 tokens = 16 vector accumulators
+MM_ROWS, MM_TOKS = 4, 4  # prefill tile, one activation level: 4 rows x 4 tokens = 16 zmm accumulators
+MM2_ROWS, MM2_TOKS = 4, 2  # two levels: 4 rows x 2 tokens (x 2 levels: 16 activation streams)
+# prefill from PACK_MIN virtual tokens (tokens x levels) on: activations packed one token per
+# lane (``_make_ptile``), tiles of P_ROWS rows x P_GROUPS groups of 16 virtual tokens
+PACK_MIN, P_ROWS, P_GROUPS = 6, 4, 2
 
 
 def _vec(t, n):
@@ -117,48 +133,59 @@ def _clamp(builder, v, hi):
     return builder.select(builder.icmp_signed("<", v, hi), v, hi)
 
 
-def _make_tile(kind: str, nrows: int, ntoks: int, with_corr: bool):
-    """An intrinsic ``tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t)`` -> UniTuple(f32, ntoks*nrows):
-    dot products of weight rows min(r+i, n-1) with int8-quantized activations of tokens
-    min(t0+j, t-1), element [j * nrows + i]. Without ``with_corr`` the per-block offset term
-    (Q4_0's -8, Q8_0's +128, Q4_1's min) is left out, for the caller to add (``_block_offsets``):
-    16 scalar accumulators would not fit the registers beside 16 vector ones. Clamping lets tails reuse full tiles (the duplicate
-    results are identical and written to the same place).
+def _bcast_pairs(builder, vec, nblk):
+    """<nblk x T> -> <8*nblk x T>: each element repeated over its block's 8 lanes."""
+    idx = [b for b in range(nblk) for _ in range(8)]
+    return builder.shuffle_vector(vec, vec, ir.Constant(_vec(_i32, 8 * nblk), idx))
 
-    qs: q4 [N, K/2] uint8 or q8 [N, K] int8; d, m: [N, NB] uint16 (float16 bits; m only for
-    q4_1); xq [T, K] int8; xdx [T, NB] f32 block scales of x; xsq [T, NB] f32 = xdx * sum(xq of
-    the block); xsum [T, NB] f32 = exact sum of the block of x (unused here).
+
+def _make_tile2(kind: str, nrows: int, ntoks: int, levels: int, wide: bool = True, prefetch: int = 0):
+    """An intrinsic ``tile(qs, d, m, r, n, xq, xdx, xsqt, t0, t)`` -> UniTuple(f32, ntoks*nrows):
+    the complete dot products (offset terms included) of weight rows min(r+i, n-1) with the
+    ``levels``-level int8 activations of real tokens min(t0+j, t-1), element [j * nrows + i].
+
+    ``wide``: two blocks per step in 16-lane (512-bit) vectors, one ``vpdpbusd`` zmm per
+    (row, level) over 64 weights; an odd last block runs the same code at 8 lanes. Per block
+    pair the scales are vectors [s_b x8, s_b+1 x8]: the levels of a token are combined before
+    the weight scale, f = dot_0 * dx_0 + dot_1 * dx_1 + c, acc += f * d_w, where c carries
+    the offset term (Q4_0's -8, Q8_0's +128) as c = -offset * xsqt / 8 per lane (the 8 lanes of
+    a block sum to the whole term); Q4_1's min term is a separate acc += m_w * xsqt / 8.
+    xq [T*L, K] int8; xdx [T*L, NB] f32; xsqt [T, NB] f32 = sum over levels of xdx * sum(xq).
     """
     q4 = kind in ("q4_0", "q4_1")
     offset = {"q4_0": 8.0, "q8_0": 128.0, "q4_1": 0.0}[kind]
+    L = levels
 
     @intrinsic
-    def tile(typingctx, qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t):
-        sig = types.UniTuple(types.float32, ntoks * nrows)(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, t)
+    def tile(typingctx, qs, d, m, r, n, xq, xdx, xsqt, t0, t):
+        sig = types.UniTuple(types.float32, ntoks * nrows)(qs, d, m, r, n, xq, xdx, xsqt, t0, t)
 
         def codegen(context, builder, signature, args):
-            qs_v, d_v, m_v, r_v, n_v, xq_v, xdx_v, xsq_v, _xsum, t0_v, t_v = args
+            qs_v, d_v, m_v, r_v, n_v, xq_v, xdx_v, xsqt_v, t0_v, t_v = args
             at = signature.args
             qs_p, qs_st, _ = _arr(context, builder, at[0], qs_v)
             d_p, d_st, d_sh = _arr(context, builder, at[1], d_v)
             m_p, m_st, _ = _arr(context, builder, at[2], m_v)
             xq_p, xq_st, _ = _arr(context, builder, at[5], xq_v)
             xdx_p, xdx_st, _ = _arr(context, builder, at[6], xdx_v)
-            xsq_p, xsq_st, _ = _arr(context, builder, at[7], xsq_v)
+            xs_p, xs_st, _ = _arr(context, builder, at[7], xsqt_v)
             nb = d_sh[1]
             mod = builder.module
-            vnni = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(_vec(_i32, 8), [_vec(_i32, 8)] * 3), "llvm.x86.avx512.vpdpbusd.256"
-            )
+            vnni = {
+                w: cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(_vec(_i32, w), [_vec(_i32, w)] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * w}")
+                for w in (8, 16)
+            }
             pf = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0"
-            )
-            red = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(_f32, [_f32, _vec(_f32, 8)]), "llvm.vector.reduce.fadd.v8f32"
-            )
-            zero8f = ir.Constant(_vec(_f32, 8), [0.0] * 8)
-            accs = [cgutils.alloca_once_value(builder, zero8f) for _ in range(ntoks * nrows)]
-            cors = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in range(ntoks * nrows)]
+                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
+            red = {
+                w: cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(_f32, [_f32, _vec(_f32, w)]), f"llvm.vector.reduce.fadd.v{w}f32")
+                for w in (8, 16)
+            }
+            W = 16 if wide else 8
+            nacc = ntoks * nrows
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_f32, W), [0.0] * W)) for _ in range(nacc)]
             nm1 = builder.sub(n_v, _c64(1))
             tm1 = builder.sub(t_v, _c64(1))
             rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
@@ -166,64 +193,86 @@ def _make_tile(kind: str, nrows: int, ntoks: int, with_corr: bool):
             row_q = [builder.mul(ri, qs_st[0]) for ri in rows]
             row_d = [builder.mul(ri, d_st[0]) for ri in rows]
             row_m = [builder.mul(ri, m_st[0]) for ri in rows]
-            tok_x = [builder.mul(tj, xq_st[0]) for tj in toks]
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
+            vt = [builder.mul(tj, _c64(L)) for tj in toks]
+            lv_x = [[builder.mul(builder.add(vt[j], _c64(l)), xq_st[0]) for l in range(L)] for j in range(ntoks)]
+            lv_dx = [[builder.mul(builder.add(vt[j], _c64(l)), xdx_st[0]) for l in range(L)] for j in range(ntoks)]
+            tok_s = [builder.mul(tj, xs_st[0]) for tj in toks]
+            cfac = ir.Constant(_f32, (-offset if offset else 1.0) / 8.0)
+
+            def step(b, nblk):
+                """Blocks b .. b+nblk-1 (nblk = 1 or 2) into the accumulators."""
+                w = 8 * nblk
+                vf = _vec(_f32, w)
                 b4 = builder.mul(b, _c64(4))
+                b2 = builder.mul(b, _c64(2))
                 xv, dx, cs = [], [], []
-                for j, tj in enumerate(toks):
-                    xv.append(_load(builder, xq_p, builder.add(tok_x[j], builder.mul(b, _c64(32))), _vec(_i8, 32)))
-                    dx.append(_load(builder, xdx_p, builder.add(builder.mul(tj, xdx_st[0]), b4), _f32))
-                    # dx * sum(xq) for every type, also Q4_1's min term: the result is then exactly
-                    # W @ x_hat with x_hat = xq * dx, whatever the type
-                    cs.append(_load(builder, xsq_p, builder.add(builder.mul(tj, xsq_st[0]), b4), _f32))
+                for j in range(ntoks):
+                    xv.append([builder.bitcast(
+                        _load(builder, xq_p, builder.add(lv_x[j][l], builder.mul(b, _c64(32))), _vec(_i8, 32 * nblk)),
+                        _vec(_i32, w)) for l in range(L)])
+                    dx.append([_bcast_pairs(builder, _load(builder, xdx_p, builder.add(lv_dx[j][l], b4), _vec(_f32, nblk)), nblk)
+                               for l in range(L)])
+                    c = _load(builder, xs_p, builder.add(tok_s[j], b4), _vec(_f32, nblk))
+                    c = builder.fmul(c, ir.Constant(_vec(_f32, nblk), [cfac.constant] * nblk), flags=_FAST)
+                    cs.append(_bcast_pairs(builder, c, nblk))
+                zero = ir.Constant(_vec(_i32, w), [0] * w)
                 for i in range(nrows):
                     if q4:
                         qoff = builder.add(row_q[i], builder.mul(b, _c64(16)))
-                    else:
-                        qoff = builder.add(row_q[i], builder.mul(b, _c64(32)))
-                    if PREFETCH and ntoks == 1:
-                        builder.call(pf, [builder.gep(qs_p, [builder.add(qoff, _c64(PREFETCH))]),
-                                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-                    if q4:
-                        qv = _load(builder, qs_p, qoff, _vec(_i8, 16))
-                        lo = builder.and_(qv, _splat(_i8, 16, 15))
-                        hi = builder.lshr(qv, _splat(_i8, 16, 4))
-                        qu = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
+                        qv = _load(builder, qs_p, qoff, _vec(_i8, 16 * nblk))
+                        idx = [blk * 16 + e for blk in range(nblk) for _ in range(2) for e in range(16)]
+                        dup = builder.shuffle_vector(qv, qv, ir.Constant(_vec(_i32, 32 * nblk), idx))
+                        sh = builder.lshr(builder.bitcast(dup, _vec(_i16, 16 * nblk)),
+                                          ir.Constant(_vec(_i16, 16 * nblk), ([0] * 8 + [4] * 8) * nblk))
+                        qu = builder.and_(builder.bitcast(sh, _vec(_i8, 32 * nblk)), _splat(_i8, 32 * nblk, 15))
                     else:  # signed bytes + 128 -> unsigned, the +128 comes back out as `offset`
-                        qv = _load(builder, qs_p, qoff, _vec(_i8, 32))
-                        qu = builder.xor(qv, _splat(_i8, 32, -128))
-                    qu = builder.bitcast(qu, _vec(_i32, 8))
-                    dh = _load(builder, d_p, builder.add(row_d[i], builder.mul(b, _c64(2))), _i16)
-                    dw = builder.fpext(builder.bitcast(dh, ir.HalfType()), _f32)
-                    if kind == "q4_1" and with_corr:
-                        mh = _load(builder, m_p, builder.add(row_m[i], builder.mul(b, _c64(2))), _i16)
-                        mw = builder.fpext(builder.bitcast(mh, ir.HalfType()), _f32)
-                    zero = ir.Constant(_vec(_i32, 8), [0] * 8)
+                        qoff = builder.add(row_q[i], builder.mul(b, _c64(32)))
+                        qv = _load(builder, qs_p, qoff, _vec(_i8, 32 * nblk))
+                        qu = builder.xor(qv, _splat(_i8, 32 * nblk, -128))
+                    if prefetch:
+                        builder.call(pf, [builder.gep(qs_p, [builder.add(qoff, _c64(prefetch))]),
+                                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+                    qu = builder.bitcast(qu, _vec(_i32, w))
+                    dh = _load(builder, d_p, builder.add(row_d[i], b2), _vec(_i16, nblk))
+                    dw = builder.fpext(builder.bitcast(_bcast_pairs(builder, dh, nblk), _vec(ir.HalfType(), w)), vf)
+                    if kind == "q4_1":
+                        mh = _load(builder, m_p, builder.add(row_m[i], b2), _vec(_i16, nblk))
+                        mw = builder.fpext(builder.bitcast(_bcast_pairs(builder, mh, nblk), _vec(ir.HalfType(), w)), vf)
                     for j in range(ntoks):
                         k = j * nrows + i
-                        dot = builder.call(vnni, [zero, qu, builder.bitcast(xv[j], _vec(_i32, 8))])
-                        fd = builder.sitofp(dot, _vec(_f32, 8))
-                        s = builder.fmul(dw, dx[j], flags=_FAST)
-                        sv = builder.insert_element(ir.Constant(_vec(_f32, 8), ir.Undefined), s, ir.Constant(_i32, 0))
-                        sv = builder.shuffle_vector(sv, sv, ir.Constant(_vec(_i32, 8), [0] * 8))
-                        acc = builder.load(accs[k])
-                        builder.store(builder.fadd(acc, builder.fmul(fd, sv, flags=_FAST), flags=_FAST), accs[k])
-                        if not with_corr:
-                            continue
-                        c = builder.load(cors[k])
-                        w = mw if kind == "q4_1" else dw
-                        builder.store(builder.fadd(c, builder.fmul(w, cs[j], flags=_FAST), flags=_FAST), cors[k])
-            outs = []
-            for k in range(ntoks * nrows):
-                tot = builder.call(red, [ir.Constant(_f32, 0.0), builder.load(accs[k])], fastmath=_FAST)
-                c = builder.load(cors[k])
-                if not with_corr:
-                    outs.append(tot)
-                elif kind == "q4_1":
-                    outs.append(builder.fadd(tot, c, flags=_FAST))
-                else:
-                    outs.append(builder.fsub(tot, builder.fmul(c, ir.Constant(_f32, offset), flags=_FAST), flags=_FAST))
+                        f = None
+                        for l in range(L):
+                            dot = builder.sitofp(builder.call(vnni[w], [zero, qu, xv[j][l]]), vf)
+                            p = builder.fmul(dot, dx[j][l], flags=_FAST)
+                            f = p if f is None else builder.fadd(f, p, flags=_FAST)
+                        if offset:
+                            f = builder.fadd(f, cs[j], flags=_FAST)
+                        acc = builder.load(accs[k]) if w == W else None
+                        if w == W:
+                            acc = builder.fadd(acc, builder.fmul(f, dw, flags=_FAST), flags=_FAST)
+                            if kind == "q4_1":
+                                acc = builder.fadd(acc, builder.fmul(mw, cs[j], flags=_FAST), flags=_FAST)
+                            builder.store(acc, accs[k])
+                        else:  # the 8-lane tail of a 16-lane accumulator: add into its low half
+                            part = builder.fmul(f, dw, flags=_FAST)
+                            if kind == "q4_1":
+                                part = builder.fadd(part, builder.fmul(mw, cs[j], flags=_FAST), flags=_FAST)
+                            wide_part = builder.shuffle_vector(
+                                part, ir.Constant(vf, [0.0] * w), ir.Constant(_vec(_i32, W), list(range(W))))
+                            acc = builder.load(accs[k])
+                            builder.store(builder.fadd(acc, wide_part, flags=_FAST), accs[k])
+
+            if wide:
+                with cgutils.for_range(builder, builder.sdiv(nb, _c64(2))) as loop:
+                    step(builder.mul(loop.index, _c64(2)), 2)
+                odd = builder.icmp_signed("!=", builder.srem(nb, _c64(2)), _c64(0))
+                with builder.if_then(odd):
+                    step(builder.sub(nb, _c64(1)), 1)
+            else:
+                with cgutils.for_range(builder, nb) as loop:
+                    step(loop.index, 1)
+            outs = [builder.call(red[W], [ir.Constant(_f32, 0.0), builder.load(accs[k])], fastmath=_FAST)
+                    for k in range(nacc)]
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen
@@ -231,13 +280,167 @@ def _make_tile(kind: str, nrows: int, ntoks: int, with_corr: bool):
     return tile
 
 
-_mv_tile = {kd: _make_tile(kd, ROWS, 1, True) for kd in ("q4_0", "q4_1", "q8_0")}
-_mm_tile = {kd: _make_tile(kd, MM_ROWS, MM_TOKS, False) for kd in ("q4_0", "q4_1", "q8_0")}
+def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
+    """An intrinsic ``ptile(qs, d, m, r, n, xp, dxp, cp, g0, ng, out)`` for prefill over packed
+    activations, one lane per virtual token: writes out[t, min(r+i, n-1)] for the real tokens t
+    of virtual-token groups min(g0+j, ng-1), j < ngroups, i < nrows (all offset terms included).
+
+    The activations are packed by ``_pack_act`` in groups of 16 virtual tokens: xp [NG, K*16]
+    int8 holds, for each 4 columns k..k+3, the 4 bytes of each of the 16 tokens (64 bytes, one
+    zmm); dxp [NG, NB, 16] f32 the block scales, cp [NG, NB, 16] f32 the per-block offset terms
+    (coef * xdx * sum(xq); coef -8 for Q4_0, -128 for Q8_0, 1 for Q4_1's mins). A row's 4
+    weights k..k+3 are broadcast to all 16 lanes, so one ``vpdpbusd`` zmm adds 4 columns of one
+    row to 16 token dot products: 8 per block, no horizontal reduction, then per (row, group,
+    block) one convert and two fma: acc += d_w * (dot * dx + c).
+    """
+    q4 = kind in ("q4_0", "q4_1")
+    L = levels
+
+    @intrinsic
+    def ptile(typingctx, qs, d, m, r, n, xp, dxp, cp, g0, ng, out):
+        sig = types.void(qs, d, m, r, n, xp, dxp, cp, g0, ng, out)
+
+        def codegen(context, builder, signature, args):
+            qs_v, d_v, m_v, r_v, n_v, xp_v, dxp_v, cp_v, g0_v, ng_v, out_v = args
+            at = signature.args
+            qs_p, qs_st, _ = _arr(context, builder, at[0], qs_v)
+            d_p, d_st, d_sh = _arr(context, builder, at[1], d_v)
+            m_p, m_st, _ = _arr(context, builder, at[2], m_v)
+            xp_p, xp_st, _ = _arr(context, builder, at[5], xp_v)
+            dxp_p, dxp_st, _ = _arr(context, builder, at[6], dxp_v)
+            cp_p, cp_st, _ = _arr(context, builder, at[7], cp_v)
+            out_p, out_st, out_sh = _arr(context, builder, at[10], out_v)
+            nb = d_sh[1]
+            mod = builder.module
+            v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
+            vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(ngroups)]
+                    for _ in range(nrows)]
+            nm1 = builder.sub(n_v, _c64(1))
+            gm1 = builder.sub(ng_v, _c64(1))
+            rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
+            grps = [_clamp(builder, builder.add(g0_v, _c64(j)), gm1) for j in range(ngroups)]
+            row_q = [builder.mul(ri, qs_st[0]) for ri in rows]
+            row_d = [builder.mul(ri, d_st[0]) for ri in rows]
+            row_m = [builder.mul(ri, m_st[0]) for ri in rows]
+            g_x = [builder.mul(gj, xp_st[0]) for gj in grps]
+            g_dx = [builder.mul(gj, dxp_st[0]) for gj in grps]
+            g_c = [builder.mul(gj, cp_st[0]) for gj in grps]
+            zero = ir.Constant(v16i, [0] * 16)
+            m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
+            v64b = _vec(_i8, 64)
+            gf = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512")
+            gf_hi = builder.bitcast(ir.Constant(_vec(_i64, 8), [0x1020408000000000] * 8), v64b)
+
+            def splat(v, ty):
+                u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(_i32, 0))
+                return builder.shuffle_vector(u, u, ir.Constant(_vec(_i32, 16), [0] * 16))
+
+            def half16(p, off):
+                h = builder.bitcast(_load(builder, p, off, _i16), ir.HalfType())
+                return splat(builder.fpext(h, _f32), v16f)
+
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                b64 = builder.mul(b, _c64(64))  # 16 lanes x 4 bytes of f32 per block
+                dx = [_load(builder, dxp_p, builder.add(g_dx[j], b64), v16f) for j in range(ngroups)]
+                cs = [_load(builder, cp_p, builder.add(g_c[j], b64), v16f) for j in range(ngroups)]
+                xoff = [builder.add(g_x[j], builder.mul(b, _c64(32 * 16))) for j in range(ngroups)]
+                dw = [half16(d_p, builder.add(row_d[i], builder.mul(b, _c64(2)))) for i in range(nrows)]
+                if kind == "q4_1":
+                    mw = [half16(m_p, builder.add(row_m[i], builder.mul(b, _c64(2)))) for i in range(nrows)]
+                iacc = [[zero] * ngroups for _ in range(nrows)]
+                for e in range(8):  # 4 columns at a time: one broadcast weight vector per row
+                    wq = []
+                    for i in range(nrows):
+                        if q4:
+                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(16)), _c64(4 * (e % 4))))
+                            w = splat(_load(builder, qs_p, off, _i32), v16i)
+                            if e < 4:
+                                w = builder.and_(w, m0f)
+                            elif _GFNI:  # (byte >> 4) in one affine bit-matrix op
+                                w = builder.bitcast(builder.call(gf, [builder.bitcast(w, v64b), gf_hi, ir.Constant(_i8, 0)]), v16i)
+                            else:
+                                w = builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m0f)
+                        else:
+                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(32)), _c64(4 * e)))
+                            # + 128 per byte (0x80808080) on the scalar, then broadcast
+                            w = splat(builder.xor(_load(builder, qs_p, off, _i32), ir.Constant(_i32, -0x7F7F7F80)), v16i)
+                        wq.append(w)
+                    for j in range(ngroups):
+                        xv = _load(builder, xp_p, builder.add(xoff[j], _c64(64 * e)), v16i)
+                        for i in range(nrows):
+                            iacc[i][j] = builder.call(vnni, [iacc[i][j], wq[i], xv])
+                for i in range(nrows):
+                    for j in range(ngroups):
+                        f = builder.fmul(builder.sitofp(iacc[i][j], v16f), dx[j], flags=_FAST)
+                        if kind != "q4_1":
+                            f = builder.fadd(f, cs[j], flags=_FAST)
+                        a = builder.fadd(builder.load(facc[i][j]), builder.fmul(f, dw[i], flags=_FAST), flags=_FAST)
+                        if kind == "q4_1":
+                            a = builder.fadd(a, builder.fmul(mw[i], cs[j], flags=_FAST), flags=_FAST)
+                        builder.store(a, facc[i][j])
+            # scatter: lane v of group g is virtual token g*16+v = real token (g*16+v) // L
+            ntok = out_sh[0]
+            per = 16 // L
+            for j in range(ngroups):
+                for i in range(nrows):
+                    a = builder.load(facc[i][j])
+                    if L == 2:
+                        ev = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(0, 16, 2))))
+                        od = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(1, 16, 2))))
+                        a = builder.fadd(ev, od, flags=_FAST)
+                    col = builder.mul(rows[i], out_st[1])
+                    for lane in range(per):
+                        tk = builder.add(builder.mul(grps[j], _c64(per)), _c64(lane))
+                        with builder.if_then(builder.icmp_signed("<", tk, ntok)):
+                            off = builder.add(builder.mul(tk, out_st[0]), col)
+                            ptr = builder.bitcast(builder.gep(out_p, [off]), _f32.as_pointer())
+                            builder.store(builder.extract_element(a, ir.Constant(_i32, lane)), ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return ptile
+
+
+@njit(**_PJIT)
+def _pack_act(xq32, xdx, xsq, coef, xp32, dxp, cp):
+    """Virtual tokens [V, ...] -> groups of 16 lanes (zero past V) for ``_make_ptile``: xq32 [V, K/4]
+    int32 (xq viewed 4 bytes at a time) -> xp32 [NG, K/4, 16]; xdx, xsq [V, NB] -> dxp, cp
+    [NG, NB, 16], cp = coef * xsq."""
+    V = xq32.shape[0]
+    for g in prange(xp32.shape[0]):
+        for lane in range(16):
+            v = g * 16 + lane
+            if v < V:
+                for q in range(xq32.shape[1]):
+                    xp32[g, q, lane] = xq32[v, q]
+                for b in range(xdx.shape[1]):
+                    dxp[g, b, lane] = xdx[v, b]
+                    cp[g, b, lane] = coef * xsq[v, b]
+            else:
+                for q in range(xq32.shape[1]):
+                    xp32[g, q, lane] = 0
+                for b in range(xdx.shape[1]):
+                    dxp[g, b, lane] = 0.0
+                    cp[g, b, lane] = 0.0
+
+
+_KINDS = ("q4_0", "q4_1", "q8_0")
+_mv_tile = {kd: _make_tile2(kd, ROWS, 1, 1, prefetch=PREFETCH) for kd in _KINDS}
+_mv2_tile = {kd: _make_tile2(kd, ROWS, 1, 2, prefetch=PREFETCH) for kd in _KINDS}
+_mm_tile = {kd: _make_tile2(kd, MM_ROWS, MM_TOKS, 1) for kd in _KINDS}
+_mm2_tile = {kd: _make_tile2(kd, MM2_ROWS, MM2_TOKS, 2) for kd in _KINDS}
 _mv_q4_0_tile, _mv_q4_1_tile, _mv_q8_0_tile = _mv_tile["q4_0"], _mv_tile["q4_1"], _mv_tile["q8_0"]
-# decode with two activation levels: both levels ride one pass over the weights (2 virtual tokens)
-_mv2_tile = {kd: _make_tile(kd, ROWS, 2, True) for kd in ("q4_0", "q4_1", "q8_0")}
 _mv2_q4_0_tile, _mv2_q4_1_tile, _mv2_q8_0_tile = _mv2_tile["q4_0"], _mv2_tile["q4_1"], _mv2_tile["q8_0"]
 _mm_q4_0_tile, _mm_q4_1_tile, _mm_q8_0_tile = _mm_tile["q4_0"], _mm_tile["q4_1"], _mm_tile["q8_0"]
+_mm2_q4_0_tile, _mm2_q4_1_tile, _mm2_q8_0_tile = _mm2_tile["q4_0"], _mm2_tile["q4_1"], _mm2_tile["q8_0"]
+_mmp_tile = {kd: _make_ptile(kd, P_ROWS, P_GROUPS, 1) for kd in _KINDS}
+_mmp2_tile = {kd: _make_ptile(kd, P_ROWS, P_GROUPS, 2) for kd in _KINDS}
+_mmp_q4_0_tile, _mmp_q4_1_tile, _mmp_q8_0_tile = _mmp_tile["q4_0"], _mmp_tile["q4_1"], _mmp_tile["q8_0"]
+_mmp2_q4_0_tile, _mmp2_q4_1_tile, _mmp2_q8_0_tile = _mmp2_tile["q4_0"], _mmp2_tile["q4_1"], _mmp2_tile["q8_0"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,15 +503,12 @@ def _mv_q4_0(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
         if levels == 1:
-            res = _mv_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res[i]
+            res = _mv_q4_0_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
         else:
-            res2 = _mv2_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res2[i] + res2[ROWS + i]
+            res = _mv2_q4_0_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
 
 
 @njit(**_PJIT)
@@ -319,15 +519,12 @@ def _mv_q4_1(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
         if levels == 1:
-            res = _mv_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res[i]
+            res = _mv_q4_1_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
         else:
-            res2 = _mv2_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res2[i] + res2[ROWS + i]
+            res = _mv2_q4_1_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
 
 
 @njit(**_PJIT)
@@ -338,100 +535,131 @@ def _mv_q8_0(qs, d, m, x, levels, xq, xdx, xsq, xsum, xsqt, out):
     for g in prange((n + ROWS - 1) // ROWS):
         r = g * ROWS
         if levels == 1:
-            res = _mv_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 1)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res[i]
+            res = _mv_q8_0_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
         else:
-            res2 = _mv2_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, 0, 2)
-            for i in range(ROWS):
-                if r + i < n:
-                    out[r + i] = res2[i] + res2[ROWS + i]
-
-
-@njit(**_JIT)
-def _block_offsets(dm, r, xsq, c, out):
-    """out [T] += c * sum_b dm[r, b] * xsq[t, b]: the per-block offset term of row r (c = -8 with
-    the scales for Q4_0, -128 for Q8_0, 1 with the mins for Q4_1)."""
-    for t in range(out.shape[0]):
-        s = np.float32(0.0)
-        for b in range(xsq.shape[1]):
-            s += h2f(dm[r, b]) * xsq[t, b]
-        out[t] += c * s
+            res = _mv2_q8_0_tile(qs, d, m, r, n, xq, xdx, xsqt, 0, 1)
+        for i in range(ROWS):
+            if r + i < n:
+                out[r + i] = res[i]
 
 
 # Prefill: row groups outer (parallel), token tiles inner, so a group's weight bytes stay in L1
-# while every token passes over them and each block is unpacked once per 4 tokens.
+# while every token passes over them and each block pair is unpacked once per tile of tokens.
 @njit(**_PJIT)
-def _mm_q4_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
-    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
+def _mm_q4_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, xq32, xp, xp32, dxp, cp, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; packed scratch (``_pack_act``) [NG, ...]
+    # with NG = 0 below PACK_MIN virtual tokens; out [T, N]
     quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
     T, n = out.shape
-    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
-    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
-        r = g * MM_ROWS
-        for t0 in range(0, V, MM_TOKS):
-            res = _mm_q4_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
-            for j in range(0, MM_TOKS, levels):
-                if t0 + j < V:
-                    t = (t0 + j) // levels
-                    for i in range(MM_ROWS):
-                        if r + i < n:
-                            acc = res[j * MM_ROWS + i]
-                            if levels == 2:
-                                acc += res[(j + 1) * MM_ROWS + i]
-                            out[t, r + i] = acc
-        for i in range(MM_ROWS):
-            if r + i < n:
-                _block_offsets(d, r + i, xsqt, np.float32(-8.0), out[:, r + i])
-
-
-@njit(**_PJIT)
-def _mm_q4_1(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
-    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
-    quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
-    T, n = out.shape
-    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
-    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
-        r = g * MM_ROWS
-        for t0 in range(0, V, MM_TOKS):
-            res = _mm_q4_1_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
-            for j in range(0, MM_TOKS, levels):
-                if t0 + j < V:
-                    t = (t0 + j) // levels
-                    for i in range(MM_ROWS):
-                        if r + i < n:
-                            acc = res[j * MM_ROWS + i]
-                            if levels == 2:
-                                acc += res[(j + 1) * MM_ROWS + i]
-                            out[t, r + i] = acc
-        for i in range(MM_ROWS):
-            if r + i < n:
-                _block_offsets(m, r + i, xsqt, np.float32(1.0), out[:, r + i])
+    ng = xp.shape[0]
+    if ng > 0:
+        _pack_act(xq32, xdx, xsq, np.float32(-8.0), xp32, dxp, cp)
+        if levels == 1:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp_q4_0_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+        else:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp2_q4_0_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+    elif levels == 1:
+        for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+            r = g * MM_ROWS
+            for t0 in range(0, T, MM_TOKS):
+                res = _mm_q4_0_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res[j * MM_ROWS + i]
+    else:
+        for g in prange((n + MM2_ROWS - 1) // MM2_ROWS):
+            r = g * MM2_ROWS
+            for t0 in range(0, T, MM2_TOKS):
+                res2 = _mm2_q4_0_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM2_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM2_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res2[j * MM2_ROWS + i]
 
 
 @njit(**_PJIT)
-def _mm_q8_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, out):
-    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; out [T, N]
+def _mm_q4_1(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, xq32, xp, xp32, dxp, cp, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; packed scratch (``_pack_act``) [NG, ...]
+    # with NG = 0 below PACK_MIN virtual tokens; out [T, N]
     quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
     T, n = out.shape
-    V = T * levels  # virtual tokens; MM_TOKS is even, so a token's levels share one tile
-    for g in prange((n + MM_ROWS - 1) // MM_ROWS):
-        r = g * MM_ROWS
-        for t0 in range(0, V, MM_TOKS):
-            res = _mm_q8_0_tile(qs, d, m, r, n, xq, xdx, xsq, xsum, t0, V)
-            for j in range(0, MM_TOKS, levels):
-                if t0 + j < V:
-                    t = (t0 + j) // levels
-                    for i in range(MM_ROWS):
-                        if r + i < n:
-                            acc = res[j * MM_ROWS + i]
-                            if levels == 2:
-                                acc += res[(j + 1) * MM_ROWS + i]
-                            out[t, r + i] = acc
-        for i in range(MM_ROWS):
-            if r + i < n:
-                _block_offsets(d, r + i, xsqt, np.float32(-128.0), out[:, r + i])
+    ng = xp.shape[0]
+    if ng > 0:
+        _pack_act(xq32, xdx, xsq, np.float32(1.0), xp32, dxp, cp)
+        if levels == 1:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp_q4_1_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+        else:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp2_q4_1_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+    elif levels == 1:
+        for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+            r = g * MM_ROWS
+            for t0 in range(0, T, MM_TOKS):
+                res = _mm_q4_1_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res[j * MM_ROWS + i]
+    else:
+        for g in prange((n + MM2_ROWS - 1) // MM2_ROWS):
+            r = g * MM2_ROWS
+            for t0 in range(0, T, MM2_TOKS):
+                res2 = _mm2_q4_1_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM2_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM2_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res2[j * MM2_ROWS + i]
+
+
+@njit(**_PJIT)
+def _mm_q8_0(qs, d, m, X, levels, xq, xdx, xsq, xsum, xsqt, xq32, xp, xp32, dxp, cp, out):
+    # X [T, K]; scratch [T*L, K] / [T*L, NB], xsqt [T, NB]; packed scratch (``_pack_act``) [NG, ...]
+    # with NG = 0 below PACK_MIN virtual tokens; out [T, N]
+    quantize_act_levels(X, levels, xq, xdx, xsq, xsum, xsqt)
+    T, n = out.shape
+    ng = xp.shape[0]
+    if ng > 0:
+        _pack_act(xq32, xdx, xsq, np.float32(-128.0), xp32, dxp, cp)
+        if levels == 1:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp_q8_0_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+        else:
+            for g in prange((n + P_ROWS - 1) // P_ROWS):
+                for g0 in range(0, ng, P_GROUPS):
+                    _mmp2_q8_0_tile(qs, d, m, g * P_ROWS, n, xp, dxp, cp, g0, ng, out)
+    elif levels == 1:
+        for g in prange((n + MM_ROWS - 1) // MM_ROWS):
+            r = g * MM_ROWS
+            for t0 in range(0, T, MM_TOKS):
+                res = _mm_q8_0_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res[j * MM_ROWS + i]
+    else:
+        for g in prange((n + MM2_ROWS - 1) // MM2_ROWS):
+            r = g * MM2_ROWS
+            for t0 in range(0, T, MM2_TOKS):
+                res2 = _mm2_q8_0_tile(qs, d, m, r, n, xq, xdx, xsqt, t0, T)
+                for j in range(MM2_TOKS):
+                    if t0 + j < T:
+                        for i in range(MM2_ROWS):
+                            if r + i < n:
+                                out[t0 + j, r + i] = res2[j * MM2_ROWS + i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,18 +889,29 @@ def _matvec_q8_0_q8act(qs, d, x, out):
     _mv_q8_0(qs, d, d, x, *_act(1, x.shape[0]), out)
 
 
+def _pact(t: int, k: int):
+    """``_act`` scratch plus its packed form for ``_make_ptile``: (..., xq32, xp, xp32, dxp, cp),
+    with no groups (NG = 0) below PACK_MIN virtual tokens."""
+    a = _act(t, k)
+    v, nb = t * a[0], k // QK
+    ng = (v + 15) // 16 if v >= PACK_MIN else 0
+    xp = _scratch("xp", (ng, k * 16), np.int8)
+    return a + (a[1].view(np.int32), xp, xp.view(np.int32).reshape(ng, k // 4, 16),
+                _scratch("dxp", (ng, nb, 16), np.float32), _scratch("cp", (ng, nb, 16), np.float32))
+
+
 def _matmul_q4_0_q8act(qs, d, X, out):
     d = _u16(d)
-    _mm_q4_0(qs, d, d, X, *_act(*X.shape), out)
+    _mm_q4_0(qs, d, d, X, *_pact(*X.shape), out)
 
 
 def _matmul_q4_1_q8act(qs, d, m, X, out):
-    _mm_q4_1(qs, _u16(d), _u16(m), X, *_act(*X.shape), out)
+    _mm_q4_1(qs, _u16(d), _u16(m), X, *_pact(*X.shape), out)
 
 
 def _matmul_q8_0_q8act(qs, d, X, out):
     d = _u16(d)
-    _mm_q8_0(qs, d, d, X, *_act(*X.shape), out)
+    _mm_q8_0(qs, d, d, X, *_pact(*X.shape), out)
 
 
 # The public quantized kernels, chosen by activation mode (``set_activation_mode``):
