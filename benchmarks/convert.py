@@ -29,6 +29,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from synth import drop_page_cache  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -97,20 +100,10 @@ def make_checkpoint(src: Path, layers: int, vocab: int) -> None:
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def drop_cache(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def time_read_twice(files: list[Path]) -> float:
     total = 0.0
     for _ in range(2):
-        drop_cache(files)
+        drop_page_cache(files)
         t = time.perf_counter()
         subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         total += time.perf_counter() - t
@@ -151,7 +144,7 @@ def main() -> None:
         with open_hf_checkpoint(src) as ck:
             largest = max(ck.tensors.values(), key=lambda t: t.nbytes)
         read2 = time_read_twice(files)
-        drop_cache(files)
+        drop_page_cache(files)
         res = run_child(src, base / "out", args.quant)
         rss = res["rss_kib"] * 1024
         rows = [

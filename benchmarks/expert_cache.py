@@ -43,11 +43,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mixcli.config import ModelConfig  # noqa: E402
 from mixcli.expert_cache import DEFAULT_POLICY, next_use_score  # noqa: E402
 from mixcli.memsize import format_size, parse_size  # noqa: E402
 from quant import formats  # noqa: E402
+from synth import drop_page_cache  # noqa: E402
 
 SKEW = np.array([3.0, 2.2, 1.6, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)  # gate row scales for "skewed"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -120,14 +122,8 @@ def write_model(out: Path, layers: int, hidden: int = 4096, ffn: int = 14336, se
              {"kind": "random", "path": "benchmarks/expert_cache.py", "dtype": "random"})
 
 
-def drop_page_cache(model_dir: Path) -> None:
-    for f in model_dir.glob("weights-*.bin"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+def drop_model_pages(model_dir: Path) -> None:
+    drop_page_cache(model_dir.glob("weights-*.bin"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +237,7 @@ def load_methods(model_dir: Path) -> dict[str, float]:
             r = regions[i % len(regions)]
             i += 1
             path = model_dir / r.file
-            drop_page_cache(model_dir)
+            drop_model_pages(model_dir)
             t0 = time.perf_counter()
             if method.startswith("pread"):
                 flags = os.O_RDONLY | (os.O_DIRECT if "DIRECT" in method else 0)
@@ -269,7 +265,7 @@ def load_methods(model_dir: Path) -> dict[str, float]:
 
 def disk_bandwidth(model_dir: Path) -> float:
     f = sorted(model_dir.glob("weights-*.bin"))[0]
-    drop_page_cache(model_dir)
+    drop_model_pages(model_dir)
     p = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "count=256", "iflag=direct"],
                        capture_output=True, text=True)
     last = p.stderr.strip().splitlines()[-1]
@@ -320,7 +316,7 @@ def replay(trace: list[tuple[int, int]], n_slots: int, policy: str, tokens_per_a
 
 
 def run_child(args, mode: str, skew: bool, cg: Path | None) -> dict:
-    drop_page_cache(args.dir)
+    drop_model_pages(args.dir)
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", str(args.dir), "--budget", str(args.budget_bytes),
            "--tokens", str(args.tokens), "--warmup", str(args.warmup), "--policy", args.policy]
     if skew:

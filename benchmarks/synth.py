@@ -6,6 +6,8 @@ converter's own writer. Shared by the benchmark scripts.
 """
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 
@@ -150,3 +152,14 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def drop_page_cache(files) -> None:
+    """Flush and drop the files' pages from the page cache, so the next read comes from disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
