@@ -1,6 +1,8 @@
-"""`mixcli convert SRC -o OUT`: a Hugging Face checkpoint directory -> a mixcli model directory.
+"""`mixcli convert SRC -o OUT`: a Hugging Face checkpoint directory or a GGUF file -> a mixcli
+model directory.
 
-Thin: flags in, ``quant.convert.convert_checkpoint`` does the work, a rich progress bar on stderr
+Thin: flags in, ``quant.convert.convert_checkpoint`` (or ``quant.gguf_convert.convert_gguf`` for a
+``.gguf`` file) does the work, a rich progress bar on stderr
 while it runs (tensors and source bytes done) and a summary table on stdout at the end. Errors
 are ``MixcliError``s that the app turns into one line and an exit code.
 """
@@ -17,6 +19,7 @@ from rich.table import Table
 
 from typing import TYPE_CHECKING
 
+from mixcli.errors import UsageError
 from quant.formats import DEFAULT_QUANT
 
 if TYPE_CHECKING:
@@ -28,14 +31,18 @@ class QuantChoice(str, Enum):
     q4_1 = "q4_1"
     q8_0 = "q8_0"
     f16 = "f16"
+    keep = "keep"
 
 
 def convert_command(
-    src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json + *.safetensors)")],
+    src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to create for the converted model")],
     quant: Annotated[
-        QuantChoice, typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1, 8-bit q8_0, or f16 (no quantization)")
-    ] = QuantChoice(DEFAULT_QUANT),
+        QuantChoice | None,
+        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1, 8-bit q8_0, f16 (no quantization), or keep "
+                     "(GGUF only: its Q4_0 / Q4_1 / Q8_0 / F16 blocks as they are, other types to q8_0). "
+                     f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,
 ) -> None:
     """Convert a Hugging Face checkpoint into a memory-mappable mixcli model."""
@@ -55,9 +62,18 @@ def convert_command(
         def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
             bar.update(task, completed=bytes_done, total=bytes_total, tensor=name, tensors_done=done, tensors_total=total)
 
-        from quant.convert import convert_checkpoint  # numba: loaded only when converting
+        if src.suffix.lower() == ".gguf" and not src.is_dir():
+            from quant.gguf_convert import KEEP, convert_gguf  # numba: loaded only when converting
 
-        summary = convert_checkpoint(src, output, quant=QuantChoice(quant).value, force=force, progress=progress)
+            q = QuantChoice(quant).value if quant is not None else KEEP
+            summary = convert_gguf(src, output, quant=q, force=force, progress=progress)
+        else:
+            from quant.convert import convert_checkpoint
+
+            if quant == QuantChoice.keep:
+                raise UsageError("--quant keep applies to GGUF files only", f"choose {', '.join(c.value for c in QuantChoice if c != QuantChoice.keep)}")
+            q = QuantChoice(quant).value if quant is not None else DEFAULT_QUANT
+            summary = convert_checkpoint(src, output, quant=q, force=force, progress=progress)
     Console().print(summary_table(summary))
 
 
