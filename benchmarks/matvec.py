@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixcli import kernels, kernels_ref  # noqa: E402
 from quant import q4  # noqa: E402
+from quant.formats import QUANT_TYPES, interleave_rows  # noqa: E402
 
 STREAM_BYTES = 128 << 20
 
@@ -27,6 +28,10 @@ STREAM_BYTES = 128 << 20
 def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
     """Kernel arguments of a random [N, K] matrix (quantizing a real one is slow; random parts
     have the same layout and cost)."""
+    if qtype.endswith("r16"):
+        base = qtype[:-3]
+        names = QUANT_TYPES[base].parts
+        return list(interleave_rows(dict(zip(names, _parts(base, n, k, rng))), base).values())
     nb = k // 32
     d = (rng.standard_normal((n, nb)) * 0.01).astype(np.float16)
     if qtype == "q4_0":
@@ -72,7 +77,7 @@ def main() -> None:
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
     rows = []
     print(f"numba {numba.__version__}, activation mode: {kernels.ACT_MODE}, threads available {numba.config.NUMBA_NUM_THREADS}")
-    for qtype in ("q4_0", "q4_1", "q8_0", "f16"):
+    for qtype in ("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q8_0", "q8_0r16", "f16"):
         for n, k in shapes:
             one = _parts(qtype, n, k, rng)
             nbytes = sum(p.nbytes for p in one)
@@ -98,7 +103,8 @@ def main() -> None:
         rows.append(("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9))
     del big
     # prefill
-    for qtype, (n, k) in [("q4_0", (14336, 4096)), ("q8_0", (14336, 4096)), ("f16", (14336, 4096))]:
+    for qtype, (n, k) in [("q4_0", (14336, 4096)), ("q4_0r16", (14336, 4096)), ("q8_0", (14336, 4096)),
+                          ("q8_0r16", (14336, 4096)), ("f16", (14336, 4096))]:
         T = 128
         one = _parts(qtype, n, k, rng)
         X = rng.standard_normal((T, k)).astype(np.float32)

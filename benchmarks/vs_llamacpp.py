@@ -243,6 +243,7 @@ def same_blocks(gguf_path: Path, model_dir: Path) -> str:
     e.g. "272/272 tensors bit-identical": when all are, the engines differ only in arithmetic."""
     import numpy as np
 
+    from quant.formats import base_type, deinterleave_rows
     from quant.sources.gguf import open_gguf
     from quant.writer import read_tensor_parts
 
@@ -252,9 +253,12 @@ def same_blocks(gguf_path: Path, model_dir: Path) -> str:
         names = list(ckpt.tensors)
         for name in names:
             exact = ckpt.exact_parts(name)
-            if exact is None or name not in manifest["tensors"] or manifest["tensors"][name]["type"] != exact[0]:
+            qtype = manifest["tensors"].get(name, {}).get("type")
+            if exact is None or qtype is None or base_type(qtype) != exact[0]:
                 continue
             ours = read_tensor_parts(model_dir, manifest, name)
+            if qtype != exact[0]:  # row-tiled: the same blocks re-laid; compare them in GGUF's order
+                ours = deinterleave_rows({p: np.asarray(a) for p, a in ours.items()}, exact[0])
             if set(ours) == set(exact[1]) and all(
                     np.asarray(ours[p]).tobytes() == np.ascontiguousarray(exact[1][p]).tobytes() for p in ours):
                 same += 1

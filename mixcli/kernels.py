@@ -280,7 +280,7 @@ def _make_tile2(kind: str, nrows: int, ntoks: int, levels: int, wide: bool = Tru
     return tile
 
 
-def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
+def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int, tiled: bool = False):
     """An intrinsic ``ptile(qs, d, m, r, n, xp, dxp, cp, g0, ng, out)`` for prefill over packed
     activations, one lane per virtual token: writes out[t, min(r+i, n-1)] for the real tokens t
     of virtual-token groups min(g0+j, ng-1), j < ngroups, i < nrows (all offset terms included).
@@ -292,9 +292,16 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
     weights k..k+3 are broadcast to all 16 lanes, so one ``vpdpbusd`` zmm adds 4 columns of one
     row to 16 token dot products: 8 per block, no horizontal reduction, then per (row, group,
     block) one convert and two fma: acc += d_w * (dot * dx + c).
+
+    ``tiled``: the weights are in the row-tiled layout (``quant.formats.interleave_rows``; qs
+    [N/16, ...], d and m [N/16, NB*16]); only the addresses of a row's bytes and scales change.
     """
     q4 = kind in ("q4_0", "q4_1")
     L = levels
+    RT = 16  # quant.formats.ROW_TILE
+    bq = (16 if q4 else 32) * (RT if tiled else 1)  # qs bytes per block of a row (of a tile)
+    bd = 2 * (RT if tiled else 1)  # scale bytes per block
+    ce = 4 * RT if tiled else 4  # distance between 4-byte column groups of a row
 
     @intrinsic
     def ptile(typingctx, qs, d, m, r, n, xp, dxp, cp, g0, ng, out):
@@ -310,7 +317,7 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
             dxp_p, dxp_st, _ = _arr(context, builder, at[6], dxp_v)
             cp_p, cp_st, _ = _arr(context, builder, at[7], cp_v)
             out_p, out_st, out_sh = _arr(context, builder, at[10], out_v)
-            nb = d_sh[1]
+            nb = builder.sdiv(d_sh[1], _c64(RT)) if tiled else d_sh[1]
             mod = builder.module
             v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
             vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
@@ -320,9 +327,16 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
             gm1 = builder.sub(ng_v, _c64(1))
             rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
             grps = [_clamp(builder, builder.add(g0_v, _c64(j)), gm1) for j in range(ngroups)]
-            row_q = [builder.mul(ri, qs_st[0]) for ri in rows]
-            row_d = [builder.mul(ri, d_st[0]) for ri in rows]
-            row_m = [builder.mul(ri, m_st[0]) for ri in rows]
+
+            def base(ri, st, lane_bytes):  # the start of row ri's bytes in a part
+                if not tiled:
+                    return builder.mul(ri, st)
+                tile, lane = builder.sdiv(ri, _c64(RT)), builder.srem(ri, _c64(RT))
+                return builder.add(builder.mul(tile, st), builder.mul(lane, _c64(lane_bytes)))
+
+            row_q = [base(ri, qs_st[0], 4) for ri in rows]
+            row_d = [base(ri, d_st[0], 2) for ri in rows]
+            row_m = [base(ri, m_st[0], 2) for ri in rows]
             g_x = [builder.mul(gj, xp_st[0]) for gj in grps]
             g_dx = [builder.mul(gj, dxp_st[0]) for gj in grps]
             g_c = [builder.mul(gj, cp_st[0]) for gj in grps]
@@ -347,15 +361,15 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
                 dx = [_load(builder, dxp_p, builder.add(g_dx[j], b64), v16f) for j in range(ngroups)]
                 cs = [_load(builder, cp_p, builder.add(g_c[j], b64), v16f) for j in range(ngroups)]
                 xoff = [builder.add(g_x[j], builder.mul(b, _c64(32 * 16))) for j in range(ngroups)]
-                dw = [half16(d_p, builder.add(row_d[i], builder.mul(b, _c64(2)))) for i in range(nrows)]
+                dw = [half16(d_p, builder.add(row_d[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
                 if kind == "q4_1":
-                    mw = [half16(m_p, builder.add(row_m[i], builder.mul(b, _c64(2)))) for i in range(nrows)]
+                    mw = [half16(m_p, builder.add(row_m[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
                 iacc = [[zero] * ngroups for _ in range(nrows)]
                 for e in range(8):  # 4 columns at a time: one broadcast weight vector per row
                     wq = []
                     for i in range(nrows):
                         if q4:
-                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(16)), _c64(4 * (e % 4))))
+                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * (e % 4))))
                             w = splat(_load(builder, qs_p, off, _i32), v16i)
                             if e < 4:
                                 w = builder.and_(w, m0f)
@@ -364,7 +378,7 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int):
                             else:
                                 w = builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m0f)
                         else:
-                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(32)), _c64(4 * e)))
+                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * e)))
                             # + 128 per byte (0x80808080) on the scalar, then broadcast
                             w = splat(builder.xor(_load(builder, qs_p, off, _i32), ir.Constant(_i32, -0x7F7F7F80)), v16i)
                         wq.append(w)
@@ -827,7 +841,21 @@ def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
 
 def _act(t: int, k: int):
     """(levels, xq [T*L, K] int8, xdx, xsq, xsum [T*L, NB] f32, xsqt [T, NB] f32) thread-local
-    scratch for the current ``ACT_LEVELS``."""
+    scratch for the current ``ACT_LEVELS``. Decode's (T = 1) tuples are kept per K: a decode step
+    makes ~7 matvec calls per layer, and five buffer lookups each were ~15% of a small model's
+    token time."""
+    if t == 1:
+        one = getattr(_tls, "act1", None)
+        if one is None:
+            one = _tls.act1 = {}
+        hit = one.get((k, ACT_LEVELS))
+        if hit is None:
+            hit = one[(k, ACT_LEVELS)] = _act_new(1, k)
+        return hit
+    return _act_new(t, k)
+
+
+def _act_new(t: int, k: int):
     nb, lv = k // QK, ACT_LEVELS
     return (
         lv,
@@ -841,6 +869,9 @@ def _act(t: int, k: int):
 
 def _rowbuf(k: int) -> np.ndarray:
     return _scratch("row", (numba.config.NUMBA_NUM_THREADS, k), np.float32)
+
+
+FP16_AS_U16 = True  # every public kernel also takes float16 arrays as their uint16 bits (Linear binds them so)
 
 
 def _u16(a: np.ndarray) -> np.ndarray:
@@ -922,6 +953,15 @@ def _matmul_q8_0_q8act(qs, d, X, out):
 #   "f32":   x in f32 (hosts without VNNI): exact, slower.
 ACT_MODES = ("int8x2", "int8", "f32")
 _QNAMES = ("matvec_q4_0", "matvec_q4_1", "matvec_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_q8_0")
+
+# The row-tiled storage types ("q4_0r16" ...) have their kernels in kernels_r16, built from the
+# pieces above; they are bound here with the rest so callers see one module.
+from . import kernels_r16 as _r16  # noqa: E402
+
+for _name in dir(_r16):
+    if "r16" in _name and _name.lstrip("_").startswith(("matvec_", "matmul_", "dequant_row_")):
+        globals()[_name] = getattr(_r16, _name)
+_QNAMES += tuple(f"{op}_{kd}r16" for op in ("matvec", "matmul") for kd in _KINDS)
 
 
 def set_activation_mode(mode: str | None = None) -> str:

@@ -69,6 +69,35 @@ matvec_q4_0_f32act, matvec_q4_1_f32act, matvec_q8_0_f32act = matvec_q4_0, matvec
 matmul_q4_0_f32act, matmul_q4_1_f32act, matmul_q8_0_f32act = matmul_q4_0, matmul_q4_1, matmul_q8_0
 
 
+# row-tiled storage (quant.formats.interleave_rows): the same products, weights re-laid by numpy
+def matvec_q4_0r16(qs, d, x, out):
+    out[:] = _w("q4_0r16", qs=qs, d=d) @ x
+
+
+def matvec_q4_1r16(qs, d, m, x, out):
+    out[:] = _w("q4_1r16", qs=qs, d=d, m=m) @ x
+
+
+def matvec_q8_0r16(qs, d, x, out):
+    out[:] = _w("q8_0r16", qs=qs, d=d) @ x
+
+
+def matmul_q4_0r16(qs, d, X, out):
+    out[:] = X @ _w("q4_0r16", qs=qs, d=d).T
+
+
+def matmul_q4_1r16(qs, d, m, X, out):
+    out[:] = X @ _w("q4_1r16", qs=qs, d=d, m=m).T
+
+
+def matmul_q8_0r16(qs, d, X, out):
+    out[:] = X @ _w("q8_0r16", qs=qs, d=d).T
+
+
+matvec_q4_0r16_f32act, matvec_q4_1r16_f32act, matvec_q8_0r16_f32act = matvec_q4_0r16, matvec_q4_1r16, matvec_q8_0r16
+matmul_q4_0r16_f32act, matmul_q4_1r16_f32act, matmul_q8_0r16_f32act = matmul_q4_0r16, matmul_q4_1r16, matmul_q8_0r16
+
+
 def quantize_act(x, xq, xdx, xsq, xsum):
     """x [T, K] f32 -> xq [T, K] int8 = rint(x / dx), dx = amax / 127 per block of 32 (f32);
     xdx [T, NB] = dx, xsq [T, NB] = dx * sum(xq), xsum [T, NB] = sum(x)."""
@@ -124,6 +153,23 @@ def dequant_row_q4_1(qs, d, m, row, out):
 
 def dequant_row_q8_0(qs, d, row, out):
     out[:] = q4.dequantize({"qs": qs[row], "d": d[row]}, "q8_0")
+
+
+def _tile_row(qtype: str, row: int, **parts) -> np.ndarray:
+    g, i = divmod(row, 16)  # the row's tile of a row-tiled matrix, and its place in it
+    return _w(qtype, **{k: v[g : g + 1] for k, v in parts.items()})[i]
+
+
+def dequant_row_q4_0r16(qs, d, row, out):
+    out[:] = _tile_row("q4_0r16", row, qs=qs, d=d)
+
+
+def dequant_row_q4_1r16(qs, d, m, row, out):
+    out[:] = _tile_row("q4_1r16", row, qs=qs, d=d, m=m)
+
+
+def dequant_row_q8_0r16(qs, d, row, out):
+    out[:] = _tile_row("q8_0r16", row, qs=qs, d=d)
 
 
 def dequant_row_f16(w, row, out):

@@ -22,10 +22,12 @@ class Linear:
         p = t.parts
         if t.qtype in ("f16", "f32"):
             self._args = (p["w"],)
-        elif t.qtype == "q4_1":
+        elif "m" in p:  # q4_1 and its row-tiled form
             self._args = (p["qs"], p["d"], p["m"])
         else:
             self._args = (p["qs"], p["d"])
+        if getattr(kernels, "FP16_AS_U16", False):  # the numba kernels take fp16 as its bits: view once
+            self._args = tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in self._args)
         self._mv = getattr(kernels, f"matvec_{t.qtype}")
         self._mm = getattr(kernels, f"matmul_{t.qtype}")
         self._row = getattr(kernels, f"dequant_row_{t.qtype}")

@@ -56,6 +56,8 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
     """The model alone (no tokenizer), for benchmarks: (Model, path)."""
     from .model import Model
     from .registry import resolve_model
+    from quant.formats import FORMAT_VERSION
+
     from .store import open_model_dir
 
     def _pull(entry):
@@ -65,6 +67,9 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     path = resolve_model(model_arg, pull=_pull, notify=notify)
     store = open_model_dir(path)
+    if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
+        notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
+               "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")
     return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory)), path
 
 

@@ -83,9 +83,10 @@ def read_manifest(path: Path) -> dict:
         raise _bad(path, f"manifest.json unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != formats.FORMAT_NAME:
         raise _bad(path, "manifest.json is not a mixcli manifest")
-    if manifest.get("version") != formats.FORMAT_VERSION:
+    if manifest.get("version") not in formats.READABLE_VERSIONS:
         raise ModelFormatError(
-            f"{path} has format version {manifest.get('version')}, this mixcli reads version {formats.FORMAT_VERSION}",
+            f"{path} has format version {manifest.get('version')}, this mixcli reads versions "
+            f"{', '.join(map(str, formats.READABLE_VERSIONS))}",
             "re-convert the model with this version of mixcli",
         )
     return manifest
@@ -130,6 +131,8 @@ def open_model_dir(path: str | Path) -> ModelStore:
             if t["offset"] % formats.TENSOR_ALIGN:
                 raise _bad(path, f"tensor {name} is not page-aligned")
             n, k = (shape if len(shape) == 2 else (0, shape[0]))
+            if qtype.rows > 1 and (len(shape) != 2 or n % qtype.rows):
+                raise _bad(path, f"tensor {name} of type {qtype.name} needs a multiple of {qtype.rows} rows, has shape {list(shape)}")
             expected = qtype.part_shapes(n, k)
             if set(expected) != set(t["parts"]):
                 raise _bad(path, f"tensor {name} has parts {sorted(t['parts'])}, type {qtype.name} needs {sorted(expected)}")

@@ -29,6 +29,7 @@ from .formats import (
     TOKENIZER_FILES,
     fallback_type,
     role_of,
+    row_tiled,
 )
 from .sources.hf import HFCheckpoint, open_hf_checkpoint
 from .writer import ModelWriter, verify_model_dir
@@ -57,9 +58,10 @@ class ConvertSummary:
 
 
 def storage_type(name: str, shape: tuple[int, ...], preset: str) -> str:
-    """The storage type of a tensor under a preset: by role, f16 when K does not fit the block."""
+    """The storage type of a tensor under a preset: by role, f16 when K does not fit the block,
+    row-tiled (``formats.row_tiled``) when N is a multiple of 16."""
     qtype = QUANT_PRESETS[preset][role_of(name)]
-    return fallback_type(qtype, shape[-1]) if len(shape) == 2 else qtype
+    return row_tiled(fallback_type(qtype, shape[-1]), shape[0]) if len(shape) == 2 else qtype
 
 
 def tokenizer_section(src: Path, arch: str) -> dict[str, Any] | None:

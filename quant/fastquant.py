@@ -1,18 +1,34 @@
 """Numba twins of quant.q4's quantizers for the converter's hot path (q4_0 and q8_0).
 
 Why: the numpy reference runs at ~75 M weights/s for q4_0, so a 46.7B-parameter Mixtral would
-take over ten minutes of quantizing alone. Here one pass over the stored bits (bf16 decoding,
-NaN/inf count, largest magnitude per block as an integer reduction) and one packing pass (nibbles
-and the round-trip error) run over a row chunk that stays in cache. Results are bit-for-bit those
-of ``quant.q4.quantize`` (tested), which stays the reference. Numba has no float16 on the CPU, so
-the scales are computed and rounded to fp16 by numpy between the passes (1/32 of the data).
+take over ten minutes of quantizing alone. Here one kernel call quantizes a whole row chunk, a
+row at a time so the row stays in L1/L2: one pass over the stored bits (bf16 decoding, the largest
+magnitude per block as integer reductions, NaN/inf count), the fp16 scales, then the packing pass
+(nibbles and the round-trip error). Results are bit-for-bit those of ``quant.q4.quantize``
+(tested), which stays the reference. Numba has no float16 on the CPU, so the fp16 rounding of the
+scales is numpy's own integer routine (``npy_floatbits_to_halfbits``) transcribed; a test checks it
+against numpy for every sign and exponent with the rounding bits exhaustive, and across the
+subnormal range.
 
-The kernels are single-threaded on purpose: the converter runs a reader thread and a
-writer/hasher thread beside them, and on the 2-core target machine a 2-thread numba region that
-competes with those ran the bf16 decode 3x slower than one thread does (measured: 1.9 s vs
-0.64 s over a Mixtral layer).
+Speed (one core of the 2-core target, a [256, 4096] bf16 chunk): 1.3 G weights/s for q4_0, 1.6 G
+for q8_0. The earlier two-kernel version ran at 0.6 G: its search for the signed value of largest
+magnitude was a scalar loop with an early exit in every block (now two branch-free reductions,
+one over positive and one over negative values), and it scaled between the kernels in numpy.
 
-Shapes: X [N, K] float32 row chunk, NB = K // 32 blocks per row, G = 32.
+``tile`` writes the parts straight in the row-tiled layout of the "r16" storage types
+(``quant.formats.interleave_rows``: 16 rows' 4-byte column groups side by side): scattering from
+the kernel costs 0.03-0.15 ms per [256, 4096] chunk, re-laying it in numpy afterwards cost as much
+as quantizing it (0.76 ms for q4_0, 1.28 ms for q8_0).
+
+The kernels are single-threaded and release the GIL, so the converter's own threads decide the
+parallelism (``quant.writer.QUANT_THREADS``: with 4+ cores two threads quantize a chunk's row
+halves). On the 2-core target one quantizing thread is fastest: the converter's reader (its copy
+out of the page cache is the critical path) and writer/hasher threads need the other core's spare
+time. A numba ``parallel=True`` region measured 3x slower there, and a second Python thread
+calling these kernels 15% slower (median 4.45 s vs 3.85 s over a Mixtral layer).
+
+Shapes: raw [N, K] row chunk, NB = K // 32 blocks per row, G = 32; W bytes of qs per row (K/2 for
+q4_0, K for q8_0); R rows per tile (1: row-major).
 """
 from __future__ import annotations
 
@@ -22,7 +38,7 @@ from numba import njit
 from .formats import QK
 
 FAST_TYPES = ("q4_0", "q8_0")
-_KIND = {"q4_0": 0, "q8_0": 1}
+U32 = np.uint32
 
 
 @njit(nogil=True, cache=True)
@@ -33,85 +49,164 @@ def _bf16_bits_to_f32_bits(src, out):  # src [N, K] uint16 -> out [N, K] uint32 
             out[i, j] = np.uint32(src[i, j]) << np.uint32(16)
 
 
-@njit(nogil=True, cache=True)
-def _scan(src, shift, out, amax, signed):
-    """One pass over stored bits: src [N, K] uint16 (bf16, shift 16) or uint32 (f32 bits,
-    shift 0) -> out [N, K] f32 bits (skipped when ``out`` is None), and per block [N, NB] the
-    largest |x| as bits (amax) and the bits of the first value that has it (signed); returns
-    the number of blocks holding NaN/inf.
+@njit(nogil=True, cache=True, inline="always")
+def _f32_to_f16(f):
+    """fp32 bits -> fp16 bits, rounded to nearest even: numpy's ``npy_floatbits_to_halfbits``
+    (overflow to inf, subnormals, NaN payloads), so the scales equal numpy's ``astype('<f2')``."""
+    h_sgn = (f & U32(0x80000000)) >> U32(16)
+    f_exp = f & U32(0x7F800000)
+    if f_exp >= U32(0x47800000):  # NaN, inf, or too large: inf
+        if f_exp == U32(0x7F800000):
+            f_sig = f & U32(0x007FFFFF)
+            if f_sig != U32(0):
+                ret = U32(0x7C00) + (f_sig >> U32(13))
+                if ret == U32(0x7C00):
+                    ret += U32(1)  # keep it a NaN
+                return h_sgn + ret
+        return h_sgn + U32(0x7C00)
+    if f_exp <= U32(0x38000000):  # a subnormal half or zero
+        if f_exp < U32(0x33000000):
+            return h_sgn
+        f_sig = (U32(0x00800000) + (f & U32(0x007FFFFF))) >> (U32(113) - (f_exp >> U32(23)))
+        if (f_sig & U32(0x3FFF)) != U32(0x1000) or (f & U32(0x7FF)) != U32(0):
+            f_sig += U32(0x1000)
+        return h_sgn + (f_sig >> U32(13))
+    f_sig = f & U32(0x007FFFFF)
+    if (f_sig & U32(0x3FFF)) != U32(0x1000):
+        f_sig += U32(0x1000)
+    # a carry out of the significand bumps the exponent, to inf at the top: both correct
+    return h_sgn + (f_sig >> U32(13)) + ((f_exp - U32(0x38000000)) >> U32(13))
 
-    |x| compares as the unsigned integer (bits & 0x7fffffff) for every non-NaN float, so the
-    max is an integer reduction that vectorizes without fastmath, and the first value of largest
-    magnitude is exactly what numpy's argmax(abs(x)) picks (zeros and ties included)."""
+
+@njit(nogil=True, cache=True, inline="always")
+def _f16_to_f32(h):
+    """fp16 bits -> fp32 bits (exact)."""
+    sgn = (h & U32(0x8000)) << U32(16)
+    e = h & U32(0x7C00)
+    s = h & U32(0x3FF)
+    if e == U32(0):
+        if s == U32(0):
+            return sgn
+        e32 = U32(113)  # a subnormal s * 2^-24: normalize the significand
+        while (s & U32(0x400)) == U32(0):
+            s <<= U32(1)
+            e32 -= U32(1)
+        return sgn | (e32 << U32(23)) | ((s & U32(0x3FF)) << U32(13))
+    if e == U32(0x7C00):
+        return sgn | U32(0x7F800000) | (s << U32(13))
+    return sgn | ((e + U32(0x1C000)) << U32(13)) | (s << U32(13))
+
+
+@njit(nogil=True, cache=True)
+def f32_bits_to_f16_bits(src, out):  # src [M] uint32 -> out [M] uint16 (tests: against numpy)
+    for i in range(src.size):
+        out[i] = np.uint16(_f32_to_f16(src[i]))
+
+
+@njit(nogil=True, cache=True)
+def f16_bits_to_f32_bits(src, out):  # src [M] uint16 -> out [M] uint32
+    for i in range(src.size):
+        out[i] = _f16_to_f32(U32(src[i]))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _quantize_rows(src, shift, q4, tile, qs, d16, err):
+    """Quantize a row chunk; returns the number of blocks holding NaN/inf (then the parts are
+    meaningless).
+
+    src [N, K] uint16 bf16 bits (shift 16) or uint32 f32 bits (shift 0); q4: q4_0, else q8_0;
+    out: qs [N/R, R*W/4] uint32 (the qs bytes, 4 to a word), d16 [N/R, R*NB] uint16 (fp16 bits),
+    err [N] max |dequant - x| per row. Row r's word g goes to qs[r // R, g*R + r % R] and its
+    block b's scale to d16[r // R, b*R + r % R]: row-major for R = 1, the r16 layout for R = 16."""
     n, k = src.shape
     nb = k // QK
+    half = QK // 2
+    w = k // 2 if q4 else k
+    xb = np.empty(k, np.uint32)  # [K] this row as f32 bits
+    x = xb.view(np.float32)
+    first = np.empty(nb, np.uint32)  # [NB] bits of the value that sets the scale
+    fv = first.view(np.float32)
+    dbits = np.empty(nb, np.uint32)  # [NB] exact scale
+    d = dbits.view(np.float32)
+    drbits = np.empty(nb, np.uint32)  # [NB] the stored fp16 scale, as f32
+    dr = drbits.view(np.float32)
+    qs8 = qs.view(np.uint8)  # [N/R, R*W]
+    qrow = np.empty(w, np.uint8)  # [W] a row's qs bytes when tiled (then scattered)
+    qwords = qrow.view(np.uint32)  # [W/4]
     nbad = 0
     for i in range(n):
+        # pass 1: decode, and per block the largest |x|. |x| orders as the unsigned integer
+        # bits & 0x7fffffff for every non-NaN float, so the max is an integer reduction; kept
+        # separately (+1, so 0 means "none") over positive and negative values, the sign of the
+        # largest magnitude is known without a search unless both signs have it.
         for b in range(nb):
             o = b * QK
-            m = np.uint32(0)
-            if out is None:
-                for j in range(QK):
-                    m = max(m, (np.uint32(src[i, o + j]) << np.uint32(shift)) & np.uint32(0x7FFFFFFF))
-            else:
-                for j in range(QK):
-                    bits = np.uint32(src[i, o + j]) << np.uint32(shift)
-                    out[i, o + j] = bits
-                    m = max(m, bits & np.uint32(0x7FFFFFFF))
-            nbad += m >= np.uint32(0x7F800000)
-            first = np.uint32(0)
+            pm = U32(0)
+            nm = U32(0)
             for j in range(QK):
-                bits = np.uint32(src[i, o + j]) << np.uint32(shift)
-                if bits & np.uint32(0x7FFFFFFF) == m:
-                    first = bits
-                    break
-            amax[i, b] = m
-            signed[i, b] = first
+                bits = U32(src[i, o + j]) << U32(shift)
+                xb[o + j] = bits
+                c = (bits & U32(0x7FFFFFFF)) + U32(1)
+                neg = bits >> U32(31)
+                pm = max(pm, c * (U32(1) - neg))
+                nm = max(nm, c * neg)
+            m = max(pm, nm) - U32(1)
+            nbad += m >= U32(0x7F800000)
+            if not q4 or pm > nm:
+                first[b] = m
+            elif nm > pm:
+                first[b] = m | U32(0x80000000)
+            else:  # both signs: the first one, as numpy's argmax(abs(x)) picks (ties, zeros)
+                for j in range(QK):
+                    if xb[o + j] & U32(0x7FFFFFFF) == m:
+                        first[b] = xb[o + j]
+                        break
+        # scales: q4_0 maps the signed value of largest magnitude to -8, q8_0 the largest |x| to 127
+        for b in range(nb):
+            d[b] = fv[b] / np.float32(-8.0) if q4 else fv[b] / np.float32(127.0)
+        t, ri = i // tile, i % tile
+        for b in range(nb):
+            h = _f32_to_f16(dbits[b])
+            d16[t, b * tile + ri] = np.uint16(h)
+            drbits[b] = _f16_to_f32(h)
+        # pass 2: codes and the round-trip error (per-lane maxima: no serial reduction), straight
+        # into the output when row-major (a computed scatter index would stop vectorization)
+        out = qs8[i] if tile == 1 else qrow  # [W]
+        if q4:
+            lanes = np.zeros(half, dtype=np.float32)
+            for b in range(nb):
+                db = d[b]
+                inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+                drb = dr[b]
+                o = b * QK
+                for j in range(half):
+                    v0 = x[o + j]
+                    v1 = x[o + j + half]
+                    # x*inv lies in [-8, 8], so +8.5 is >= 0 and int truncation is numpy's trunc
+                    q0 = min(np.int32(v0 * inv + np.float32(8.5)), 15)
+                    q1 = min(np.int32(v1 * inv + np.float32(8.5)), 15)
+                    out[b * half + j] = np.uint8(q0 | (q1 << 4))
+                    e0 = abs(np.float32(q0 - 8) * drb - v0)
+                    e1 = abs(np.float32(q1 - 8) * drb - v1)
+                    lanes[j] = max(lanes[j], max(e0, e1))
+        else:
+            lanes = np.zeros(QK, dtype=np.float32)
+            oi8 = out.view(np.int8)
+            for b in range(nb):
+                db = d[b]
+                inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+                drb = dr[b]
+                o = b * QK
+                for j in range(QK):
+                    v = x[o + j]
+                    q = np.rint(v * inv)
+                    oi8[o + j] = np.int8(q)
+                    lanes[j] = max(lanes[j], abs(q * drb - v))
+        err[i] = lanes.max()
+        if tile > 1:
+            for g in range(w // 4):
+                qs[t, g * tile + ri] = qwords[g]
     return nbad
-
-
-@njit(nogil=True, cache=True)
-def _pack_q4_0(x, d, dr, qs, err):  # x [N, K], d/dr [N, NB] (exact / fp16-rounded) -> qs [N, K/2] u8, err [N]
-    n, k = x.shape
-    nb = k // QK
-    half = QK // 2
-    for i in range(n):
-        lanes = np.zeros(half, dtype=np.float32)  # running max error per lane: no serial reduction
-        for b in range(nb):
-            db = d[i, b]
-            inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-            drb = dr[i, b]
-            o = b * QK
-            for j in range(half):
-                v0 = x[i, o + j]
-                v1 = x[i, o + j + half]
-                # x*inv lies in [-8, 8], so +8.5 is >= 0 and int truncation is numpy's trunc
-                q0 = min(np.int32(v0 * inv + np.float32(8.5)), 15)
-                q1 = min(np.int32(v1 * inv + np.float32(8.5)), 15)
-                qs[i, b * half + j] = np.uint8(q0 | (q1 << 4))
-                e0 = abs(np.float32(q0 - 8) * drb - v0)
-                e1 = abs(np.float32(q1 - 8) * drb - v1)
-                lanes[j] = max(lanes[j], max(e0, e1))
-        err[i] = lanes.max()
-
-
-@njit(nogil=True, cache=True)
-def _pack_q8_0(x, d, dr, qs, err):  # x [N, K] -> qs [N, K] int8, err [N]
-    n, k = x.shape
-    nb = k // QK
-    for i in range(n):
-        lanes = np.zeros(QK, dtype=np.float32)
-        for b in range(nb):
-            db = d[i, b]
-            inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-            drb = dr[i, b]
-            o = b * QK
-            for j in range(QK):
-                v = x[i, o + j]
-                q = np.rint(v * inv)
-                qs[i, o + j] = np.int8(q)
-                lanes[j] = max(lanes[j], abs(q * drb - v))
-        err[i] = lanes.max()
 
 
 def decode(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -130,34 +225,32 @@ def decode(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def quantize_chunk(raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float, int, np.ndarray]:
+def quantize_chunk(raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None, *, tile: int = 1,
+                   keep_x: bool = True) -> tuple[dict[str, np.ndarray], float, int, np.ndarray | None]:
     """Stored rows [N, K] (float32, float16, or uint16 bf16 bits) -> (parts exactly as
     quant.q4.quantize gives them, max |dequant - x|, number of blocks holding NaN/inf, X [N, K]
-    float32). When the count is non-zero the parts are meaningless. ``scratch`` (flat uint32,
-    >= N*K) may hold X; the parts never alias it."""
+    float32 or None). When the count is non-zero the parts are meaningless.
+
+    ``tile`` R > 1 (N a multiple of R) lays the parts out as ``formats.interleave_rows`` does:
+    qs [N/R, R*W], d [N/R, R*NB]. X is decoded only with ``keep_x`` (the writer needs it only to
+    name a NaN); ``scratch`` (flat uint32, >= N*K) may hold it. The parts never alias it."""
     n, k = raw.shape
     nb = k // QK
+    if n % tile:
+        raise ValueError(f"{n} rows do not fill tiles of {tile}")
+    q4 = qtype == "q4_0"
+    if not q4 and qtype != "q8_0":
+        raise ValueError(f"no fast quantizer for {qtype}")
     if raw.dtype == np.float16:
         raw = raw.astype(np.float32)
-    amax = np.empty((n, nb), dtype=np.uint32)  # [N, NB] bits of the largest |x|
-    signed = np.empty((n, nb), dtype=np.uint32)  # [N, NB] bits of the first value that large
     if raw.dtype == np.uint16:
-        out = scratch[: raw.size].reshape(n, k) if scratch is not None and scratch.size >= raw.size else np.empty((n, k), np.uint32)
-        nbad = _scan(raw, 16, out, amax, signed)
-        x = out.view(np.float32)
+        src, shift = raw, 16
     else:
-        x = np.ascontiguousarray(raw, dtype=np.float32)
-        nbad = _scan(x.view(np.uint32), 0, None, amax, signed)
-    if qtype == "q4_0":
-        d = signed.view(np.float32) / np.float32(-8.0)  # [N, NB]
-    else:
-        d = amax.view(np.float32) / np.float32(127.0)
-    d16 = d.astype("<f2")  # the stored scales
+        src, shift = np.ascontiguousarray(raw, dtype=np.float32).view(np.uint32), 0
+    w = k // 2 if q4 else k  # qs bytes per row
+    qs = np.empty((n // tile, tile * w), dtype=np.uint8 if q4 else np.int8)
+    d16 = np.empty((n // tile, tile * nb), dtype=np.uint16)
     err = np.empty(n, dtype=np.float32)
-    if qtype == "q4_0":
-        qs = np.empty((n, k // 2), dtype=np.uint8)
-        _pack_q4_0(x, d, d16.astype(np.float32), qs, err)
-    else:
-        qs = np.empty((n, k), dtype=np.int8)
-        _pack_q8_0(x, d, d16.astype(np.float32), qs, err)
-    return {"qs": qs, "d": d16}, float(err.max()) if n else 0.0, int(nbad), x
+    nbad = _quantize_rows(src, shift, q4, tile, qs.view(np.uint32), d16, err)
+    x = decode(raw, scratch) if keep_x else None
+    return {"qs": qs, "d": d16.view("<f2")}, float(err.max()) if n else 0.0, int(nbad), x

@@ -32,7 +32,7 @@ from .convert import (
     install_model_dir,
     storage_type,
 )
-from .formats import QK, QUANT_PRESETS, role_of
+from .formats import QK, QUANT_PRESETS, base_type, interleave_rows, role_of, row_tiled
 from .gguf_tokenizer import write_tokenizer
 from .sources.gguf import EXACT_TYPES, GGUFCheckpoint, open_gguf
 from .writer import ModelWriter, verify_model_dir
@@ -50,8 +50,8 @@ def gguf_storage_type(ckpt: GGUFCheckpoint, name: str, quant: str) -> str:
         return "f32"
     if quant != KEEP:
         return storage_type(name, ref.shape, quant)
-    if ref.ggml_type in EXACT_TYPES:
-        return EXACT_TYPES[ref.ggml_type]
+    if ref.ggml_type in EXACT_TYPES:  # the same blocks, row-tiled where the rows allow
+        return row_tiled(EXACT_TYPES[ref.ggml_type], ref.shape[0]) if len(ref.shape) == 2 else EXACT_TYPES[ref.ggml_type]
     return "f16" if ref.ggml_type in _FLOAT_GGUF_TYPES else storage_type(name, ref.shape, "q8_0")
 
 
@@ -64,7 +64,7 @@ def quant_section(types: dict[str, str], quant: str) -> dict[str, Any]:
     turned out to hold (e.g. "q4_1" for SmolLM2's Q4_1 GGUF) when one preset describes it."""
     by_role: dict[str, Counter] = {}
     for name, t in types.items():
-        by_role.setdefault(role_of(name), Counter())[t] += 1
+        by_role.setdefault(role_of(name), Counter())[base_type(t)] += 1  # presets name block types
     roles = {role: c.most_common(1)[0][0] for role, c in by_role.items()}
     preset = quant
     if quant == KEEP:
@@ -98,9 +98,11 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
                 layer, expert = int(name.split(".")[1]), int(name.split(".")[3])
                 region = sum(q4.nbytes(types[name[:-2] + w], *ckpt.tensors[name[:-2] + w].shape) + 4096 for w in ("w1", "w3", "w2"))
                 writer.begin_expert(layer, expert, region)
-            exact = ckpt.exact_parts(name) if EXACT_TYPES.get(ref.ggml_type) == qtype else None
+            base = base_type(qtype)
+            exact = ckpt.exact_parts(name) if EXACT_TYPES.get(ref.ggml_type) == base else None
             if exact is not None:
-                writer.add_tensor_parts(name, qtype, ref.shape, exact[1], max_abs_err=0.0)
+                parts = exact[1] if base == qtype else interleave_rows(exact[1], base)
+                writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0)
             else:
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import QK, QUANT_TYPES
+from .formats import QK, QUANT_TYPES, base_type, deinterleave_rows, interleave_rows
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -37,6 +37,8 @@ def quantize(w: np.ndarray, qtype: str) -> dict[str, np.ndarray]:
     w = np.asarray(w, dtype=np.float32)
     if w.ndim == 1:
         return {name: part[0] for name, part in quantize(w[None, :], qtype).items()}
+    if base_type(qtype) != qtype:  # a row-tiled type: the base type's blocks, re-laid
+        return interleave_rows(quantize(w, base_type(qtype)), base_type(qtype))
     if qtype == "f32":
         return {"w": np.ascontiguousarray(w, dtype="<f4")}
     if qtype == "f16":
@@ -72,6 +74,8 @@ def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
     first = parts["w"] if "w" in parts else parts["qs"]
     if first.ndim == 1:
         return dequantize({k: v[None] for k, v in parts.items()}, qtype)[0]
+    if base_type(qtype) != qtype:
+        return dequantize(deinterleave_rows(parts, base_type(qtype)), base_type(qtype))
     if qtype in ("f32", "f16"):
         return np.asarray(parts["w"], dtype=np.float32)
     d = np.asarray(parts["d"], dtype=np.float32)[:, :, None]  # [N, NB, 1]
@@ -95,6 +99,7 @@ def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
     error of a scale or min that goes subnormal in fp16 (below 6.1e-5; flushed to zero below
     2**-25): up to 2**-25 times the largest code."""
     w = np.asarray(w, dtype=np.float32)
+    qtype = base_type(qtype)
     if qtype == "f32":
         return np.zeros_like(w)
     if qtype == "f16":

@@ -102,6 +102,8 @@ def test_convert_matches_reference_quantizer(tmp_path, case):
         want = QUANT_PRESETS["q4_0"][role_of(name)]
         if w.ndim == 2 and w.shape[1] % 32:
             want = "f16"  # K does not fit a block
+        if w.ndim == 2 and want != "f16" and w.shape[0] % 16 == 0:
+            want += "r16"  # rows tiled 16 at a time (formats.interleave_rows)
         assert t["type"] == want, name
         parts = read_tensor_parts(tmp_path / "out", m, name)
         expect = q4.quantize(w, want)
@@ -118,7 +120,8 @@ def test_convert_matches_reference_quantizer(tmp_path, case):
     assert summary.bytes_on_disk == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     if kw.get("intermediate_size") == 72:
         assert m["tensors"]["layers.0.experts.0.w2"]["type"] == "f16"
-        assert m["tensors"]["layers.0.experts.0.w1"]["type"] == "q4_0"
+        assert m["tensors"]["layers.0.experts.0.w1"]["type"] == "q4_0"  # 72 rows: not a multiple of 16
+    assert m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0r16"
 
     # experts: one page-aligned region each, holding exactly w1, w3, w2 and nothing else
     regions = m["experts"]
@@ -238,7 +241,8 @@ def test_writer_chunks_and_rolls_over_files(tmp_path):
             writer.add_tensor(f"layers.0.experts.{e}.{n}", "q4_0", src.shape, lambda a, b, s=src: s[a:b])
         writer.end_expert()
     m = writer.finish({}, {}, None, {"kind": "test"}, fsync=False)
-    assert released == [(a, min(a + 7, 300)) for a in range(0, 300, 7)]  # 500 // 64 rows a chunk
+    # 500 // 64 = 7 rows a chunk, rounded up to a whole tile of 16 rows (formats.ROW_TILE)
+    assert released == [(a, min(a + 16, 300)) for a in range(0, 300, 16)]
     assert len(m["files"]) > 1
     for r in m["experts"].values():
         assert r["offset"] + r["nbytes"] <= next(f["size"] for f in m["files"] if f["name"] == r["file"])

@@ -265,7 +265,7 @@ def test_q4_0_requantization_agreement(smol, hf_model, hf_reference, tmp_path, c
     out = tmp_path / "q4_0"
     convert_gguf(smol.gguf, out, quant="q4_0")
     m = verify_model_dir(out)
-    assert m["quant"]["preset"] == "q4_0" and m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0"
+    assert m["quant"]["preset"] == "q4_0" and m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0r16"
 
     agree, total, ours_per = _teacher_forced(mixcli.load(out, ctx=512), smol, hf_reference)
     ref_q4 = _transformers_with_our_weights(hf_model, out)

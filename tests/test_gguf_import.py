@@ -19,6 +19,7 @@ import pytest
 from babymodels import BABY_DEFAULTS, random_weights
 from mixcli.errors import CheckpointError
 from quant import q4
+from quant.formats import row_tiled
 from quant.gguf_convert import convert_gguf
 from quant.sources.gguf import open_gguf
 from quant.writer import read_tensor_parts, verify_model_dir
@@ -35,6 +36,11 @@ CHATML = (
 )
 CORPUS = "the cat sat on the mat. the dog ate the hat, then the cat ran! Is that the rat? The end."
 
+
+
+def _tiled(qtype: str, w: np.ndarray) -> str:
+    """The storage type a matrix of block type ``qtype`` gets: row-tiled when its rows allow."""
+    return row_tiled(qtype, w.shape[0]) if w.ndim == 2 else qtype
 
 def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     """A tiny GPT-2 style vocabulary (tokens, token types, merges) learned by BPE on CORPUS:
@@ -211,6 +217,7 @@ def test_mixtral_gguf_config_and_exact_blocks(tmp_path, stacked):
         want_type = {"embed": "q8_0", "output": "q8_0", "norm": "f32", "router": "f32"}.get(
             "embed" if name == "tok_embeddings" else "output" if name == "output" else
             "norm" if name.endswith("norm") else "router" if name.endswith("moe.gate") else "linear", "q4_0")
+        want_type = _tiled(want_type, weights[hf_name(name)])
         assert t["type"] == want_type, name
         ours = read_tensor_parts(out, m, name)
         ref = q4.quantize(weights[hf_name(name)], want_type)  # our quantizer on the original floats
@@ -249,6 +256,7 @@ def test_llama_gguf_q4_1_f16_tied(tmp_path):
     assert m["quant"]["preset"] == "keep"  # q4_1 linears with an f16 embedding: no preset says that
     for name, t in m["tensors"].items():
         ref_type = "f16" if name == "tok_embeddings" else "f32" if name.endswith("norm") else "q4_1"
+        ref_type = _tiled(ref_type, weights[_dense_hf_name(name)])
         assert t["type"] == ref_type
         ref = q4.quantize(weights[_dense_hf_name(name)], ref_type)
         ours = read_tensor_parts(out, m, name)
@@ -267,14 +275,14 @@ def test_requantize_non_exact_types(tmp_path):
         m = verify_model_dir(out)
         t = reader["blk.1.attn_v.weight"]
         deq = gguf.quants.dequantize(np.array(t.data), t.tensor_type)  # [N, K] f32, the reference decoder
-        qtype = "q8_0" if quant == "keep" else "q4_0"
+        qtype = _tiled("q8_0" if quant == "keep" else "q4_0", deq)
         assert m["tensors"]["layers.1.attn.wv"]["type"] == qtype
         ours = read_tensor_parts(out, m, "layers.1.attn.wv")
         for part, arr in q4.quantize(deq, qtype).items():
             np.testing.assert_array_equal(np.asarray(ours[part]), arr)
         emb = reader["token_embd.weight"]
         emb_deq = gguf.quants.dequantize(np.array(emb.data), emb.tensor_type)
-        emb_type = "f16" if quant == "keep" else "q8_0"
+        emb_type = _tiled("f16" if quant == "keep" else "q8_0", emb_deq)
         ours = read_tensor_parts(out, m, "tok_embeddings")
         for part, arr in q4.quantize(emb_deq, emb_type).items():
             np.testing.assert_array_equal(np.asarray(ours[part]), arr)
@@ -383,3 +391,24 @@ def test_unsupported_tensor_type(tmp_path):
     w.write_tensors_to_file()
     w.close()
     _assert_clean_failure(tmp_path, tmp_path / "bad.gguf", "blk.0.attn_norm.weight has GGUF type I32")
+
+
+def test_cli_convert_gguf_keeps_blocks_and_refuses_keep_for_a_directory(tmp_path):
+    """`mixcli convert model.gguf -o DIR` (the command a user types) imports GGUF files; with no
+    --quant it keeps the file's blocks. `--quant keep` names a GGUF-only choice."""
+    import subprocess
+    import sys
+
+    src, cfg, weights = make_gguf_checkpoint(tmp_path / "baby.gguf", "mixtral", types={"linear": Q.Q4_0})
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "mixcli", "convert", str(src), "-o", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = verify_model_dir(tmp_path / "out")
+    assert m["source"]["kind"] == "gguf" and m["stats"]["max_abs_err"] == 0.0
+    assert m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0r16"  # Q4_0 blocks kept, rows tiled
+
+    cmd = [sys.executable, "-m", "mixcli", "convert", str(tmp_path), "-o", str(tmp_path / "out2"), "--quant", "keep"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "GGUF files only" in r.stderr, r.stderr
+    assert not (tmp_path / "out2").exists()

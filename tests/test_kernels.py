@@ -19,6 +19,7 @@ from quant import q4
 
 RTOL = 1e-4
 QTYPES = ("q4_0", "q4_1", "q8_0")
+TILED = ("q4_0r16", "q4_1r16", "q8_0r16")  # row-tiled storage (quant.formats.interleave_rows)
 
 
 def _close(got, want, rtol=RTOL):
@@ -33,7 +34,7 @@ def _matrix(qtype, n, k, seed):
     parts = q4.quantize(w, qtype)
     if qtype in ("f16", "f32"):
         return [parts["w"]]
-    return [parts["qs"], parts["d"]] + ([parts["m"]] if qtype == "q4_1" else [])
+    return [parts["qs"], parts["d"]] + ([parts["m"]] if "m" in parts else [])
 
 
 def _dense(qtype, args):
@@ -52,6 +53,8 @@ def _act_bound(w, X):
 
 
 QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
+TSHAPES = [(16, 32), (32, 96), (48, 160), (16, 4096)]  # tiled: N a multiple of 16
+QCASES = [(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in TILED for n, k in TSHAPES]
 
 
 @pytest.fixture(params=["int8x2", "int8", "f32"])
@@ -62,9 +65,8 @@ def act_mode(request):
     K.set_activation_mode()
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("n,k", QSHAPES)
-@pytest.mark.parametrize("t", [1, 3, 6])
+@pytest.mark.parametrize("qtype,n,k", QCASES)
+@pytest.mark.parametrize("t", [1, 3, 6, 21])
 def test_quantized_matmul_and_matvec(qtype, n, k, t, act_mode):
     args = _matrix(qtype, n, k, seed=n * 1000 + k)
     X = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
@@ -131,12 +133,13 @@ def test_quantize_act_levels_matches_twin(levels):
     assert np.all(err <= amax / 254.0**levels * 1.01 + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", QTYPES + ("f16", "f32"))
+@pytest.mark.parametrize("qtype", QTYPES + TILED + ("f16", "f32"))
 def test_dequant_row(qtype):
-    k = 96 if qtype in QTYPES else 37
-    args = _matrix(qtype, 5, k, seed=7)
+    k = 96 if qtype in QTYPES + TILED else 37
+    n = 32 if qtype in TILED else 5
+    args = _matrix(qtype, n, k, seed=7)
     dense = _dense(qtype, args)
-    for row in (0, 4):
+    for row in (0, 4, 17 % n, n - 1):
         got = np.empty(k, np.float32)
         getattr(K, f"dequant_row_{qtype}")(*args, row, got)
         want = np.empty(k, np.float32)

@@ -140,3 +140,58 @@ def test_fast_quantizer_counts_blocks_with_non_finite_values(w, qtype, bad):
     w.reshape(-1)[idx] = bad
     _, _, nbad, _ = fastquant.quantize_chunk(w, qtype)
     assert nbad == int((~np.isfinite(w.reshape(-1, QK))).any(axis=1).sum())
+
+
+@st.composite
+def tiled_weights(draw):
+    """W [16*T, K]: whole tiles of 16 rows for the row-tiled ("r16") layout, rows from weights()."""
+    w = draw(weights())
+    rows = 16 * draw(st.integers(1, 2))
+    return np.resize(w, (rows, w.shape[1])) * np.linspace(1, 2, rows, dtype=np.float32)[:, None]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tiled_weights(), st.sampled_from(list(fastquant.FAST_TYPES)), st.sampled_from(["f32", "bf16"]))
+def test_fast_quantizer_writes_the_row_tiled_layout(w, qtype, dtype):
+    """tile=16 gives formats.interleave_rows of the reference's parts, straight from the kernel."""
+    from quant.formats import interleave_rows
+
+    if dtype == "bf16":
+        stored = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        w = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float().numpy()
+    else:
+        stored = w
+    parts, err, nbad, x = fastquant.quantize_chunk(stored, qtype, tile=16, keep_x=False)
+    ref = q4.quantize(w, qtype)
+    want = interleave_rows(ref, qtype)
+    assert x is None and nbad == 0
+    assert all(same_bits(parts[p], want[p]) for p in want)
+    assert err == float(np.abs(q4.dequantize(ref, qtype) - w).max())
+
+
+def test_fast_fp16_rounding_is_numpys():
+    """The kernels' fp32 -> fp16 rounding (numba has no float16) against numpy's astype: every
+    sign and exponent with the 14 low mantissa bits (the rounding and even bits) exhaustive and
+    random high bits, plus random patterns around the subnormal range where every bit counts; and
+    fp16 -> fp32 for all 65536 halves."""
+    rng = np.random.default_rng(0)
+    low = np.arange(1 << 14, dtype=np.uint32)
+    exps = np.arange(512, dtype=np.uint32) << np.uint32(23)  # sign and exponent
+    high = rng.integers(0, 1 << 9, size=(512, 1), dtype=np.uint32) << np.uint32(14)
+    patterns = [(exps[:, None] | high | low[None, :]).ravel()]
+    sub = rng.integers(0x32800000, 0x38800000, size=1 << 22, dtype=np.uint32)
+    patterns += [sub, sub | np.uint32(0x80000000)]
+    bits = np.concatenate(patterns)  # [M] uint32
+    got = np.empty(bits.size, np.uint16)
+    fastquant.f32_bits_to_f16_bits(bits, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = bits.view(np.float32).astype("<f2").view(np.uint16)
+    finite = ~np.isnan(bits.view(np.float32))  # NaN payloads: any NaN will do (such blocks are refused)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.isnan(got[~finite].view("<f2")).all()
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    back = np.empty(halves.size, np.uint32)
+    fastquant.f16_bits_to_f32_bits(halves, back)
+    ok = ~np.isnan(halves.view("<f2"))
+    assert np.array_equal(back[ok], halves.view("<f2").astype(np.float32).view(np.uint32)[ok])
+    assert np.isnan(back[~ok].view(np.float32)).all()
