@@ -52,6 +52,7 @@ E experts, F FFN width.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -131,6 +132,24 @@ def _c64(v):
 def _clamp(builder, v, hi):
     """min(v, hi) for int64 values."""
     return builder.select(builder.icmp_signed("<", v, hi), v, hi)
+
+
+def _splat16(builder, v, ty):
+    """A scalar -> <16 x ty> with it in every lane (a broadcast load when v is a load)."""
+    u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(u, u, ir.Constant(_vec(_i32, 16), [0] * 16))
+
+
+def _high_nibbles16(builder, w):
+    """<16 x i32> of packed bytes -> each byte's high nibble (byte >> 4): one ``gf2p8affineqb``
+    (an affine bit-matrix op) with GFNI, else a shift and a mask."""
+    v16i, v64b = _vec(_i32, 16), _vec(_i8, 64)
+    if _GFNI:
+        gf = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512")
+        hi = builder.bitcast(ir.Constant(_vec(_i64, 8), [0x1020408000000000] * 8), v64b)
+        return builder.bitcast(builder.call(gf, [builder.bitcast(w, v64b), hi, ir.Constant(_i8, 0)]), v16i)
+    return builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), ir.Constant(v16i, [0x0F0F0F0F] * 16))
 
 
 def _bcast_pairs(builder, vec, nblk):
@@ -342,14 +361,7 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int, tiled: bool = 
             g_c = [builder.mul(gj, cp_st[0]) for gj in grps]
             zero = ir.Constant(v16i, [0] * 16)
             m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
-            v64b = _vec(_i8, 64)
-            gf = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512")
-            gf_hi = builder.bitcast(ir.Constant(_vec(_i64, 8), [0x1020408000000000] * 8), v64b)
-
-            def splat(v, ty):
-                u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(_i32, 0))
-                return builder.shuffle_vector(u, u, ir.Constant(_vec(_i32, 16), [0] * 16))
+            splat = functools.partial(_splat16, builder)
 
             def half16(p, off):
                 h = builder.bitcast(_load(builder, p, off, _i16), ir.HalfType())
@@ -371,12 +383,7 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int, tiled: bool = 
                         if q4:
                             off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * (e % 4))))
                             w = splat(_load(builder, qs_p, off, _i32), v16i)
-                            if e < 4:
-                                w = builder.and_(w, m0f)
-                            elif _GFNI:  # (byte >> 4) in one affine bit-matrix op
-                                w = builder.bitcast(builder.call(gf, [builder.bitcast(w, v64b), gf_hi, ir.Constant(_i8, 0)]), v16i)
-                            else:
-                                w = builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m0f)
+                            w = builder.and_(w, m0f) if e < 4 else _high_nibbles16(builder, w)
                         else:
                             off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * e)))
                             # + 128 per byte (0x80808080) on the scalar, then broadcast

@@ -28,6 +28,8 @@ m [NT, NB * 16] fp16 (as uint16 inside numba); T tokens, L activation levels.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import get_thread_id, njit, prange, types
@@ -38,7 +40,6 @@ from quant.formats import ROW_TILE
 
 from .kernels import (
     _FAST,
-    _GFNI,
     _JIT,
     _PJIT,
     P_GROUPS,
@@ -48,15 +49,16 @@ from .kernels import (
     _c64,
     _dot,
     _f32,
+    _high_nibbles16,
     _i8,
     _i16,
     _i32,
-    _i64,
     _load,
     _make_ptile,
     _pack_act,
     _pact,
     _rowbuf,
+    _splat16,
     _u16,
     _vec,
     h2f,
@@ -95,23 +97,17 @@ def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
             out_p, _, _ = _arr(context, builder, at[7], out_v)
             nb = builder.sdiv(d_sh[1], _c64(R))
             mod = builder.module
-            v16i, v16f, v64b = _vec(_i32, 16), _vec(_f32, 16), _vec(_i8, 64)
+            v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
             vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
             pf = cgutils.get_or_insert_function(
                 mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
-            gf = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512")
-            gf_hi = builder.bitcast(ir.Constant(_vec(_i64, 8), [0x1020408000000000] * 8), v64b)  # byte >> 4
             m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
             zero = ir.Constant(v16i, [0] * 16)
             acc = cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16))
             gq = builder.mul(g_v, qs_st[0])
             gd = builder.mul(g_v, d_st[0])
             gm = builder.mul(g_v, m_st[0])
-
-            def splat(v, ty):
-                u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(_i32, 0))
-                return builder.shuffle_vector(u, u, ir.Constant(_vec(_i32, 16), [0] * 16))
+            splat = functools.partial(_splat16, builder)
 
             def halves(p, off):  # 16 fp16 at p + off -> <16 x float>
                 h = _load(builder, p, off, _vec(_i16, 16))
@@ -131,10 +127,7 @@ def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
                     w = _load(builder, qs_p, builder.add(qb, _c64(64 * c)), v16i)
                     if q4:
                         lo = builder.and_(w, m0f)
-                        if _GFNI:
-                            hi = builder.bitcast(builder.call(gf, [builder.bitcast(w, v64b), gf_hi, ir.Constant(_i8, 0)]), v16i)
-                        else:
-                            hi = builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m0f)
+                        hi = _high_nibbles16(builder, w)
                         halves_cols = [(lo, 4 * c, 0), (hi, 16 + 4 * c, 1)]
                     else:  # signed bytes + 128 -> unsigned; the +128 comes back out as `offset`
                         halves_cols = [(builder.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)), 4 * c, c % 2)]
