@@ -5,7 +5,7 @@ Decode is memory-bandwidth bound, so each case cycles through enough copies of t
 (>= 128 MiB) that it streams from DRAM, not from the 32 MiB L3, as a real model's weights do.
 Each figure is the median (and best) of several timed passes after a JIT warm-up.
 
-    python benchmarks/matvec.py [--runs 7] [--quick]
+    python benchmarks/matvec.py [--runs 7] [--quick] [--types q4_0r16,q4_kr16]
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
         return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), d, d.copy()]
     if qtype == "q8_0":
         return [rng.integers(-127, 128, (n, k), dtype=np.int8), d]
+    if qtype == "q4_k":  # qs, s (codes), d, m (super-scales)
+        sup = (rng.standard_normal((n, -(-nb // 8))) * 0.5).astype(np.float16)
+        return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), rng.integers(0, 256, (n, 2 * nb), dtype=np.uint8),
+                sup, sup.copy()]
     return [rng.standard_normal((n, k)).astype(np.float16)]
 
 
@@ -71,13 +75,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
+    ap.add_argument("--types", default="", help="comma-separated storage types to run (default: all)")
     a = ap.parse_args()
+    only = set(filter(None, a.types.split(",")))
+    pick = (lambda ts: [t for t in ts if t in only]) if only else (lambda ts: list(ts))
     rng = np.random.default_rng(0)
     shapes = [(14336, 4096)] if a.quick else [(14336, 4096), (4096, 14336)]
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
     rows = []
     print(f"numba {numba.__version__}, activation mode: {kernels.ACT_MODE}, threads available {numba.config.NUMBA_NUM_THREADS}")
-    for qtype in ("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q8_0", "q8_0r16", "f16"):
+    # (row-major q4_k has only the f32-activation kernels: not a decode path worth a row here)
+    for qtype in pick(("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q4_kr16", "q8_0", "q8_0r16", "f16")):
         for n, k in shapes:
             one = _parts(qtype, n, k, rng)
             nbytes = sum(p.nbytes for p in one)
@@ -103,8 +111,8 @@ def main() -> None:
         rows.append(("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9))
     del big
     # prefill
-    for qtype, (n, k) in [("q4_0", (14336, 4096)), ("q4_0r16", (14336, 4096)), ("q8_0", (14336, 4096)),
-                          ("q8_0r16", (14336, 4096)), ("f16", (14336, 4096))]:
+    for qtype in pick(("q4_0", "q4_0r16", "q4_kr16", "q8_0", "q8_0r16", "f16")):
+        n, k = 14336, 4096
         T = 128
         one = _parts(qtype, n, k, rng)
         X = rng.standard_normal((T, k)).astype(np.float32)

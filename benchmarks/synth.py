@@ -31,7 +31,7 @@ def _random_parts(rng, qtype: str, n: int, k: int, scale: float) -> dict[str, np
     shapes = formats.QUANT_TYPES[qtype].part_shapes(n, k)
     parts = {}
     for name, (shape, dt) in shapes.items():
-        if name == "qs":
+        if name in ("qs", "s"):  # nibbles / int8 weights, q4_k's byte codes
             parts[name] = rng.integers(0, 256, size=shape, dtype=np.uint8).view(np.dtype(dt))
         elif name in ("d", "m"):
             parts[name] = (rng.random(shape, dtype=np.float32) * scale).astype(dt) * (-1 if name == "m" else 1)

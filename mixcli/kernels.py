@@ -314,114 +314,152 @@ def _make_ptile(kind: str, nrows: int, ngroups: int, levels: int, tiled: bool = 
 
     ``tiled``: the weights are in the row-tiled layout (``quant.formats.interleave_rows``; qs
     [N/16, ...], d and m [N/16, NB*16]); only the addresses of a row's bytes and scales change.
+
+    ``kind="q4_k"`` (row-tiled only) takes one more argument, q4_k's byte codes: ``ptile(qs, s,
+    d, m, ...)``, d and m being the super-block scales D, Dm; per (row, block) d_w = sc * D / 64
+    and the min term m_w = -mn * Dm / 64 (with cp's coefficient 1, as for Q4_1).
     """
-    q4 = kind in ("q4_0", "q4_1")
+    q4 = kind in ("q4_0", "q4_1", "q4_k")
     L = levels
     RT = 16  # quant.formats.ROW_TILE
+    if kind == "q4_k" and not (tiled and RT % nrows == 0):
+        raise ValueError("the q4_k prefill tile reads row-tiled weights, nrows dividing 16")
     bq = (16 if q4 else 32) * (RT if tiled else 1)  # qs bytes per block of a row (of a tile)
-    bd = 2 * (RT if tiled else 1)  # scale bytes per block
+    bd = 2 * (RT if tiled else 1)  # scale bytes per block (q4_k: per super-block)
     ce = 4 * RT if tiled else 4  # distance between 4-byte column groups of a row
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        if kind == "q4_k":  # the codes, then the arguments every kind has
+            s_p, s_st, _ = _arr(context, builder, at[1], args[1])
+            args, at = (args[0],) + tuple(args[2:]), (at[0],) + tuple(at[2:])
+        qs_v, d_v, m_v, r_v, n_v, xp_v, dxp_v, cp_v, g0_v, ng_v, out_v = args
+        qs_p, qs_st, qs_sh = _arr(context, builder, at[0], qs_v)
+        d_p, d_st, d_sh = _arr(context, builder, at[1], d_v)
+        m_p, m_st, _ = _arr(context, builder, at[2], m_v)
+        xp_p, xp_st, _ = _arr(context, builder, at[5], xp_v)
+        dxp_p, dxp_st, _ = _arr(context, builder, at[6], dxp_v)
+        cp_p, cp_st, _ = _arr(context, builder, at[7], cp_v)
+        out_p, out_st, out_sh = _arr(context, builder, at[10], out_v)
+        if kind == "q4_k":  # 16 qs bytes per block and row
+            nb = builder.sdiv(qs_sh[1], _c64(bq))
+        else:
+            nb = builder.sdiv(d_sh[1], _c64(RT)) if tiled else d_sh[1]
+        mod = builder.module
+        v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
+        vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(ngroups)]
+                for _ in range(nrows)]
+        nm1 = builder.sub(n_v, _c64(1))
+        gm1 = builder.sub(ng_v, _c64(1))
+        rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
+        grps = [_clamp(builder, builder.add(g0_v, _c64(j)), gm1) for j in range(ngroups)]
+
+        def base(ri, st, lane_bytes):  # the start of row ri's bytes in a part
+            if not tiled:
+                return builder.mul(ri, st)
+            tile, lane = builder.sdiv(ri, _c64(RT)), builder.srem(ri, _c64(RT))
+            return builder.add(builder.mul(tile, st), builder.mul(lane, _c64(lane_bytes)))
+
+        row_q = [base(ri, qs_st[0], 4) for ri in rows]
+        row_d = [base(ri, d_st[0], 2) for ri in rows]
+        row_m = [base(ri, m_st[0], 2) for ri in rows]
+        if kind == "q4_k":
+            row_s = [base(ri, s_st[0], 1) for ri in rows]
+        g_x = [builder.mul(gj, xp_st[0]) for gj in grps]
+        g_dx = [builder.mul(gj, dxp_st[0]) for gj in grps]
+        g_c = [builder.mul(gj, cp_st[0]) for gj in grps]
+        zero = ir.Constant(v16i, [0] * 16)
+        m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
+        splat = functools.partial(_splat16, builder)
+
+        def half(p, off):
+            return builder.fpext(builder.bitcast(_load(builder, p, off, _i16), ir.HalfType()), _f32)
+
+        def half16(p, off):
+            return splat(half(p, off), v16f)
+
+        def coded16(b, which, sup, row_sup, scale):
+            """q4_k: per row i, splat(code * super-scale * scale) of block b (which 0: sc, 1: mn).
+            The tile's rows r..r+nrows-1 are adjacent lanes: one small vector load each of the
+            codes and of the super-scales, one multiply, then a broadcast per row."""
+            vf = _vec(_f32, nrows)
+            off = builder.add(row_s[0], builder.add(builder.mul(b, _c64(2 * RT)), _c64(which * RT)))
+            code = builder.uitofp(builder.zext(_load(builder, s_p, off, _vec(_i8, nrows)), _vec(_i32, nrows)), vf)
+            sb = builder.mul(builder.lshr(b, _c64(3)), _c64(bd))  # quant.formats.SUPER = 8 blocks
+            h = _load(builder, sup, builder.add(row_sup[0], sb), _vec(_i16, nrows))
+            v = builder.fmul(code, builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), nrows)), vf), flags=_FAST)
+            v = builder.fmul(v, ir.Constant(vf, [scale] * nrows), flags=_FAST)
+            return [splat(builder.extract_element(v, ir.Constant(_i32, i)), v16f) for i in range(nrows)]
+
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            b64 = builder.mul(b, _c64(64))  # 16 lanes x 4 bytes of f32 per block
+            dx = [_load(builder, dxp_p, builder.add(g_dx[j], b64), v16f) for j in range(ngroups)]
+            cs = [_load(builder, cp_p, builder.add(g_c[j], b64), v16f) for j in range(ngroups)]
+            xoff = [builder.add(g_x[j], builder.mul(b, _c64(32 * 16))) for j in range(ngroups)]
+            if kind == "q4_k":
+                dw = coded16(b, 0, d_p, row_d, 1 / 64)
+                mw = coded16(b, 1, m_p, row_m, -1 / 64)
+            else:
+                dw = [half16(d_p, builder.add(row_d[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
+            if kind == "q4_1":
+                mw = [half16(m_p, builder.add(row_m[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
+            iacc = [[zero] * ngroups for _ in range(nrows)]
+            for e in range(8):  # 4 columns at a time: one broadcast weight vector per row
+                wq = []
+                for i in range(nrows):
+                    if q4:
+                        off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * (e % 4))))
+                        w = splat(_load(builder, qs_p, off, _i32), v16i)
+                        w = builder.and_(w, m0f) if e < 4 else _high_nibbles16(builder, w)
+                    else:
+                        off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * e)))
+                        # + 128 per byte (0x80808080) on the scalar, then broadcast
+                        w = splat(builder.xor(_load(builder, qs_p, off, _i32), ir.Constant(_i32, -0x7F7F7F80)), v16i)
+                    wq.append(w)
+                for j in range(ngroups):
+                    xv = _load(builder, xp_p, builder.add(xoff[j], _c64(64 * e)), v16i)
+                    for i in range(nrows):
+                        iacc[i][j] = builder.call(vnni, [iacc[i][j], wq[i], xv])
+            for i in range(nrows):
+                for j in range(ngroups):
+                    f = builder.fmul(builder.sitofp(iacc[i][j], v16f), dx[j], flags=_FAST)
+                    if kind not in ("q4_1", "q4_k"):
+                        f = builder.fadd(f, cs[j], flags=_FAST)
+                    a = builder.fadd(builder.load(facc[i][j]), builder.fmul(f, dw[i], flags=_FAST), flags=_FAST)
+                    if kind in ("q4_1", "q4_k"):
+                        a = builder.fadd(a, builder.fmul(mw[i], cs[j], flags=_FAST), flags=_FAST)
+                    builder.store(a, facc[i][j])
+        # scatter: lane v of group g is virtual token g*16+v = real token (g*16+v) // L
+        ntok = out_sh[0]
+        per = 16 // L
+        for j in range(ngroups):
+            for i in range(nrows):
+                a = builder.load(facc[i][j])
+                if L == 2:
+                    ev = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(0, 16, 2))))
+                    od = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(1, 16, 2))))
+                    a = builder.fadd(ev, od, flags=_FAST)
+                col = builder.mul(rows[i], out_st[1])
+                for lane in range(per):
+                    tk = builder.add(builder.mul(grps[j], _c64(per)), _c64(lane))
+                    with builder.if_then(builder.icmp_signed("<", tk, ntok)):
+                        off = builder.add(builder.mul(tk, out_st[0]), col)
+                        ptr = builder.bitcast(builder.gep(out_p, [off]), _f32.as_pointer())
+                        builder.store(builder.extract_element(a, ir.Constant(_i32, lane)), ptr)
+        return context.get_dummy_value()
+
+    if kind == "q4_k":
+        @intrinsic
+        def ptile_k(typingctx, qs, s, d, m, r, n, xp, dxp, cp, g0, ng, out):
+            return types.void(qs, s, d, m, r, n, xp, dxp, cp, g0, ng, out), codegen
+
+        return ptile_k
 
     @intrinsic
     def ptile(typingctx, qs, d, m, r, n, xp, dxp, cp, g0, ng, out):
-        sig = types.void(qs, d, m, r, n, xp, dxp, cp, g0, ng, out)
-
-        def codegen(context, builder, signature, args):
-            qs_v, d_v, m_v, r_v, n_v, xp_v, dxp_v, cp_v, g0_v, ng_v, out_v = args
-            at = signature.args
-            qs_p, qs_st, _ = _arr(context, builder, at[0], qs_v)
-            d_p, d_st, d_sh = _arr(context, builder, at[1], d_v)
-            m_p, m_st, _ = _arr(context, builder, at[2], m_v)
-            xp_p, xp_st, _ = _arr(context, builder, at[5], xp_v)
-            dxp_p, dxp_st, _ = _arr(context, builder, at[6], dxp_v)
-            cp_p, cp_st, _ = _arr(context, builder, at[7], cp_v)
-            out_p, out_st, out_sh = _arr(context, builder, at[10], out_v)
-            nb = builder.sdiv(d_sh[1], _c64(RT)) if tiled else d_sh[1]
-            mod = builder.module
-            v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
-            vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(ngroups)]
-                    for _ in range(nrows)]
-            nm1 = builder.sub(n_v, _c64(1))
-            gm1 = builder.sub(ng_v, _c64(1))
-            rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
-            grps = [_clamp(builder, builder.add(g0_v, _c64(j)), gm1) for j in range(ngroups)]
-
-            def base(ri, st, lane_bytes):  # the start of row ri's bytes in a part
-                if not tiled:
-                    return builder.mul(ri, st)
-                tile, lane = builder.sdiv(ri, _c64(RT)), builder.srem(ri, _c64(RT))
-                return builder.add(builder.mul(tile, st), builder.mul(lane, _c64(lane_bytes)))
-
-            row_q = [base(ri, qs_st[0], 4) for ri in rows]
-            row_d = [base(ri, d_st[0], 2) for ri in rows]
-            row_m = [base(ri, m_st[0], 2) for ri in rows]
-            g_x = [builder.mul(gj, xp_st[0]) for gj in grps]
-            g_dx = [builder.mul(gj, dxp_st[0]) for gj in grps]
-            g_c = [builder.mul(gj, cp_st[0]) for gj in grps]
-            zero = ir.Constant(v16i, [0] * 16)
-            m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
-            splat = functools.partial(_splat16, builder)
-
-            def half16(p, off):
-                h = builder.bitcast(_load(builder, p, off, _i16), ir.HalfType())
-                return splat(builder.fpext(h, _f32), v16f)
-
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                b64 = builder.mul(b, _c64(64))  # 16 lanes x 4 bytes of f32 per block
-                dx = [_load(builder, dxp_p, builder.add(g_dx[j], b64), v16f) for j in range(ngroups)]
-                cs = [_load(builder, cp_p, builder.add(g_c[j], b64), v16f) for j in range(ngroups)]
-                xoff = [builder.add(g_x[j], builder.mul(b, _c64(32 * 16))) for j in range(ngroups)]
-                dw = [half16(d_p, builder.add(row_d[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
-                if kind == "q4_1":
-                    mw = [half16(m_p, builder.add(row_m[i], builder.mul(b, _c64(bd)))) for i in range(nrows)]
-                iacc = [[zero] * ngroups for _ in range(nrows)]
-                for e in range(8):  # 4 columns at a time: one broadcast weight vector per row
-                    wq = []
-                    for i in range(nrows):
-                        if q4:
-                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * (e % 4))))
-                            w = splat(_load(builder, qs_p, off, _i32), v16i)
-                            w = builder.and_(w, m0f) if e < 4 else _high_nibbles16(builder, w)
-                        else:
-                            off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * e)))
-                            # + 128 per byte (0x80808080) on the scalar, then broadcast
-                            w = splat(builder.xor(_load(builder, qs_p, off, _i32), ir.Constant(_i32, -0x7F7F7F80)), v16i)
-                        wq.append(w)
-                    for j in range(ngroups):
-                        xv = _load(builder, xp_p, builder.add(xoff[j], _c64(64 * e)), v16i)
-                        for i in range(nrows):
-                            iacc[i][j] = builder.call(vnni, [iacc[i][j], wq[i], xv])
-                for i in range(nrows):
-                    for j in range(ngroups):
-                        f = builder.fmul(builder.sitofp(iacc[i][j], v16f), dx[j], flags=_FAST)
-                        if kind != "q4_1":
-                            f = builder.fadd(f, cs[j], flags=_FAST)
-                        a = builder.fadd(builder.load(facc[i][j]), builder.fmul(f, dw[i], flags=_FAST), flags=_FAST)
-                        if kind == "q4_1":
-                            a = builder.fadd(a, builder.fmul(mw[i], cs[j], flags=_FAST), flags=_FAST)
-                        builder.store(a, facc[i][j])
-            # scatter: lane v of group g is virtual token g*16+v = real token (g*16+v) // L
-            ntok = out_sh[0]
-            per = 16 // L
-            for j in range(ngroups):
-                for i in range(nrows):
-                    a = builder.load(facc[i][j])
-                    if L == 2:
-                        ev = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(0, 16, 2))))
-                        od = builder.shuffle_vector(a, a, ir.Constant(_vec(_i32, 8), list(range(1, 16, 2))))
-                        a = builder.fadd(ev, od, flags=_FAST)
-                    col = builder.mul(rows[i], out_st[1])
-                    for lane in range(per):
-                        tk = builder.add(builder.mul(grps[j], _c64(per)), _c64(lane))
-                        with builder.if_then(builder.icmp_signed("<", tk, ntok)):
-                            off = builder.add(builder.mul(tk, out_st[0]), col)
-                            ptr = builder.bitcast(builder.gep(out_p, [off]), _f32.as_pointer())
-                            builder.store(builder.extract_element(a, ir.Constant(_i32, lane)), ptr)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        return types.void(qs, d, m, r, n, xp, dxp, cp, g0, ng, out), codegen
 
     return ptile
 
@@ -961,14 +999,17 @@ def _matmul_q8_0_q8act(qs, d, X, out):
 ACT_MODES = ("int8x2", "int8", "f32")
 _QNAMES = ("matvec_q4_0", "matvec_q4_1", "matvec_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_q8_0")
 
-# The row-tiled storage types ("q4_0r16" ...) have their kernels in kernels_r16, built from the
-# pieces above; they are bound here with the rest so callers see one module.
+# The row-tiled storage types ("q4_0r16" ...) have their kernels in kernels_r16, q4_k's (row-tiled
+# and row-major) in kernels_q4k, built from the pieces above; they are bound here with the rest so
+# callers see one module. Row-major q4_k has f32-activation kernels only (bound once, every mode).
+from . import kernels_q4k as _q4k  # noqa: E402
 from . import kernels_r16 as _r16  # noqa: E402
 
-for _name in dir(_r16):
-    if "r16" in _name and _name.lstrip("_").startswith(("matvec_", "matmul_", "dequant_row_")):
-        globals()[_name] = getattr(_r16, _name)
-_QNAMES += tuple(f"{op}_{kd}r16" for op in ("matvec", "matmul") for kd in _KINDS)
+for _mod, _tag in ((_r16, "r16"), (_q4k, "q4_k")):
+    for _name in dir(_mod):
+        if _tag in _name and _name.lstrip("_").startswith(("matvec_", "matmul_", "dequant_row_")):
+            globals()[_name] = getattr(_mod, _name)
+_QNAMES += tuple(f"{op}_{kd}r16" for op in ("matvec", "matmul") for kd in _KINDS + ("q4_k",))
 
 
 def set_activation_mode(mode: str | None = None) -> str:

@@ -69,6 +69,48 @@ R = ROW_TILE
 IT_PREFETCH = 512  # bytes ahead in a tile's qs stream (two blocks of a 4-bit tile)
 
 
+def _prefetch_block(builder, qs_p, qb, prefetch: int, nline: int) -> None:
+    """Software prefetch of the nline 64-byte lines ``prefetch`` bytes past qs_p + qb (read, L1)."""
+    if not prefetch:
+        return
+    pf = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
+    for line in range(nline):
+        builder.call(pf, [builder.gep(qs_p, [builder.add(qb, _c64(prefetch + 64 * line))]),
+                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
+def _tile_block_dots(builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_st, b):
+    """The heart of a decode tile, shared by every row-tiled type: block b's 16 rows (qs bytes at
+    qs_p + qb, 64-byte lines of 4 bytes per row) against the L activation levels, as
+    <16 x float> f = sum_l dot_l * dx_l (offset terms not included). Two integer chains per level
+    (low / high nibbles) keep the vpdpbusd dependency chains short."""
+    v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
+    q4 = kind != "q8_0"
+    vnni = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
+    zero = ir.Constant(v16i, [0] * 16)
+    m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
+    xb = builder.mul(b, _c64(32))
+    ia = [[zero, zero] for _ in range(L)]
+    for c in range(4 if q4 else 8):
+        w = _load(builder, qs_p, builder.add(qb, _c64(64 * c)), v16i)
+        if q4:
+            halves_cols = [(builder.and_(w, m0f), 4 * c, 0), (_high_nibbles16(builder, w), 16 + 4 * c, 1)]
+        else:  # signed bytes + 128 -> unsigned; the caller takes the +128 back out as an offset
+            halves_cols = [(builder.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)), 4 * c, c % 2)]
+        for wv, col, h in halves_cols:
+            for lv in range(L):
+                xo = builder.add(builder.add(builder.mul(_c64(lv), xq_st[0]), xb), _c64(col))
+                ia[lv][h] = builder.call(vnni, [ia[lv][h], wv, _splat16(builder, _load(builder, xq_p, xo, _i32), v16i)])
+    f = None
+    for lv in range(L):
+        s = builder.add(ia[lv][0], ia[lv][1])
+        dxo = builder.add(builder.mul(_c64(lv), xdx_st[0]), builder.mul(b, _c64(4)))
+        p = builder.fmul(builder.sitofp(s, v16f), _splat16(builder, _load(builder, xdx_p, dxo, _f32), v16f), flags=_FAST)
+        f = p if f is None else builder.fadd(f, p, flags=_FAST)
+    return f
+
+
 def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
     """An intrinsic ``itile(qs, d, m, g, xq, xdx, xsqt, out)``: writes out[16*g : 16*g+16], the
     complete dot products (offset terms included) of tile g's 16 rows with the ``levels``-level
@@ -96,13 +138,7 @@ def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
             xs_p, _, _ = _arr(context, builder, at[6], xs_v)
             out_p, _, _ = _arr(context, builder, at[7], out_v)
             nb = builder.sdiv(d_sh[1], _c64(R))
-            mod = builder.module
-            v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
-            vnni = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            pf = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
-            m0f = ir.Constant(v16i, [0x0F0F0F0F] * 16)
-            zero = ir.Constant(v16i, [0] * 16)
+            v16f = _vec(_f32, 16)
             acc = cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16))
             gq = builder.mul(g_v, qs_st[0])
             gd = builder.mul(g_v, d_st[0])
@@ -116,31 +152,8 @@ def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 qb = builder.add(gq, builder.mul(b, _c64(64 * nline)))
-                if prefetch:
-                    for line in range(nline):
-                        builder.call(pf, [builder.gep(qs_p, [builder.add(qb, _c64(prefetch + 64 * line))]),
-                                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-                xb = builder.mul(b, _c64(32))
-                # two independent integer sums per level (low / high nibbles), shorter chains
-                ia = [[zero, zero] for _ in range(L)]
-                for c in range(nline):
-                    w = _load(builder, qs_p, builder.add(qb, _c64(64 * c)), v16i)
-                    if q4:
-                        lo = builder.and_(w, m0f)
-                        hi = _high_nibbles16(builder, w)
-                        halves_cols = [(lo, 4 * c, 0), (hi, 16 + 4 * c, 1)]
-                    else:  # signed bytes + 128 -> unsigned; the +128 comes back out as `offset`
-                        halves_cols = [(builder.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)), 4 * c, c % 2)]
-                    for wv, col, h in halves_cols:
-                        for lv in range(L):
-                            xo = builder.add(builder.add(builder.mul(_c64(lv), xq_st[0]), xb), _c64(col))
-                            ia[lv][h] = builder.call(vnni, [ia[lv][h], wv, splat(_load(builder, xq_p, xo, _i32), v16i)])
-                f = None
-                for lv in range(L):
-                    s = builder.add(ia[lv][0], ia[lv][1])
-                    dxo = builder.add(builder.mul(_c64(lv), xdx_st[0]), builder.mul(b, _c64(4)))
-                    p = builder.fmul(builder.sitofp(s, v16f), splat(_load(builder, xdx_p, dxo, _f32), v16f), flags=_FAST)
-                    f = p if f is None else builder.fadd(f, p, flags=_FAST)
+                _prefetch_block(builder, qs_p, qb, prefetch, nline)
+                f = _tile_block_dots(builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_st, b)
                 cs = splat(_load(builder, xs_p, builder.mul(b, _c64(4)), _f32), v16f)
                 if offset:
                     f = builder.fadd(f, builder.fmul(cs, ir.Constant(v16f, [-offset] * 16), flags=_FAST), flags=_FAST)

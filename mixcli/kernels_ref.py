@@ -98,6 +98,27 @@ matvec_q4_0r16_f32act, matvec_q4_1r16_f32act, matvec_q8_0r16_f32act = matvec_q4_
 matmul_q4_0r16_f32act, matmul_q4_1r16_f32act, matmul_q8_0r16_f32act = matmul_q4_0r16, matmul_q4_1r16, matmul_q8_0r16
 
 
+# q4_k (quant.formats): parts qs, s, d, m, row-major or row-tiled
+def matvec_q4_k(qs, s, d, m, x, out):
+    out[:] = _w("q4_k", qs=qs, s=s, d=d, m=m) @ x
+
+
+def matmul_q4_k(qs, s, d, m, X, out):
+    out[:] = X @ _w("q4_k", qs=qs, s=s, d=d, m=m).T
+
+
+def matvec_q4_kr16(qs, s, d, m, x, out):
+    out[:] = _w("q4_kr16", qs=qs, s=s, d=d, m=m) @ x
+
+
+def matmul_q4_kr16(qs, s, d, m, X, out):
+    out[:] = X @ _w("q4_kr16", qs=qs, s=s, d=d, m=m).T
+
+
+matvec_q4_k_f32act, matmul_q4_k_f32act = matvec_q4_k, matmul_q4_k
+matvec_q4_kr16_f32act, matmul_q4_kr16_f32act = matvec_q4_kr16, matmul_q4_kr16
+
+
 def quantize_act(x, xq, xdx, xsq, xsum):
     """x [T, K] f32 -> xq [T, K] int8 = rint(x / dx), dx = amax / 127 per block of 32 (f32);
     xdx [T, NB] = dx, xsq [T, NB] = dx * sum(xq), xsum [T, NB] = sum(x)."""
@@ -170,6 +191,14 @@ def dequant_row_q4_1r16(qs, d, m, row, out):
 
 def dequant_row_q8_0r16(qs, d, row, out):
     out[:] = _tile_row("q8_0r16", row, qs=qs, d=d)
+
+
+def dequant_row_q4_k(qs, s, d, m, row, out):
+    out[:] = q4.dequantize({"qs": qs[row], "s": s[row], "d": d[row], "m": m[row]}, "q4_k")
+
+
+def dequant_row_q4_kr16(qs, s, d, m, row, out):
+    out[:] = _tile_row("q4_kr16", row, qs=qs, s=s, d=d, m=m)
 
 
 def dequant_row_f16(w, row, out):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from quant.formats import QUANT_TYPES
+
 from .store import QTensor
 
 
@@ -19,13 +21,8 @@ class Linear:
         self.qtype = t.qtype
         self.n, self.k = t.shape  # N output rows, K input columns
         self.nbytes = t.nbytes
-        p = t.parts
-        if t.qtype in ("f16", "f32"):
-            self._args = (p["w"],)
-        elif "m" in p:  # q4_1 and its row-tiled form
-            self._args = (p["qs"], p["d"], p["m"])
-        else:
-            self._args = (p["qs"], p["d"])
+        # the kernels take the parts in the type's order: w; qs, d; qs, d, m; qs, s, d, m (q4_k)
+        self._args = tuple(t.parts[name] for name in QUANT_TYPES[t.qtype].parts)
         if getattr(kernels, "FP16_AS_U16", False):  # the numba kernels take fp16 as its bits: view once
             self._args = tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in self._args)
         self._mv = getattr(kernels, f"matvec_{t.qtype}")

@@ -1,16 +1,18 @@
 """Convert a llama.cpp GGUF file into a mixcli model directory.
 
-Where our format holds a GGUF block type bit for bit (Q4_0, Q4_1, Q8_0, F16, F32), the blocks are
-re-laid into our parts without re-quantizing: a Q4_1 GGUF imported with ``quant="keep"`` computes
-exactly what llama.cpp computes from it. Everything else (K-quants, Q5, BF16, ...) is dequantized
-by the ``gguf`` package and re-quantized by our writer.
+Where our format holds a GGUF block type exactly (Q4_0, Q4_1, Q8_0, F16, F32 bit for bit; Q4_K as
+q4_k, the same values with its codes unpacked), the blocks are re-laid into our parts without
+re-quantizing: a Q4_1 GGUF imported with ``quant="keep"`` computes exactly what llama.cpp computes
+from it, and so do the Q4_K tensors of a Q4_K_M file. Everything else (Q6_K and the other
+K-quants, Q5, BF16, ...) is dequantized by the ``gguf`` package and re-quantized by our writer.
 
 ``quant``:
 - ``"keep"``: each tensor keeps its GGUF type where we hold it exactly; a type we do not hold
   becomes q8_0 (block types: its error is far below that of any <= 6-bit source) or f16 (float
   types). Norms and the router are always f32 (lossless from F16/F32, and the runtime's choice).
 - a preset of ``quant.formats.QUANT_PRESETS``: types by role as for safetensors, copied exactly
-  when the GGUF tensor already has that type.
+  when the GGUF tensor already has that type (``--quant q4_k`` on a Q4_K tensor copies it; on
+  any other type it re-quantizes by q4_k's rule).
 
 All-or-nothing like ``quant.convert.convert_checkpoint`` (whose clean-up helpers we share): the
 model is written into a hidden ``.<name>.partial-<pid>`` directory beside ``out`` and renamed into

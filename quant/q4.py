@@ -3,6 +3,8 @@
 The rounding rules are GGUF's (llama.cpp ``quantize_row_q4_0_ref`` and friends), so a tensor
 quantized here is bit-for-bit what ``gguf.quants.quantize`` produces, after the byte order of
 ``qs`` (which is the same: low nibble weight j, high nibble weight j+16 of each block of 32).
+q4_k is ours (its rule is in ``quant.formats``); its dequantizer equals gguf's Q4_K dequantizer
+bit for bit on imported blocks.
 
 Shapes: W [N, K] float32 in, parts out; ``NB = K // 32`` blocks per row.
 Everything is vectorised over whole row chunks; no Python loop touches a block.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import QK, QUANT_TYPES, base_type, deinterleave_rows, interleave_rows
+from .formats import QK, QUANT_TYPES, SUPER, base_type, deinterleave_rows, interleave_rows
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -30,6 +32,36 @@ def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     n = qs.shape[0]
     b = qs.reshape(n, -1, 16)
     return np.concatenate([b & 0x0F, b >> 4], axis=2)
+
+
+def _per_block(v: np.ndarray, nb: int) -> np.ndarray:
+    """q4_k super-block values [N, NS] -> float32 per block [N, NB] (each repeated 8 times)."""
+    return np.repeat(np.asarray(v, dtype=np.float32), SUPER, axis=1)[:, :nb]
+
+
+def _super_max(v: np.ndarray) -> np.ndarray:
+    """[N, NB] >= 0 -> the largest value of each super-block of 8 blocks [N, NS]."""
+    n, nb = v.shape
+    pad = np.zeros((n, -nb % SUPER), np.float32)
+    return np.concatenate([v, pad], axis=1).reshape(n, -1, SUPER).max(axis=2)
+
+
+def q4_k_scales(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, ...]:
+    """q4_k's two scale levels from the per-block step d_b and offset m_b [N, NB] (f32, >= 0):
+    (D, Dm [N, NS] fp16, sc, mn [N, NB] uint8, d', m' [N, NB] f32, the stored block scales).
+    A super-scale past fp16 (|w| beyond ~2.6e5) is inf and the dequantized block NaN, which the
+    writer reports as a tensor q4_k cannot hold."""
+    nb = d.shape[1]
+    out = []
+    for v in (d, m):
+        top = _super_max(v) * np.float32(64.0) / np.float32(255.0)  # [N, NS] f32
+        sup = top.astype("<f2")
+        sup = np.where(sup > 0, sup, np.float16(0)).astype("<f2")  # -0.0 and NaN -> +0
+        sf = _per_block(sup, nb)  # [N, NB]
+        code = np.where(sf > 0, np.clip(np.rint(v * np.float32(64.0) / sf), 0, 255), 0).astype(np.uint8)
+        out.append((sup, code, sf * code.astype(np.float32) / np.float32(64.0)))
+    (sd, sc, dq), (sm, mn, mq) = out
+    return sd, sm, sc, mn, dq, mq
 
 
 def quantize(w: np.ndarray, qtype: str) -> dict[str, np.ndarray]:
@@ -66,6 +98,14 @@ def quantize(w: np.ndarray, qtype: str) -> dict[str, np.ndarray]:
             inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
             q = np.clip(np.trunc((x - lo[:, :, None]) * inv[:, :, None] + 0.5), 0, 15).astype(np.uint8)
             return {"qs": _pack_nibbles(q), "d": d.astype("<f2"), "m": lo.astype("<f2")}
+        if qtype == "q4_k":  # the rule is in quant/formats.py's docstring
+            lo = np.minimum(x.min(axis=2), np.float32(0.0))  # [N, NB]
+            d = (x.max(axis=2) - lo) / np.float32(15.0)
+            sd, sm, sc, mn, dq, mq = q4_k_scales(d, -lo)
+            inv_ok = dq[:, :, None] > 0
+            q = np.where(inv_ok, np.clip(np.rint((x + mq[:, :, None]) / dq[:, :, None]), 0, 15), 0).astype(np.uint8)
+            s = np.stack([sc, mn], axis=2).reshape(sc.shape[0], -1)  # [N, 2*NB]: sc_b, mn_b
+            return {"qs": _pack_nibbles(q), "s": s, "d": sd, "m": sm}
     raise KeyError(f"unknown quant type {qtype!r}")
 
 
@@ -90,7 +130,22 @@ def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
     if qtype == "q4_1":
         m = np.asarray(parts["m"], dtype=np.float32)[:, :, None]
         return (q * d + m).reshape(n, -1)
+    if qtype == "q4_k":  # (D/64 * sc) * q - (Dm/64 * mn): every product exact in f32, one rounding
+        dw, mw = q4_k_block_scales(parts)
+        return (q * dw[:, :, None] - mw[:, :, None]).reshape(n, -1)
     raise KeyError(f"unknown quant type {qtype!r}")
+
+
+def q4_k_block_scales(parts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major q4_k parts -> the block scale d_w = D/64 * sc and offset m_w = Dm/64 * mn, both
+    [N, NB] f32 and exact (fp16 times a power of two times a byte)."""
+    s = np.asarray(parts["s"])
+    n, nb = s.shape[0], s.shape[1] // 2
+    s = s.reshape(n, nb, 2).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # an inf super-scale times a 0 code: NaN, reported by the writer
+        dw = _per_block(parts["d"], nb) * np.float32(1 / 64) * s[:, :, 0]
+        mw = _per_block(parts["m"], nb) * np.float32(1 / 64) * s[:, :, 1]
+    return dw, mw
 
 
 def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
@@ -106,6 +161,8 @@ def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
         return np.abs(w) * 2.0**-11 + 6e-8
     x = _blocks(w)
     amax = np.abs(x).max(axis=2, keepdims=True)
+    if qtype == "q4_k":
+        return _q4_k_bound(x, amax).reshape(w.shape)
     if qtype == "q8_0":
         step = amax / 127.0
     elif qtype == "q4_0":
@@ -117,6 +174,24 @@ def error_bound(w: np.ndarray, qtype: str) -> np.ndarray:
         bound = np.maximum(bound, amax / 8.0 + amax * 2.0**-10)
     bound = bound + {"q8_0": 127, "q4_0": 8, "q4_1": 16}[qtype] * 2.0**-25
     return np.broadcast_to(bound, x.shape).reshape(w.shape)
+
+
+def _q4_k_bound(x: np.ndarray, amax: np.ndarray) -> np.ndarray:
+    """q4_k's bound for blocks x [N, NB, G]. With ed, em bounding |d' - d_b| and |m' - m_b|
+    (half a code step, D / 128 <= max d_b / 510, the fp16 rounding of D, relative 2**-11 and
+    absolute 2**-25 when subnormal, and the shortfall of a code clipped at 255): inside the grid
+    the error is at most d' / 2 <= d_b / 2 + ed / 2, past either end at most em + 15 ed; plus
+    float32 rounding of the arithmetic."""
+    nb = x.shape[1]
+    lo = np.minimum(x.min(axis=2), 0.0)
+    d = (x.max(axis=2) - lo) / 15.0  # [N, NB]
+    e = []
+    for v in (d, -lo):
+        top = _per_block(_super_max(v), nb)
+        e.append(top / 510.0 * (1 + 2.0**-11) + top * 2.0**-11 + 2.0**-23)
+    ed, em = e
+    bound = d / 2 + 16 * ed + em + (amax[:, :, 0] + (-lo)) * 2.0**-18
+    return np.broadcast_to(bound[:, :, None], x.shape)
 
 
 def nbytes(qtype: str, n: int, k: int) -> int:

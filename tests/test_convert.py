@@ -71,18 +71,23 @@ CASES = {
     "llama-f32-3shards": ("llama", {"dtype": "f32", "shards": 3}),
     "mistral-bf16-tied-index": ("mistral", {"dtype": "bf16", "tied": True}),
     "mixtral-f32-oddF": ("mixtral", {"dtype": "f32", "intermediate_size": 72, "num_local_experts": 3}),
+    # q4_k: 72-row w1/w3 stay row-major q4_k (f32-activation kernels), the rest q4_kr16
+    "mixtral-bf16-oddF-q4_k": ("mixtral", {"dtype": "bf16", "intermediate_size": 72, "num_local_experts": 3}),
+    "llama-f16-q4_k": ("llama", {"dtype": "f16", "shards": 2}),
 }
+QUANT = {"mixtral-bf16-oddF-q4_k": "q4_k", "llama-f16-q4_k": "q4_k"}  # the preset, when not q4_0
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_convert_matches_reference_quantizer(tmp_path, case):
     kind, kw = CASES[case]
+    quant = QUANT.get(case, "q4_0")
     src = make_hf_checkpoint(tmp_path / "src", kind, seed=len(case), **kw)
-    summary = convert_checkpoint(src, tmp_path / "out", quant="q4_0")
+    summary = convert_checkpoint(src, tmp_path / "out", quant=quant)
     m = verify_model_dir(tmp_path / "out", check_sha=True)
     assert m["format"] == FORMAT_NAME and m["version"] == FORMAT_VERSION
     assert m["source"] == {"kind": "hf-safetensors", "path": str(src), "dtype": kw["dtype"]}
-    assert m["quant"]["preset"] == "q4_0" and m["quant"]["types"] == QUANT_PRESETS["q4_0"]
+    assert m["quant"]["preset"] == quant and m["quant"]["types"] == QUANT_PRESETS[quant]
     cfg = json.loads((src / "config.json").read_text())
     assert m["config"]["hidden_size"] == cfg["hidden_size"]
     assert m["config"]["tie_word_embeddings"] == kw.get("tied", False)
@@ -99,7 +104,7 @@ def test_convert_matches_reference_quantizer(tmp_path, case):
         t = m["tensors"][name]
         w = ref[name]
         assert t["shape"] == list(w.shape)
-        want = QUANT_PRESETS["q4_0"][role_of(name)]
+        want = QUANT_PRESETS[quant][role_of(name)]
         if w.ndim == 2 and w.shape[1] % 32:
             want = "f16"  # K does not fit a block
         if w.ndim == 2 and want != "f16" and w.shape[0] % 16 == 0:
@@ -120,8 +125,8 @@ def test_convert_matches_reference_quantizer(tmp_path, case):
     assert summary.bytes_on_disk == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     if kw.get("intermediate_size") == 72:
         assert m["tensors"]["layers.0.experts.0.w2"]["type"] == "f16"
-        assert m["tensors"]["layers.0.experts.0.w1"]["type"] == "q4_0"  # 72 rows: not a multiple of 16
-    assert m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0r16"
+        assert m["tensors"]["layers.0.experts.0.w1"]["type"] == quant  # 72 rows: not a multiple of 16
+    assert m["tensors"]["layers.0.attn.wq"]["type"] == quant + "r16"
 
     # experts: one page-aligned region each, holding exactly w1, w3, w2 and nothing else
     regions = m["experts"]
@@ -302,3 +307,8 @@ def test_cli_convert_subprocess(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [f"error: output {tmp_path / 'out'} already exists (pass --force to replace it, or choose another -o)"]
+    q4k = subprocess.run(cmd[:-1] + [str(tmp_path / "q4k"), "--quant", "q4_k"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert q4k.returncode == 0, q4k.stderr
+    m = verify_model_dir(tmp_path / "q4k")
+    assert m["quant"]["preset"] == "q4_k" and m["tensors"]["layers.0.attn.wq"]["type"] == "q4_kr16"

@@ -216,7 +216,7 @@ def test_output_contains_source_even_with_force(tmp_path):
 def test_unknown_quant(dirs):
     src, out = dirs
     single(src)
-    fails(src, out, r"unknown quantization 'q3_k' \(choose one of q4_0, q4_1, q8_0, f16\)", code=EXIT_USAGE, quant="q3_k")
+    fails(src, out, r"unknown quantization 'q3_k' \(choose one of q4_0, q4_1, q4_k, q8_0, f16\)", code=EXIT_USAGE, quant="q3_k")
 
 
 def test_disk_full_midway(dirs, monkeypatch):

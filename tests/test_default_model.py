@@ -22,10 +22,11 @@ default two-level int8 activations keep logits within ~2.5e-4 of the exact ones,
 near-tie (measured: "List three prime numbers." step 10, where transformers' top-2 margin is
 0.0028 logits); the default mode is checked end to end by the Paris test below.
 
-The 4-bit re-quantized model (``convert_gguf(quant="q4_0")``) is compared teacher-forced against
-transformers' greedy steps: the fraction of steps where mixcli-q4_0's argmax, given transformers'
-prefix, is transformers' choice (free-running comparison would count every step after a first
-difference as wrong, whatever the model does there).
+The 4-bit re-quantized models (``convert_gguf(quant="q4_0")``, ``quant="q4_k"``) are compared
+teacher-forced against transformers' greedy steps: the fraction of steps where mixcli's argmax,
+given transformers' prefix, is transformers' choice (free-running comparison would count every
+step after a first difference as wrong, whatever the model does there). The issue's bar of 90% is
+held by q4_k.
 """
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ PROMPTS = [
 # Issue 5 asks for 90%. Measured on this 135M model: 97/134 = 72.4% (transformers run on the very
 # same q4_0 weights makes mixcli's choice at 134/134 steps, so this is q4_0's loss, not the
 # runtime's; llama.cpp's q4_0 rule in numpy gives 72.9%, an MSE scale search 65.7%). The bar
-# below guards against regressions; the 90% goal is reported as not met for this model.
+# below guards against regressions. q4_k (two-level scales, 4.625 bits/weight) meets the issue's
+# 90% on this model; its test holds it to that.
 MIN_Q4_0_AGREEMENT = 0.70
+MIN_Q4_K_AGREEMENT = 0.90
 
 
 @dataclass
@@ -249,23 +252,18 @@ def _transformers_with_our_weights(hf_model, model_dir: Path):
     return model
 
 
-@pytest.mark.network
-def test_q4_0_requantization_agreement(smol, hf_model, hf_reference, tmp_path, capsys):
-    """mixcli's own 4-bit re-quantization of the GGUF (``convert_gguf(quant="q4_0")``):
-
-    1. the runtime is exact on it: transformers loaded with the same q4_0 weights (our blocks,
-       dequantized) makes the same greedy choice as mixcli at every reference position, so what
-       differs from the original below is the re-quantization's doing, not the runtime's;
-    2. the issue's bar: its greedy choices agree with the reference at >= 90% of the 5 x (up to
-       32) positions, teacher-forced (see the module docstring)."""
+def _requantization_agreement(quant: str, smol: Smol, hf_model, hf_reference, tmp_path: Path, capsys) -> tuple[int, int, int]:
+    """Convert the GGUF with ``convert_gguf(quant=quant)`` and return (mixcli's teacher-forced
+    agreement with the reference, transformers' on the same re-quantized weights, positions),
+    having asserted that mixcli and transformers on those weights choose alike at every one."""
     import mixcli
     from quant.gguf_convert import QUANT_CHOICES, convert_gguf
 
-    assert "q4_0" in QUANT_CHOICES
-    out = tmp_path / "q4_0"
-    convert_gguf(smol.gguf, out, quant="q4_0")
+    assert quant in QUANT_CHOICES
+    out = tmp_path / quant
+    convert_gguf(smol.gguf, out, quant=quant)
     m = verify_model_dir(out)
-    assert m["quant"]["preset"] == "q4_0" and m["tensors"]["layers.0.attn.wq"]["type"] == "q4_0r16"
+    assert m["quant"]["preset"] == quant and m["tensors"]["layers.0.attn.wq"]["type"] == quant + "r16"
 
     agree, total, ours_per = _teacher_forced(mixcli.load(out, ctx=512), smol, hf_reference)
     ref_q4 = _transformers_with_our_weights(hf_model, out)
@@ -276,13 +274,37 @@ def test_q4_0_requantization_agreement(smol, hf_model, hf_reference, tmp_path, c
         hf_agree += int((ref == np.asarray(targets)).sum())
         same += int((ref == ours_per[i]).sum())
     with capsys.disabled():
-        print(f"\n[default model] q4_0 re-quantization, teacher-forced greedy agreement with the reference: "
-              f"mixcli {agree}/{total} = {agree / total:.1%}; transformers on the same q4_0 weights "
+        print(f"\n[default model] {quant} re-quantization, teacher-forced greedy agreement with the reference: "
+              f"mixcli {agree}/{total} = {agree / total:.1%}; transformers on the same {quant} weights "
               f"{hf_agree}/{total} = {hf_agree / total:.1%}; mixcli = transformers at {same}/{total} positions")
-    assert same == total, f"mixcli's q4_0 runtime and transformers on the same weights differ at {total - same} positions"
+    assert same == total, f"mixcli's {quant} runtime and transformers on the same weights differ at {total - same} positions"
+    return agree, hf_agree, total
+
+
+@pytest.mark.network
+def test_q4_0_requantization_agreement(smol, hf_model, hf_reference, tmp_path, capsys):
+    """mixcli's own 4-bit re-quantization of the GGUF (``convert_gguf(quant="q4_0")``):
+
+    1. the runtime is exact on it: transformers loaded with the same q4_0 weights (our blocks,
+       dequantized) makes the same greedy choice as mixcli at every reference position, so what
+       differs from the original below is the re-quantization's doing, not the runtime's;
+    2. a floor under its agreement with the reference, teacher-forced (see the module docstring
+       and MIN_Q4_0_AGREEMENT: q4_0 does not reach the issue's 90% on this model; q4_k does)."""
+    agree, hf_agree, total = _requantization_agreement("q4_0", smol, hf_model, hf_reference, tmp_path, capsys)
     assert agree / total >= MIN_Q4_0_AGREEMENT, (
         f"q4_0 agrees at {agree}/{total} = {agree / total:.1%} of positions "
         f"(transformers on the same q4_0 weights: {hf_agree}/{total})"
+    )
+
+
+@pytest.mark.network
+def test_q4_k_requantization_agreement(smol, hf_model, hf_reference, tmp_path, capsys):
+    """The same for ``convert_gguf(quant="q4_k")`` (4.625 bits/weight, see quant/formats.py), with
+    the issue's bar: greedy choices agree with the reference at >= 90% of the positions."""
+    agree, hf_agree, total = _requantization_agreement("q4_k", smol, hf_model, hf_reference, tmp_path, capsys)
+    assert agree / total >= MIN_Q4_K_AGREEMENT, (
+        f"q4_k agrees at {agree}/{total} = {agree / total:.1%} of positions "
+        f"(transformers on the same q4_k weights: {hf_agree}/{total})"
     )
 
 

@@ -19,7 +19,7 @@ import pytest
 from babymodels import BABY_DEFAULTS, random_weights
 from mixcli.errors import CheckpointError
 from quant import q4
-from quant.formats import row_tiled
+from quant.formats import role_of, row_tiled
 from quant.gguf_convert import convert_gguf
 from quant.sources.gguf import open_gguf
 from quant.writer import read_tensor_parts, verify_model_dir
@@ -77,11 +77,37 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def q4_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
+    """GGUF Q4_K blocks of W [..., K] (K a multiple of 256) -> [..., K/256 * 144] uint8, laid out
+    as llama.cpp's quantize_row_q4_K_ref lays them (the gguf package cannot quantize Q4_K): per
+    256 weights fp16 d and dmin, 12 bytes of 6-bit sub-block scale and min codes, then per 64
+    weights 32 bytes, weight l in the low nibble of byte l and weight 32+l in its high nibble.
+    A plain min/max rule (llama.cpp searches its scales; the layout is what matters here)."""
+    lead, k = w.shape[:-1], w.shape[-1]
+    x = w.reshape(-1, k // 256, 8, 32).astype(np.float32)  # [R, NS, 8, 32]
+    lo = np.minimum(x.min(-1), 0)
+    d_sub, m_sub = (x.max(-1) - lo) / 15, -lo  # [R, NS, 8]
+    d, dmin = (d_sub.max(-1) / 63).astype(np.float16), (m_sub.max(-1) / 63).astype(np.float16)  # [R, NS]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[..., None] > 0, np.clip(np.rint(d_sub / d[..., None]), 0, 63), 0).astype(np.uint8)
+        mn = np.where(dmin[..., None] > 0, np.clip(np.rint(m_sub / dmin[..., None]), 0, 63), 0).astype(np.uint8)
+        dq = (d[..., None].astype(np.float32) * sc)[..., None]
+        mq = (dmin[..., None].astype(np.float32) * mn)[..., None]
+        q = np.where(dq > 0, np.clip(np.rint((x + mq) / dq), 0, 15), 0).astype(np.uint8)  # [R, NS, 8, 32]
+    scales = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+                             (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], axis=-1)  # [R, NS, 12]
+    nib = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(*q.shape[:2], 128)  # [R, NS, 128]
+    head = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(*d.shape, 4)
+    return np.concatenate([head, scales, nib], axis=-1).reshape(*lead, k // 256 * 144)
+
+
 def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return w.astype(np.float32)
     if qtype == Q.F16:
         return w.astype(np.float16)
+    if qtype == Q.Q4_K:
+        return q4_k_gguf_bytes(w)
     return gguf.quants.quantize(w.astype(np.float32), qtype)  # [..., bytes] uint8
 
 
@@ -286,6 +312,116 @@ def test_requantize_non_exact_types(tmp_path):
         ours = read_tensor_parts(out, m, "tok_embeddings")
         for part, arr in q4.quantize(emb_deq, emb_type).items():
             np.testing.assert_array_equal(np.asarray(ours[part]), arr)
+
+
+def _random_q4_k_rows(rng, n: int, k: int, d_scale: float = 1.0) -> np.ndarray:
+    """Valid GGUF Q4_K rows [N, K/256 * 144]: any codes and nibbles, fp16 d / dmin of either sign
+    from subnormal to ~1000 (times ``d_scale``), some exactly zero."""
+    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    mag = rng.standard_normal((n, k // 256, 2)) * 10.0 ** rng.uniform(-9, 2.5, (n, k // 256, 2)) * d_scale
+    mag[rng.random(mag.shape) < 0.05] = 0.0
+    raw[:, :, :4] = np.clip(mag, -1000 * d_scale, 1000 * d_scale).astype("<f2").view(np.uint8).reshape(n, k // 256, 4)
+    return raw.reshape(n, -1)
+
+
+def test_q4_k_blocks_import_with_gguf_values_bit_for_bit():
+    """Our split of GGUF Q4_K (codes unpacked, nibbles re-ordered, D = 64 d) dequantizes to exactly
+    what gguf.quants.dequantize (llama.cpp's decoder, which we did not write) gives, through the
+    numpy reference, the row-tiled form and the kernels' row reader; a d that 64 d would
+    overflow is refused (the converter re-quantizes that tensor)."""
+    from mixcli import kernels
+    from quant.formats import interleave_rows
+    from quant.sources.gguf import split_q4_k
+
+    rng = np.random.default_rng(11)
+    n, k = 32, 768
+    raw = _random_q4_k_rows(rng, n, k)
+    want = gguf.quants.dequantize(raw, Q.Q4_K).reshape(n, k)  # [N, K] f32
+    parts = split_q4_k(raw, k)
+    got = q4.dequantize(parts, "q4_k")
+    assert got.tobytes() == want.tobytes()
+    tiled = interleave_rows(parts, "q4_k")
+    assert q4.dequantize(tiled, "q4_kr16").tobytes() == want.tobytes()
+    row = np.empty(k, np.float32)
+    for r in (0, 17, n - 1):
+        kernels.dequant_row_q4_kr16(tiled["qs"], tiled["s"], tiled["d"], tiled["m"], r, row)
+        assert row.tobytes() == want[r].tobytes()
+    # a file built from floats by llama.cpp's layout holds the floats to Q4_K precision
+    w = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
+    enc = q4_k_gguf_bytes(w)
+    np.testing.assert_array_equal(q4.dequantize(split_q4_k(enc, 512), "q4_k"), gguf.quants.dequantize(enc, Q.Q4_K))
+    assert np.abs(gguf.quants.dequantize(enc, Q.Q4_K) - w).max() < 0.5
+    big = _random_q4_k_rows(rng, 2, 256, d_scale=1.0)
+    big[1, :2] = np.array([2000.0], "<f2").view(np.uint8)  # 64 * 2000 > 65504
+    assert split_q4_k(big, 256) is None
+
+
+Q4_K_BABY = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}  # every K a multiple of 256
+
+
+def test_llama_gguf_q4_k_imports_exactly_and_runs_like_transformers(tmp_path):
+    """A Q4_K GGUF (linears Q4_K, embedding and head Q8_0, as in a Q4_K_M file's bulk) converts
+    under the default ``keep`` to q4_kr16 with no error, every tensor as gguf decodes it, and the
+    model's logits match transformers' on the same file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mixcli
+
+    cfg = {**BABY_DEFAULTS["llama"], **Q4_K_BABY, "tie_word_embeddings": False}
+    weights = random_weights(cfg, 5)
+    src = write_gguf(tmp_path / "q4k.gguf", cfg, weights, types={"linear": Q.Q4_K})
+    out = tmp_path / "out"
+    summary = convert_gguf(src, out)
+    m = verify_model_dir(out)
+    assert summary.max_abs_err == 0.0
+    ck = open_gguf(src)
+    for name, t in m["tensors"].items():
+        if role_of(name) == "linear":
+            assert t["type"] == "q4_kr16", name
+            got = q4.dequantize(read_tensor_parts(out, m, name), t["type"])
+            np.testing.assert_array_equal(got, ck.read(name), err_msg=name)  # gguf's decoder, q/k un-permuted
+    tokens = np.random.default_rng(2).integers(3, cfg["vocab_size"], 24).tolist()
+    ours = mixcli.load(out, ctx=64).logits(tokens)  # [T, V]
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([tokens])).logits[0].numpy()
+    np.testing.assert_allclose(ours, want, rtol=0, atol=2e-3 * float(np.abs(want).max()))
+
+
+def test_q4_k_gguf_fallbacks_and_requantization(tmp_path):
+    """A Q4_K tensor whose 64 d overflows fp16 is re-quantized by our q4_k rule (same type, not
+    exact); ``--quant q4_k`` on another type re-quantizes by our rule, on Q4_K copies."""
+    from quant.formats import interleave_rows
+
+    cfg = {**BABY_DEFAULTS["llama"], **Q4_K_BABY, "tie_word_embeddings": False}
+    weights = random_weights(cfg, 6)
+    # weights 0 .. 1.2e6: GGUF's d (range / 15 / 63) is past 1023.5, so 64 d overflows fp16; ours fits
+    wo = np.random.default_rng(0).uniform(0, 1.2e6, (cfg["hidden_size"], cfg["hidden_size"])).astype(np.float32)
+    weights["model.layers.1.self_attn.o_proj.weight"] = wo
+    src = write_gguf(tmp_path / "q4k.gguf", cfg, weights, types={"linear": Q.Q4_K})
+    ck = open_gguf(src)
+    assert ck.exact_parts("layers.1.attn.wo") is None and ck.exact_parts("layers.0.attn.wo") is not None
+    for quant in ("keep", "q4_k"):
+        out = tmp_path / quant
+        summary = convert_gguf(src, out, quant=quant)
+        m = verify_model_dir(out)
+        assert m["tensors"]["layers.1.attn.wo"]["type"] == "q4_kr16" and summary.max_abs_err > 0
+        deq = ck.read("layers.1.attn.wo")
+        ours = read_tensor_parts(out, m, "layers.1.attn.wo")
+        for part, arr in q4.quantize(deq, "q4_kr16").items():
+            np.testing.assert_array_equal(np.asarray(ours[part]), arr)
+        exact = read_tensor_parts(out, m, "layers.0.attn.wo")
+        np.testing.assert_array_equal(q4.dequantize(exact, "q4_kr16"), ck.read("layers.0.attn.wo"))
+    q40 = write_gguf(tmp_path / "q40.gguf", cfg, random_weights(cfg, 6), types={"linear": Q.Q4_0})
+    convert_gguf(q40, tmp_path / "from-q4_0", quant="q4_k")
+    m = verify_model_dir(tmp_path / "from-q4_0")
+    assert m["quant"]["preset"] == "q4_k"
+    deq = open_gguf(q40).read("layers.0.experts.0.w2")
+    ours = read_tensor_parts(tmp_path / "from-q4_0", m, "layers.0.experts.0.w2")
+    want = interleave_rows(q4.quantize(deq, "q4_k"), "q4_k")
+    for part, arr in want.items():
+        np.testing.assert_array_equal(np.asarray(ours[part]), arr)
 
 
 def test_gpt2_tokenizer_matches_transformers(tmp_path):

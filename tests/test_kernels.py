@@ -16,10 +16,12 @@ import torch
 from mixcli import kernels as K
 from mixcli import kernels_ref as R
 from quant import q4
+from quant.formats import QUANT_TYPES
 
 RTOL = 1e-4
-QTYPES = ("q4_0", "q4_1", "q8_0")
-TILED = ("q4_0r16", "q4_1r16", "q8_0r16")  # row-tiled storage (quant.formats.interleave_rows)
+QTYPES = ("q4_0", "q4_1", "q8_0", "q4_k")
+TILED = ("q4_0r16", "q4_1r16", "q8_0r16", "q4_kr16")  # row-tiled storage (quant.formats.interleave_rows)
+F32_ONLY = ("q4_k",)  # kernels that keep x in f32 in every activation mode (row-major q4_k)
 
 
 def _close(got, want, rtol=RTOL):
@@ -32,14 +34,11 @@ def _matrix(qtype, n, k, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
     parts = q4.quantize(w, qtype)
-    if qtype in ("f16", "f32"):
-        return [parts["w"]]
-    return [parts["qs"], parts["d"]] + ([parts["m"]] if "m" in parts else [])
+    return [parts[p] for p in QUANT_TYPES[qtype].parts]  # the kernels' argument order
 
 
 def _dense(qtype, args):
-    names = ("w",) if qtype in ("f16", "f32") else ("qs", "d", "m")
-    return q4.dequantize(dict(zip(names, args)), qtype)  # [N, K] f32
+    return q4.dequantize(dict(zip(QUANT_TYPES[qtype].parts, args)), qtype)  # [N, K] f32
 
 
 def _act_hat(X):
@@ -54,7 +53,10 @@ def _act_bound(w, X):
 
 QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
 TSHAPES = [(16, 32), (32, 96), (48, 160), (16, 4096)]  # tiled: N a multiple of 16
-QCASES = [(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in TILED for n, k in TSHAPES]
+# q4_k also at K = 576 (18 blocks: two super-blocks of 8 and a partial one of 2; K = 96 and 160
+# are one partial super-block)
+QCASES = ([(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in TILED for n, k in TSHAPES]
+          + [("q4_k", 5, 576), ("q4_kr16", 32, 576)])
 
 
 @pytest.fixture(params=["int8x2", "int8", "f32"])
@@ -79,7 +81,7 @@ def test_quantized_matmul_and_matvec(qtype, n, k, t, act_mode):
     getattr(K, f"matmul_{qtype}")(*args, X, got)
     one = np.full(n, np.nan, np.float32)
     getattr(K, f"matvec_{qtype}")(*args, X[-1], one)
-    if K.ACT_INT8:
+    if K.ACT_INT8 and qtype not in F32_ONLY:
         hat = _act_hat(X) @ w.T  # the same int8 activations, exact product
         _close(got, hat)
         _close(one, hat[-1])

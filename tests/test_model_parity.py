@@ -41,7 +41,7 @@ def checkpoints(tmp_path_factory):
         src = make_hf_checkpoint(base / "hf", kind, dtype="f16", seed=10 + i, **kw)
         train_checkpoint(src, steps=300, seed=i, text_tokens=PASSAGE)
         conv = {}
-        for q in ("f16", "q4_0"):
+        for q in ("f16", "q4_0", "q4_k"):
             conv[q] = base / f"conv-{q}"
             convert_checkpoint(src, conv[q], quant=q)
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -88,23 +88,24 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_q4_agrees_with_transformers(checkpoints, name, capsys):
+def test_q4_agrees_with_transformers(checkpoints, name, quant, capsys):
     _, conv, ref, tokens, rand, rand_ref = checkpoints[name]
-    model = mixcli.load(conv["q4_0"], ctx=128)
+    model = mixcli.load(conv[quant], ctx=128)
     ours = model.logits(tokens)
     agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
     kl = float(_kl(ref, ours).mean())
     rand_ours = model.logits(rand)
     rand_agree = float((rand_ours.argmax(-1) == rand_ref.argmax(-1)).mean())
     with capsys.disabled():
-        print(f"\n[{name} q4_0] greedy agreement {agree:.1%}, mean KL(ref || ours) {kl:.5f} nats "
+        print(f"\n[{name} {quant}] greedy agreement {agree:.1%}, mean KL(ref || ours) {kl:.5f} nats "
               f"(random tokens: {rand_agree:.1%}, KL {float(_kl(rand_ref, rand_ours).mean()):.5f})")
     assert agree >= 0.95
     assert kl < 0.1  # a sanity bound; the figure itself is printed above
 
 
-@pytest.mark.parametrize("quant", ["f16", "q4_0"])
+@pytest.mark.parametrize("quant", ["f16", "q4_0", "q4_k"])
 def test_incremental_decode_equals_full_forward(checkpoints, quant):
     """mistral-inference's check: a cached, token-by-token run equals one pass over the sequence,
     and so does a prefill split into uneven batches."""

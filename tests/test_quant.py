@@ -115,6 +115,80 @@ def test_fast_quantizer_from_stored_bits_equals_reference(w, qtype, dtype):
     assert err == float(np.abs(q4.dequantize(ref, qtype) - values).max())
 
 
+def q4_k_literal(w: np.ndarray) -> dict[str, np.ndarray]:
+    """quant.formats' q4_k rule transcribed block by block in float32 scalars (the vectorised
+    reference must agree bit for bit)."""
+    f = np.float32
+    n, k = w.shape
+    nb = k // QK
+    ns = -(-nb // 8)
+    q = np.zeros((n, nb, QK), np.uint8)
+    codes = np.zeros((n, nb, 2), np.uint8)
+    sup = {"d": np.zeros((n, ns), "<f2"), "m": np.zeros((n, ns), "<f2")}
+    for r in range(n):
+        x = w[r].reshape(nb, QK)
+        lo = [min(f(x[b].min()), f(0.0)) for b in range(nb)]
+        per = {"d": [(f(x[b].max()) - lo[b]) / f(15.0) for b in range(nb)], "m": [-lo[b] for b in range(nb)]}
+        for sb in range(ns):
+            blocks = range(8 * sb, min(nb, 8 * sb + 8))
+            for col, part in enumerate(("d", "m")):
+                top = np.float16(max(per[part][b] for b in blocks) * f(64.0) / f(255.0))
+                top = top if top > 0 else np.float16(0.0)
+                sup[part][r, sb] = top
+                for b in blocks:
+                    c = np.clip(np.rint(per[part][b] * f(64.0) / f(top)), 0, 255) if top > 0 else 0
+                    codes[r, b, col] = c
+        for b in range(nb):
+            dq = f(sup["d"][r, b // 8]) * f(codes[r, b, 0]) / f(64.0)
+            mq = f(sup["m"][r, b // 8]) * f(codes[r, b, 1]) / f(64.0)
+            if dq > 0:
+                q[r, b] = [np.clip(np.rint((v + mq) / dq), 0, 15) for v in x[b]]
+    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(n, k // 2)
+    return {"qs": qs, "s": codes.reshape(n, 2 * nb), "d": sup["d"], "m": sup["m"]}
+
+
+@settings(max_examples=100, deadline=None)
+@given(weights())
+def test_q4_k_reference_follows_the_rule_and_its_bound(w):
+    """q4_k: the vectorised quantizer is the documented rule, never NaN (zero, constant, huge,
+    tiny blocks), within ``q4.error_bound``, and reads back the same from its row-tiled form."""
+    parts = q4.quantize(w, "q4_k")
+    want = q4_k_literal(w)
+    for name in want:
+        assert same_bits(parts[name], want[name]), name
+    d, m = parts["d"].astype(np.float32), parts["m"].astype(np.float32)
+    assert np.isfinite(d).all() and np.isfinite(m).all() and (d >= 0).all() and (m >= 0).all()
+    assert not np.signbit(d).any() and not np.signbit(m).any()  # +0 for an all-zero super-block
+    deq = q4.dequantize(parts, "q4_k")
+    assert deq.dtype == np.float32 and np.isfinite(deq).all()
+    assert (np.abs(deq - w) <= bound(w, "q4_k")).all()
+    rows = -(-w.shape[0] // 16) * 16  # whole tiles of 16 rows
+    wt = np.resize(w, (rows, w.shape[1]))
+    np.testing.assert_array_equal(q4.dequantize(q4.quantize(wt, "q4_kr16"), "q4_kr16"), q4.dequantize(q4.quantize(wt, "q4_k"), "q4_k"))
+
+
+def test_q4_k_past_fp16_scales_is_reported_not_hidden():
+    """|w| ~ 3e5 puts Dm past fp16: the reference dequantizes to NaN and the fast quantizer reports
+    an infinite error (the writer turns either into a clear error), never a silent 0."""
+    w = np.full((16, 64), 1.0, np.float32)
+    w[3, 5] = -3e5
+    assert not np.isfinite(q4.dequantize(q4.quantize(w, "q4_k"), "q4_k")).all()
+    for tile in (1, 16):
+        _, err, nbad, _ = fastquant.quantize_chunk(w, "q4_k", tile=tile)
+        assert err == np.inf and nbad == 0
+
+
+def test_q4_k_is_finer_than_q4_0_and_exact_on_its_grid():
+    """On Gaussian weights q4_k's error is below q4_0's (1/8 more bits); weights already on a q4_k
+    grid (a dequantized q4_k matrix) come back within fp16 rounding of the scales."""
+    w = (np.random.default_rng(0).standard_normal((64, 576)) * 0.02).astype(np.float32)
+    rms = {t: float(np.sqrt(((q4.dequantize(q4.quantize(w, t), t) - w) ** 2).mean())) for t in ("q4_0", "q4_k")}
+    assert rms["q4_k"] < rms["q4_0"]
+    grid = q4.dequantize(q4.quantize(w, "q4_k"), "q4_k")
+    again = q4.dequantize(q4.quantize(grid, "q4_k"), "q4_k")
+    assert np.abs(again - grid).max() <= np.abs(grid).max() * 2.0**-9
+
+
 @settings(max_examples=60, deadline=None)
 @given(weights())
 def test_bf16_decode_matches_torch(w):

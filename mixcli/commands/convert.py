@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 class QuantChoice(str, Enum):
     q4_0 = "q4_0"
     q4_1 = "q4_1"
+    q4_k = "q4_k"
     q8_0 = "q8_0"
     f16 = "f16"
     keep = "keep"
@@ -39,8 +40,9 @@ def convert_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to create for the converted model")],
     quant: Annotated[
         QuantChoice | None,
-        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1, 8-bit q8_0, f16 (no quantization), or keep "
-                     "(GGUF only: its Q4_0 / Q4_1 / Q8_0 / F16 blocks as they are, other types to q8_0). "
+        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1 / q4_k (4.625 bits/weight, two-level scales: "
+                     "closest to the original of the 4-bit types), 8-bit q8_0, f16 (no quantization), or keep "
+                     "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q8_0 / F16 blocks as they are, other types to q8_0). "
                      f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file"),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,

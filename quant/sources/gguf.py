@@ -13,6 +13,10 @@ type llama.cpp defines, K-quants included. What is ours, and why:
   We undo it. It is a row permutation, so whole quant blocks move and a Q4 tensor stays exact.
 - GGUF Q4_0 / Q4_1 / Q8_0 blocks are our block types with the fields interleaved per block; we
   split them into our separate ``qs`` / ``d`` / ``m`` arrays without touching a bit (``exact_parts``).
+- GGUF Q4_K super-blocks (256 weights: fp16 d, dmin, twelve bytes of 6-bit scale and min codes,
+  128 bytes of nibbles) hold exactly what our q4_k holds with 8-bit codes: D = 64 d, Dm = 64 dmin
+  (``split_q4_k``; a tensor whose 64 d overflows fp16 is re-quantized instead). The values, not
+  the bytes, are what is kept: the codes are unpacked and the nibbles re-ordered.
 
 Dimension letters: N output rows, K input columns, NB = K / 32 blocks per row, E experts.
 """
@@ -34,7 +38,8 @@ SUPPORTED_GGUF_ARCHS = ("llama",)  # Llama, Mistral and Mixtral GGUFs all say "l
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
 
 # GGUF block types our format stores bit for bit: GGUF type name -> our type name
-EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
+Q4_K_BYTES = 144  # one GGUF Q4_K super-block: d, dmin (fp16), 12 bytes of codes, 128 bytes of nibbles
 
 # Bytes of one GGUF block, in order: (field, byte offset, byte length) for the exact block types
 _BLOCK_FIELDS = {
@@ -99,6 +104,36 @@ def split_blocks(data: np.ndarray, ggml_type: str, k: int) -> dict[str, np.ndarr
         else:
             parts[field] = raw.reshape(n, nb * length).view("<f2")  # [N, NB]
     return parts
+
+
+def split_q4_k(data: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
+    """GGUF Q4_K rows [N, K/256 * 144] uint8 -> our q4_k parts (quant.formats), the same values:
+    qs [N, K/2], s [N, 2*NB], d, m [N, NS] with D = 64 d, Dm = 64 dmin (a power of two: exact in
+    fp16). None when some 64 d or 64 dmin is not a finite fp16 (the caller re-quantizes).
+
+    The 6-bit codes of the 8 sub-blocks are packed in 12 bytes (llama.cpp ``get_scale_min_k4``):
+    bytes 0-3 hold sc 0-3 in their low 6 bits, bytes 4-7 mn 0-3; bytes 8-11 hold the low 4 bits
+    of sc 4-7 (low nibble) and mn 4-7 (high nibble), whose top 2 bits sit in the top 2 bits of
+    bytes 0-3 (sc) and 4-7 (mn). The nibbles come per 64 weights as 32 bytes, weights 0-31 in the
+    low nibbles and 32-63 in the high; ours are per 32 weights, byte j = w[j] | w[j+16] << 4."""
+    n, ns = data.shape[0], k // 256
+    blocks = np.ascontiguousarray(data).reshape(n, ns, Q4_K_BYTES)  # [N, NS, 144]
+    sup = blocks[:, :, 0:4].copy().view("<f2")  # [N, NS, 2]: d, dmin
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = sup * np.float16(64.0)  # exact unless it overflows
+    if not np.isfinite(big).all():
+        return None
+    a, b, c = blocks[:, :, 4:8], blocks[:, :, 8:12], blocks[:, :, 12:16]  # [N, NS, 4] each
+    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=2)  # [N, NS, 8]
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=2)
+    nib = blocks[:, :, 16:].reshape(n, ns, 4, 1, 32)  # per 64 weights: 32 bytes
+    w = np.concatenate([nib & 0x0F, nib >> 4], axis=3).reshape(n, ns * 8, 32)  # [N, NB, 32] values 0..15
+    return {
+        "qs": (w[:, :, :16] | (w[:, :, 16:] << 4)).reshape(n, k // 2),
+        "s": np.stack([sc, mn], axis=3).reshape(n, 2 * ns * 8),
+        "d": np.ascontiguousarray(big[:, :, 0]),
+        "m": np.ascontiguousarray(big[:, :, 1]),
+    }
 
 
 def _field_value(field: Any) -> Any:
@@ -166,7 +201,7 @@ class GGUFCheckpoint:
         return self._orders[key]
 
     def exact_parts(self, name: str) -> tuple[str, dict[str, np.ndarray]] | None:
-        """(our type, parts) when our format holds this tensor bit for bit, else None.
+        """(our type, parts) when our format holds this tensor's values exactly, else None.
         q/k come back with their rows un-permuted (whole blocks move, no value changes)."""
         ref = self.tensors[name]
         ours = EXACT_TYPES.get(ref.ggml_type)
@@ -174,6 +209,11 @@ class GGUFCheckpoint:
             return None
         raw = self._raw(name)
         order = self._order(name)
+        if ref.ggml_type == "Q4_K":
+            if len(ref.shape) != 2:
+                return None
+            parts = split_q4_k(raw[order] if order is not None else raw, ref.shape[1])
+            return (ours, parts) if parts is not None else None
         if len(ref.shape) == 1:
             if ref.ggml_type in _BLOCK_FIELDS:
                 return ours, {k: v[0] for k, v in split_blocks(raw.reshape(1, -1), ref.ggml_type, ref.shape[0]).items()}
