@@ -116,7 +116,8 @@ def _ours_speed_main(argv: list[str]) -> None:
     for tok in gen:
         m.decode(tok)
     tg_tps = tg / (time.perf_counter() - t)
-    print(json.dumps({"pp_tps": pp_tps, "tg_tps": tg_tps, "load_s": load_s, "threads": m.threads}))
+    print(json.dumps({"pp_tps": pp_tps, "tg_tps": tg_tps, "load_s": load_s, "threads": m.threads,
+                      "load": m.store.load}))
 
 
 def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: int, reps: int,

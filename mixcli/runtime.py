@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MixcliError
+from .errors import MixcliError, UsageError
+from .memsize import format_size
 
 
 @dataclass
@@ -38,11 +39,12 @@ class Runtime:
 
 
 def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                 max_memory: str | None = None, notify=None) -> Runtime:
+                 max_memory: str | None = None, mmap: bool | None = None, notify=None) -> Runtime:
     from .chat_template import FALLBACK_TEMPLATES
     from .tokenizer import load_tokenizer
 
-    model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, notify=notify)
+    model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
+                                     notify=notify)
     info = model.store.tokenizer_info
     if not info:
         raise MixcliError(f"{path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
@@ -52,8 +54,10 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                       max_memory: str | None = None, notify=None):
-    """The model alone (no tokenizer), for benchmarks: (Model, path)."""
+                       max_memory: str | None = None, mmap: bool | None = None, notify=None):
+    """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
+    weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
+    with a --max-memory budget as the limit when one is given)."""
     from .model import Model
     from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
@@ -66,7 +70,18 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         return pull_model(entry, notify=notify)
 
     path = resolve_model(model_arg, pull=_pull, notify=notify)
-    store = open_model_dir(path)
+    budget = None
+    if max_memory:
+        from .memsize import parse_size
+
+        budget = parse_size(max_memory)
+        if mmap is False:
+            from .store import model_bytes
+
+            if model_bytes(path) > budget:
+                raise UsageError(f"--no-mmap reads the whole model ({format_size(model_bytes(path))}) into memory, "
+                                 f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
+    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")

@@ -1,13 +1,25 @@
-"""Open a converted model directory: validate its manifest, map its data files, build views.
+"""Open a converted model directory: validate its manifest, bring in its data files, build views.
 
-Nothing is read here but the manifest: each tensor part is a numpy view into a read-only memory
-map, so opening even a 26 GB model costs milliseconds and the OS (or the expert cache) decides
-which pages ever reach memory.
+Each tensor part is a read-only numpy view into one buffer per data file. The buffer is either
+
+* the file read into private anonymous memory (``load="memory"``), or
+* a read-only memory map of the file (``load="mmap"``): opening even a 26 GB model costs
+  milliseconds and the OS (or the expert cache) decides which pages ever reach memory.
+
+Why read at all: decode streams every weight once per token, and from anonymous memory it runs
+faster than from the page cache's pages of the same file: ``python benchmarks/load_mode.py``
+(the same kernels and bytes, only the buffers differ, the two alternating round by round;
+Mixtral-width 2 layers, q4_0r16, 2 threads) measured memory / mmap = 1.04-1.13 in five of six
+runs (one run 0.99). llama.cpp gets the same effect by copying its repacked Q4_0 weights out of its
+map. The cost is start-up (0.45 s per GB from the page cache on the 2-core VM we measure on) and
+memory that stays resident, so ``load="auto"`` reads a model only when it fits comfortably in the
+available memory; a bigger one is mapped (and ``--max-memory`` brings in the expert cache).
 """
 from __future__ import annotations
 
 import json
 import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +63,8 @@ class ModelStore:
     config: ModelConfig
     tensors: dict[str, QTensor]
     experts: dict[tuple[int, int], ExpertRegion]
-    maps: dict[str, np.ndarray] = field(repr=False)  # file name -> uint8 [size] memory map
+    maps: dict[str, np.ndarray] = field(repr=False)  # file name -> uint8 [size] read-only buffer
+    load: str = "mmap"  # how the buffers were filled: "memory" (read) or "mmap" (mapped)
 
     def tensor(self, name: str) -> QTensor:
         return self.tensors[name]
@@ -92,8 +105,83 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def open_model_dir(path: str | Path) -> ModelStore:
-    """Validate and map a converted model (see the manifest rules at the end of quant/formats.py)."""
+LOAD_MODES = ("auto", "memory", "mmap")
+AUTO_MEMORY_FRACTION = 0.6  # "auto" reads a model into memory when it needs at most this much of what is available
+READ_CHUNK = 64 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports as available for new allocations (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resolve_load_mode(load: str, total_bytes: int, budget: int | None = None) -> str:
+    """"memory" or "mmap" for a model of ``total_bytes``. ``budget`` (--max-memory) when given
+    decides alone; else "auto" reads the model when it takes at most AUTO_MEMORY_FRACTION of the
+    available memory, leaving the rest to the KV cache, the page cache and other programs."""
+    if load not in LOAD_MODES:
+        raise ValueError(f"load must be one of {LOAD_MODES}, got {load!r}")
+    if load != "auto":
+        return load
+    if budget is not None:
+        return "memory" if total_bytes <= budget else "mmap"
+    avail = available_memory()
+    return "memory" if avail is not None and total_bytes <= AUTO_MEMORY_FRACTION * avail else "mmap"
+
+
+def _map_file(fpath: Path) -> np.ndarray:
+    with open(fpath, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=np.uint8)  # [size], read-only, zero-copy
+
+
+def _read_file(fpath: Path, size: int) -> np.ndarray:
+    """The file's ``size`` bytes in a private anonymous mapping, read sequentially, returned as a
+    read-only uint8 [size] view (read-only like a map, so the kernels see the same array type)."""
+    # MAP_POPULATE faults the pages in up front, in the kernel: 0.45 s per GB against 1.2-2.4 s
+    # for faulting them one by one during the read (1.7 GB file, this VM)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    buf = mmap.mmap(-1, size, flags=flags)
+    view = memoryview(buf)
+    try:
+        with open(fpath, "rb", buffering=0) as fh:
+            done = 0
+            while done < size:
+                n = fh.readinto(view[done : min(size, done + READ_CHUNK)])
+                if not n:
+                    raise ModelFormatError(
+                        f"data file {fpath} ended after {done} of {size} bytes while being read",
+                        "re-run `mixcli convert` on the source checkpoint",
+                    )
+                done += n
+    finally:
+        view.release()
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr.flags.writeable = False
+    return arr
+
+
+def model_bytes(path: str | Path) -> int:
+    """The size of a converted model's data files, as its manifest records them."""
+    try:
+        return sum(int(f["size"]) for f in read_manifest(Path(path))["files"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(Path(path), f"manifest.json is incomplete ({exc})") from None
+
+
+def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = None) -> ModelStore:
+    """Validate a converted model (see the manifest rules at the end of quant/formats.py) and map
+    or read its data files (``load``: "mmap", "memory" or "auto", see ``resolve_load_mode``)."""
     path = Path(path)
     manifest = read_manifest(path)
     try:
@@ -103,6 +191,7 @@ def open_model_dir(path: str | Path) -> ModelStore:
     except (KeyError, TypeError, ValueError) as exc:
         raise _bad(path, f"manifest.json is incomplete ({exc})") from None
 
+    mode = resolve_load_mode(load, sum(files.values()), budget)
     maps: dict[str, np.ndarray] = {}
     for name, size in files.items():
         if not formats.DATA_FILE_RE.match(name):
@@ -116,13 +205,16 @@ def open_model_dir(path: str | Path) -> ModelStore:
         if size == 0:
             maps[name] = np.zeros(0, dtype=np.uint8)
             continue
-        with open(fpath, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        maps[name] = np.frombuffer(mm, dtype=np.uint8)  # [size], read-only, zero-copy
+        maps[name] = _read_file(fpath, size) if mode == "memory" else _map_file(fpath)
 
     tensors: dict[str, QTensor] = {}
     for name, t in table.items():
         try:
+            if t["type"] not in formats.QUANT_TYPES:
+                raise ModelFormatError(
+                    f"{path}: tensor {name} has storage type {t['type']!r}, which this mixcli does not know",
+                    "upgrade mixcli (a newer one converted this model), or convert the model again with this one",
+                )
             qtype = formats.QUANT_TYPES[t["type"]]
             shape = tuple(int(s) for s in t["shape"])
             fname = t["file"]
@@ -167,4 +259,4 @@ def open_model_dir(path: str | Path) -> ModelStore:
             if r is None:
                 raise _bad(path, f"expert region {key} is missing")
             experts[(layer, e)] = ExpertRegion(r["file"], int(r["offset"]), int(r["nbytes"]))
-    return ModelStore(path, manifest, config, tensors, experts, maps)
+    return ModelStore(path, manifest, config, tensors, experts, maps, load=mode)

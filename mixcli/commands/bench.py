@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MixcliError, UsageError
-from .generate import ModelArg
+from .generate import MmapOpt, ModelArg
 
 
 def _threads_list(spec: str) -> list[int]:
@@ -29,6 +29,7 @@ def bench_command(
     reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2.")] = "",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
+    mmap: MmapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
     """Measure prompt processing (ppN) and generation (tgM) speed, llama-bench's way: mean and
@@ -42,7 +43,7 @@ def bench_command(
     if pp < 0 or tg < 0:
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
-    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory,
+    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap,
                                  notify=lambda s: print(s, file=sys.stderr))
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     if as_json:
@@ -53,7 +54,8 @@ def bench_command(
 
     cfg = m.config
     t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
-                    f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}")
+                    f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
+                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}")
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
     for r in rows:

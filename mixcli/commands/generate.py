@@ -20,6 +20,11 @@ MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
 ]
+MmapOpt = Annotated[
+    Optional[bool],
+    typer.Option("--mmap/--no-mmap", help="Map the weights (instant start, less resident memory) or read them into "
+                 "memory (faster decode). Default: read when the model fits in 60% of the available memory."),
+]
 
 
 # sampling flags, shared with `mixcli chat`
@@ -77,6 +82,7 @@ def generate_command(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     max_memory: MaxMemoryOpt = None,
+    mmap: MmapOpt = None,
 ):
     """Generate text from a prompt: the text on stdout, everything else on stderr."""
     from ..generate import generate
@@ -90,7 +96,7 @@ def generate_command(
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, notify=notify)
     use_chat = (rt.template is not None) if chat is None else chat
     if system and not use_chat:
         raise UsageError("--system needs chat mode", "drop --raw, or put the system text in the prompt")

@@ -1,0 +1,149 @@
+"""Weights read into memory or memory-mapped (mixcli.store load modes): the same numbers either way,
+the size rule that picks one, and the command-line switch."""
+from __future__ import annotations
+
+import json
+import mmap as mmap_module
+
+import numba
+import numpy as np
+import pytest
+
+import babyruntime
+from babymodels import make_hf_checkpoint
+from mixcli import store as store_mod
+from mixcli.errors import ModelFormatError, UsageError
+from mixcli.model import Model
+from mixcli.runtime import load_runtime_model
+from mixcli.store import open_model_dir, resolve_load_mode
+from quant.convert import convert_checkpoint
+
+
+@pytest.fixture(scope="module")
+def baby(tmp_path_factory):
+    base = tmp_path_factory.mktemp("load")
+    src = make_hf_checkpoint(base / "hf", "mixtral", dtype="f32", seed=5, num_hidden_layers=2)
+    out = base / "q4"
+    convert_checkpoint(src, out, quant="q4_0")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_numba_threads():
+    n = numba.get_num_threads()
+    yield
+    numba.set_num_threads(n)
+
+
+def _is_file_map(a: np.ndarray) -> bool:
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, mmap_module.mmap)
+
+
+def test_memory_and_mmap_give_identical_logits(baby):
+    """Reading the data file changes where the bytes live, not what they are: the logits of a
+    prefill and of token-by-token decode are bit-identical."""
+    tokens = [3, 17, 42, 5, 99, 7, 64, 1]
+    out = {}
+    for mode in ("memory", "mmap"):
+        st = open_model_dir(baby, load=mode)
+        assert st.load == mode
+        part = st.tensor("layers.0.attn.wq").parts["qs"]
+        assert not part.flags.writeable  # the kernels see the same read-only array type
+        m = Model(st, ctx=32, threads=1)
+        full = m.logits(tokens)
+        m.reset()
+        m.prefill(tokens[:3])
+        steps = [m.decode(t).copy() for t in tokens[3:]]
+        out[mode] = (full, np.stack(steps))
+    np.testing.assert_array_equal(out["memory"][0], out["mmap"][0])
+    np.testing.assert_array_equal(out["memory"][1], out["mmap"][1])
+
+
+def test_memory_mode_holds_a_private_copy(baby):
+    """After a "memory" open the file can change under us (a re-convert in place) without the
+    running model seeing it; a map would."""
+    st = open_model_dir(baby, load="memory")
+    t = st.tensor("layers.0.attn.wq")
+    before = t.parts["qs"].copy()
+    data = baby / t.file
+    raw = data.read_bytes()
+    try:
+        flipped = bytearray(raw)
+        off = t.offset
+        flipped[off : off + 64] = bytes(b ^ 0xFF for b in raw[off : off + 64])
+        data.write_bytes(bytes(flipped))
+        np.testing.assert_array_equal(t.parts["qs"], before)
+    finally:
+        data.write_bytes(raw)
+
+
+def test_auto_rule(monkeypatch):
+    """"auto" reads a model that takes at most 60% of the available memory, maps a bigger one;
+    a --max-memory budget decides alone; an explicit mode is kept."""
+    monkeypatch.setattr(store_mod, "available_memory", lambda: 10_000)
+    assert resolve_load_mode("auto", 6_000) == "memory"
+    assert resolve_load_mode("auto", 6_001) == "mmap"
+    assert resolve_load_mode("auto", 6_001, budget=7_000) == "memory"
+    assert resolve_load_mode("auto", 5_000, budget=4_000) == "mmap"
+    assert resolve_load_mode("mmap", 1) == "mmap"
+    assert resolve_load_mode("memory", 10**15) == "memory"
+    monkeypatch.setattr(store_mod, "available_memory", lambda: None)
+    assert resolve_load_mode("auto", 1) == "mmap"  # unknown memory: do not gamble
+    with pytest.raises(ValueError):
+        resolve_load_mode("ram", 1)
+
+
+def test_file_shrinking_during_the_read_is_a_clear_error(baby, monkeypatch, tmp_path):
+    """The size check passed, then the file came up short while being read: a model-format error
+    naming the file, not a model with a zero-filled tail."""
+    data = next(baby.glob("weights-*.bin"))
+    short = tmp_path / data.name
+    short.write_bytes(data.read_bytes()[:-4096])
+    with pytest.raises(ModelFormatError, match="ended after"):
+        store_mod._read_file(short, data.stat().st_size)
+
+
+def test_runtime_flags(baby):
+    """--mmap / --no-mmap reach the store; --no-mmap with a budget smaller than the model is a
+    usage error that names both sizes' owners."""
+    m, _ = load_runtime_model(str(baby), ctx=16, threads=1, mmap=True)
+    assert m.store.load == "mmap"
+    m, _ = load_runtime_model(str(baby), ctx=16, threads=1, mmap=False)
+    assert m.store.load == "memory"
+    with pytest.raises(UsageError, match="--no-mmap"):
+        load_runtime_model(str(baby), ctx=16, threads=1, mmap=False, max_memory="1KB")
+    from mixcli.expert_cache import ExpertCache, memory_for_slots
+
+    budget = str(memory_for_slots(open_model_dir(baby), 2))  # room for 2 of the experts: the expert cache
+    m, _ = load_runtime_model(str(baby), ctx=16, threads=1, max_memory=budget)
+    assert m.store.load == "mmap" and isinstance(m.experts, ExpertCache)
+
+
+def test_bench_cli_reports_the_load_mode(tmp_path_factory, capsys):
+    from mixcli.cli import main
+
+    model = babyruntime.baby_chat_model(tmp_path_factory.getbasetemp() / "babyruntime")
+    for flag, word in (("--mmap", "mapped"), ("--no-mmap", "in memory")):
+        code = main(["bench", str(model), "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1", flag])
+        out = capsys.readouterr().out
+        assert code == 0 and f"weights {word}" in out.replace("\n", " "), out
+    code = main(["bench", str(model), "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1", "--no-mmap", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["results"]
+
+
+def test_unknown_storage_type_is_named(baby, tmp_path):
+    """A model written by a newer mixcli (a storage type we do not know) is refused with the type's
+    name and what to do, not a bare 'malformed entry'."""
+    import shutil
+
+    copy = tmp_path / "newer"
+    shutil.copytree(baby, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["tensors"]["layers.0.attn.wq"]["type"] = "q3_z"
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ModelFormatError, match=r"storage type 'q3_z'.*does not know") as err:
+        open_model_dir(copy)
+    assert "upgrade mixcli" in err.value.hint
