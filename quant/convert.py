@@ -32,7 +32,6 @@ from .formats import (
     row_tiled,
 )
 from .sources.hf import HFCheckpoint, open_hf_checkpoint
-from .writer import ModelWriter, verify_model_dir
 
 # (tensor_name, tensors_done, tensors_total, bytes_done, bytes_total), bytes of the source
 Progress = Callable[[str, int, int, int, int], None]
@@ -161,6 +160,8 @@ def _remove(path: Path) -> None:
 
 
 def _write_model(ckpt: HFCheckpoint, tmp: Path, quant: str, src: Path, progress: Progress | None) -> dict[str, Any]:
+    from .writer import ModelWriter, warm_quantizers  # numba: imported while ckpt.warm() reads
+
     cfg = ckpt.config
     names = list(ckpt.tensors)
     total_bytes = ckpt.nbytes
@@ -171,6 +172,7 @@ def _write_model(ckpt: HFCheckpoint, tmp: Path, quant: str, src: Path, progress:
             shape = ckpt.tensors[name].shape
             n, step = (shape[0] if len(shape) == 2 else 1), writer.row_step(shape[-1])
             chunks += [(name, a, min(n, a + step)) for a in range(0, n, step)]
+        warm_quantizers({(ckpt.tensors[n].dtype, storage_type(n, ckpt.tensors[n].shape, quant)) for n in names})
         ckpt.plan(chunks)  # the reader works ahead of the quantizer, in this exact order
         for i, name in enumerate(names):
             t = ckpt.tensors[name]
@@ -230,6 +232,7 @@ def convert_checkpoint(
             raise UsageError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
     ckpt = open_hf_checkpoint(src)
     with ckpt:
+        ckpt.warm()  # the disk starts now; the quantizer (numba) loads meanwhile
         need = planned_bytes(ckpt, quant)
         manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, src, progress))
     stats = manifest["stats"]
@@ -268,6 +271,8 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
             )
         _remove(tmp)
         manifest = write(tmp)
+        from .writer import verify_model_dir
+
         verify_model_dir(tmp, check_sha=False)
         if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -150,3 +150,69 @@ def test_early_writeback_and_short_writes_change_no_byte(tmp_path, monkeypatch):
     assert all(c[0] == a[0] + a[1] for a, c in zip(advised, advised[2:]))
     assert (tmp_path / "ref" / "weights-00000.bin").read_bytes() == (tmp_path / "got" / "weights-00000.bin").read_bytes()
     assert {n: t["sha256"] for n, t in ref["tensors"].items()} == {n: t["sha256"] for n, t in got["tensors"].items()}
+
+
+# ---- the page-cache warmer: reading starts before the quantizer (numba) has loaded ------------------
+def test_opening_a_checkpoint_does_not_load_numba():
+    """The warmer only helps if the checkpoint can be opened and read before numba is imported:
+    quant.convert and the safetensors reader must not import it (the writer does, later)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, quant.convert, quant.sources.hf; "
+            "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)[:3]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_warmer_reads_the_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
+    """warm() asks the kernel to read the shards front to back (seen through posix_fadvise
+    WILLNEED), stops at its byte limit, is stopped by plan() and by close(), and leaves no file
+    descriptor open; the conversion after a warm start is byte-identical to one without."""
+    import os
+
+    from quant.sources import hf
+
+    src = make_hf_checkpoint(tmp_path / "hf", "mixtral", dtype="bf16", seed=2, num_hidden_layers=2)
+    reads: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd, off, n, advice):
+        if threading.current_thread().name == "mixcli-warm" and advice == os.POSIX_FADV_WILLNEED:
+            reads.append((off, n))
+        return real(fd, off, n, advice)
+
+    monkeypatch.setattr(hf.os, "posix_fadvise", spy)
+    fds = _open_fds()
+    ck = hf.open_hf_checkpoint(src)
+    ck.warm()
+    ck._warmer._thread.join(timeout=30)
+    total = sum(n for _, n in reads)
+    assert total == ck.nbytes  # a small checkpoint: read whole, each tensor's bytes once
+    ck.close()
+    assert _open_fds() == fds
+
+    reads.clear()
+    monkeypatch.setattr(hf, "WARM_LIMIT", 3000)
+    ck = hf.open_hf_checkpoint(src)
+    ck.warm()
+    ck._warmer._thread.join(timeout=30)
+    assert 3000 <= sum(n for _, n in reads) < 3000 + hf.WARM_STEP
+    ck.plan([])  # the real reader takes over: the warmer is gone
+    assert ck._warmer is None
+    ck.close()
+    assert _open_fds() == fds
+
+    monkeypatch.setattr(hf, "WARM_LIMIT", 2 << 30)
+    a = convert_checkpoint(src, tmp_path / "warm", quant="q4_0")
+    monkeypatch.setattr(hf.HFCheckpoint, "warm", lambda self: None)
+    b = convert_checkpoint(src, tmp_path / "cold", quant="q4_0")
+    for f in sorted(p.name for p in a.out.iterdir() if p.name.startswith("weights-")):
+        assert (a.out / f).read_bytes() == (b.out / f).read_bytes()

@@ -25,6 +25,7 @@ import queue
 import re
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
 from quant.formats import tensor_names
-from quant.writer import to_float32
+from quant.floats import to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -42,6 +43,14 @@ MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DOWNLOAD_HINT = "download the file again from the model's Hugging Face repo"
 # Chunks read ahead of the quantizer (a few MB each): the disk and the quantizer overlap.
 READAHEAD_CHUNKS = 8
+# Before the quantizer is ready (numba's import and JIT-cache load, ~0.5 s) a thread asks the kernel
+# to read the first bytes of the checkpoint into the page cache (POSIX_FADV_WILLNEED: no copy into
+# our memory, which on the 2-core target is CPU the conversion needs), so the disk is not idle while
+# numba loads. At most WARM_LIMIT bytes, never more than a quarter of the available memory, and
+# paced at WARM_RATE so it does not queue far more than the disk reads in that time.
+WARM_LIMIT = 2 << 30
+WARM_STEP = 8 << 20
+WARM_RATE = 2e9  # bytes/s: about this VM's cold sequential read speed
 
 # safetensors dtype -> (our name, numpy dtype of the stored bits)
 DTYPES = {"BF16": ("bf16", np.dtype("<u2")), "F16": ("f16", np.dtype("<f2")), "F32": ("f32", np.dtype("<f4"))}
@@ -247,6 +256,46 @@ class _ReadAhead:
         self._thread.join()
 
 
+class _Warmer:
+    """Asks the kernel to read ahead (name order, front to back) and keeps nothing: the pages stay
+    in the page cache for the real reader."""
+
+    def __init__(self, tensors: list[TensorInfo], limit: int):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tensors, limit), name="mixcli-warm", daemon=True)
+        self._thread.start()
+
+    def _run(self, tensors: list[TensorInfo], limit: int) -> None:
+        fds: dict[Path, int] = {}  # its own descriptors: the checkpoint's belong to the reader
+        done = 0
+        t0 = time.monotonic()
+        try:
+            for t in tensors:
+                fd = fds.get(t.file)
+                if fd is None:
+                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
+                off, end = t.start, t.start + t.nbytes
+                while off < end and done < limit:
+                    n = min(WARM_STEP, end - off)
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                    off += n
+                    done += n
+                    # pace: wait until the disk could have read what was asked (or we are stopped)
+                    if self._stopped.wait(max(0.0, done / WARM_RATE - (time.monotonic() - t0))):
+                        return
+                if done >= limit:
+                    return
+        except OSError:
+            return  # only a hint: the real reader reports any problem with the file
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 class HFCheckpoint:
     """An opened, validated checkpoint; tensors by canonical name, read a row chunk at a time."""
 
@@ -257,6 +306,7 @@ class HFCheckpoint:
         self.tensors = tensors  # canonical name -> TensorInfo, in tensor_names order
         self._fds: dict[Path, int] = {}
         self._readahead: _ReadAhead | None = None
+        self._warmer: _Warmer | None = None
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -308,9 +358,25 @@ class HFCheckpoint:
             self._stop_readahead()  # off plan: fall back to plain reads
         return self._read(name, start, stop)
 
+    def warm(self) -> None:
+        """Start pulling the checkpoint into the page cache, front to back, until ``plan`` (or
+        ``close``) is called: for the time between opening and the quantizer being ready."""
+        from mixcli.store import available_memory
+
+        if self._warmer is None:
+            avail = available_memory()
+            limit = WARM_LIMIT if avail is None else min(WARM_LIMIT, avail // 4)
+            self._warmer = _Warmer(list(self.tensors.values()), limit)
+
+    def _stop_warming(self) -> None:
+        if self._warmer is not None:
+            self._warmer.stop()
+            self._warmer = None
+
     def plan(self, chunks: list[tuple[str, int, int]]) -> None:
         """Declare the (name, start, stop) row chunks ``rows`` will be asked for, in order; a
         thread reads them ahead (pread releases the GIL) so the disk works while we quantize."""
+        self._stop_warming()
         self._stop_readahead()
         self._readahead = _ReadAhead(self._read, chunks)
 
@@ -326,6 +392,7 @@ class HFCheckpoint:
         return to_float32(self._read(name, 0, n)).reshape(t.shape)
 
     def close(self) -> None:
+        self._stop_warming()
         self._stop_readahead()
         for fd in self._fds.values():
             os.close(fd)
