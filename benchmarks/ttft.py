@@ -160,7 +160,7 @@ def phases(T: dict) -> dict[str, float]:
         "python start-up (interpreter, site)": T["interp"] - T["spawn"],
         "imports (all modules a run uses)": T["imports"] - T["interp"],
         "CLI: parse arguments, resolve model": T["load0"] - T["imports"],
-        "model load (manifest, mmap, kernels, tokenizer)": T["load1"] - T["load0"],
+        "model load (manifest, read or map weights, kernels, tokenizer)": T["load1"] - T["load0"],
         "prompt: chat template + tokenize": T["prefill0"] - T["load1"],
         "JIT cache load + thread pool (1st prefill - steady)": max(first - steady, 0.0),
         f"prefill, {T.get('prompt_tokens', '?')} tokens (steady)": min(steady, first),
