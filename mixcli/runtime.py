@@ -78,8 +78,9 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         if mmap is False:
             from .store import model_bytes
 
-            if model_bytes(path) > budget:
-                raise UsageError(f"--no-mmap reads the whole model ({format_size(model_bytes(path))}) into memory, "
+            size = model_bytes(path)
+            if size > budget:
+                raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
                                  f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
     store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:

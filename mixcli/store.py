@@ -13,7 +13,10 @@ Mixtral-width 2 layers, q4_0r16, 2 threads) measured memory / mmap = 1.04-1.13 i
 runs (one run 0.99). llama.cpp gets the same effect by copying its repacked Q4_0 weights out of its
 map. The cost is start-up (0.45 s per GB from the page cache on the 2-core VM we measure on) and
 memory that stays resident, so ``load="auto"`` reads a model only when it fits comfortably in the
-available memory; a bigger one is mapped (and ``--max-memory`` brings in the expert cache).
+available memory and takes at most AUTO_MAX_BYTES (4 GiB: about 2 s of start-up; a 26 GB Mixtral
+would take 12 s, paid back by a 5% faster decode only after about a thousand tokens, so a one-shot
+`mixcli generate` would lose). A bigger model is mapped (and ``--max-memory`` brings in the expert
+cache); ``--no-mmap`` reads it anyway, for long chat sessions.
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ def read_manifest(path: Path) -> dict:
 
 LOAD_MODES = ("auto", "memory", "mmap")
 AUTO_MEMORY_FRACTION = 0.6  # "auto" reads a model into memory when it needs at most this much of what is available
+AUTO_MAX_BYTES = 4 << 30  # ... and at most this much (start-up cost, see the module docstring)
 READ_CHUNK = 64 << 20
 
 
@@ -126,13 +130,16 @@ def available_memory() -> int | None:
 
 
 def resolve_load_mode(load: str, total_bytes: int, budget: int | None = None) -> str:
-    """"memory" or "mmap" for a model of ``total_bytes``. ``budget`` (--max-memory) when given
-    decides alone; else "auto" reads the model when it takes at most AUTO_MEMORY_FRACTION of the
-    available memory, leaving the rest to the KV cache, the page cache and other programs."""
+    """"memory" or "mmap" for a model of ``total_bytes``. "auto" reads a model of at most
+    AUTO_MAX_BYTES that fits the --max-memory ``budget`` when one is given, else takes at most
+    AUTO_MEMORY_FRACTION of the available memory (leaving the rest to the KV cache, the page cache
+    and other programs)."""
     if load not in LOAD_MODES:
         raise ValueError(f"load must be one of {LOAD_MODES}, got {load!r}")
     if load != "auto":
         return load
+    if total_bytes > AUTO_MAX_BYTES:
+        return "mmap"
     if budget is not None:
         return "memory" if total_bytes <= budget else "mmap"
     avail = available_memory()

@@ -81,8 +81,9 @@ def test_memory_mode_holds_a_private_copy(baby):
 
 
 def test_auto_rule(monkeypatch):
-    """"auto" reads a model that takes at most 60% of the available memory, maps a bigger one;
-    a --max-memory budget decides alone; an explicit mode is kept."""
+    """"auto" reads a model that takes at most 60% of the available memory (or fits the
+    --max-memory budget when one is given) and at most 4 GiB, maps any other; an explicit mode is
+    kept."""
     monkeypatch.setattr(store_mod, "available_memory", lambda: 10_000)
     assert resolve_load_mode("auto", 6_000) == "memory"
     assert resolve_load_mode("auto", 6_001) == "mmap"
@@ -90,6 +91,10 @@ def test_auto_rule(monkeypatch):
     assert resolve_load_mode("auto", 5_000, budget=4_000) == "mmap"
     assert resolve_load_mode("mmap", 1) == "mmap"
     assert resolve_load_mode("memory", 10**15) == "memory"
+    monkeypatch.setattr(store_mod, "available_memory", lambda: 100 << 30)
+    assert resolve_load_mode("auto", 4 << 30) == "memory"
+    assert resolve_load_mode("auto", (4 << 30) + 1) == "mmap"  # a 12 s read is not worth it by default
+    assert resolve_load_mode("auto", (4 << 30) + 1, budget=64 << 30) == "mmap"
     monkeypatch.setattr(store_mod, "available_memory", lambda: None)
     assert resolve_load_mode("auto", 1) == "mmap"  # unknown memory: do not gamble
     with pytest.raises(ValueError):

@@ -23,7 +23,8 @@ MaxMemoryOpt = Annotated[
 MmapOpt = Annotated[
     Optional[bool],
     typer.Option("--mmap/--no-mmap", help="Map the weights (instant start, less resident memory) or read them into "
-                 "memory (faster decode). Default: read when the model fits in 60% of the available memory."),
+                 "memory (faster decode, slower start). Default: read a model of up to 4 GiB that fits in 60% of "
+                 "the available memory."),
 ]
 
 
