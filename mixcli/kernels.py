@@ -112,6 +112,17 @@ def h2f(typingctx, u):
     return sig, codegen
 
 
+@intrinsic
+def i2f(typingctx, u):
+    """int32 bits -> the float32 with those bits (a register move; vectorizes)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _f32)
+
+    return sig, codegen
+
+
 def _arr(context, builder, ty, val):
     """(byte pointer to data, [strides in bytes], [shape]) of a numba array value."""
     a = context.make_array(ty)(context, builder, val)
@@ -1191,16 +1202,51 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     _attention(q, _u16(k_cache), _u16(v_cache), pos0, scale, out, scratch)
 
 
-@njit(**_JIT)
+@njit(error_model="numpy", **_JIT)
+def _silu(v):
+    """silu(v) = v / (1 + exp(-v)) in float32, written so the loops below vectorize (with numba's
+    np.exp, a scalar libm call, and its divide-by-zero check they took 46 us for 14336 values, now
+    8): error_model="numpy" drops the check (1 + e >= 1 anyway); -v = k ln2 + r with |r| <= ln2/2,
+    exp(r) by its Taylor series to r^7 (relative error < 1e-8), 2^k from its exponent bits, with
+    k = floor(y + 0.5) by truncating y + 128.5 >= 0 (a conversion that vectorizes; rint is a libm
+    call); -v clamped to [-87, 88] keeps 2^k normal and finite (silu is then v or 0 anyway).
+    Measured against torch's silu over [-100, 100]: relative error <= 3.5e-7."""
+    x = -v
+    x = x if x > np.float32(-87.0) else np.float32(-87.0)
+    x = x if x < np.float32(88.0) else np.float32(88.0)
+    ki = np.int32(x * np.float32(1.4426950408889634) + np.float32(128.5)) - np.int32(128)
+    k = np.float32(ki)
+    r = (x - k * np.float32(0.693145751953125)) - k * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return v / (np.float32(1.0) + p * i2f((ki + np.int32(127)) << np.int32(23)))
+
+
+@njit(error_model="numpy", **_JIT)
 def _silu_mul(a, b, out):
     for i in range(a.shape[0]):
-        v = a[i]
-        out[i] = v / (np.float32(1.0) + np.exp(-v)) * b[i]
+        out[i] = _silu(a[i]) * b[i]
+
+
+@njit(error_model="numpy", **_JIT)
+def _silu_mul_inplace(a, b):
+    # its own loop: with out aliasing a, _silu_mul's runtime overlap check fails and it runs scalar
+    for i in range(a.shape[0]):
+        a[i] = _silu(a[i]) * b[i]
 
 
 def silu_mul(a, b, out):
     """out = silu(a) * b elementwise, for a, b, out [T, F] or [F] (C-contiguous; out may be a)."""
-    _silu_mul(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+    if out is a:  # the model's call; any other overlap is still correct below, only not vectorized
+        _silu_mul_inplace(a.reshape(-1), b.reshape(-1))
+    else:
+        _silu_mul(a.reshape(-1), b.reshape(-1), out.reshape(-1))
 
 
 @njit(**_JIT)
