@@ -31,7 +31,8 @@ import numpy as np
 from quant import formats
 
 from .config import ModelConfig
-from .errors import ModelFormatError
+from .errors import MixcliError, ModelFormatError
+from .memsize import format_size
 
 
 @dataclass
@@ -158,7 +159,11 @@ def _read_file(fpath: Path, size: int) -> np.ndarray:
     # MAP_POPULATE faults the pages in up front, in the kernel: 0.45 s per GB against 1.2-2.4 s
     # for faulting them one by one during the read (1.7 GB file, this VM)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    buf = mmap.mmap(-1, size, flags=flags)
+    try:
+        buf = mmap.mmap(-1, size, flags=flags)
+    except (OSError, MemoryError, OverflowError) as exc:
+        raise MixcliError(f"cannot hold the model's {format_size(size)} data file {fpath.name} in memory ({exc})",
+                          "pass --mmap to map it instead") from None
     view = memoryview(buf)
     try:
         with open(fpath, "rb", buffering=0) as fh:
@@ -171,6 +176,9 @@ def _read_file(fpath: Path, size: int) -> np.ndarray:
                         "re-run `mixcli convert` on the source checkpoint",
                     )
                 done += n
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read data file {fpath}: {exc.strerror or exc}",
+                               "check the disk, or re-run `mixcli convert`") from None
     finally:
         view.release()
     arr = np.frombuffer(buf, dtype=np.uint8)

@@ -152,3 +152,46 @@ def test_unknown_storage_type_is_named(baby, tmp_path):
     with pytest.raises(ModelFormatError, match=r"storage type 'q3_z'.*does not know") as err:
         open_model_dir(copy)
     assert "upgrade mixcli" in err.value.hint
+
+
+def test_no_memory_for_the_read_is_a_clear_error(baby, monkeypatch):
+    """The anonymous mapping cannot be made (ENOMEM, a ulimit): one MixcliError that names the
+    size and suggests --mmap, not an OSError traceback; and through the CLI, one error line."""
+    import errno
+
+    from mixcli.errors import MixcliError
+
+    real = mmap_module.mmap
+
+    def no_room(fileno, length, *a, **kw):
+        if fileno == -1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fileno, length, *a, **kw)
+
+    monkeypatch.setattr(store_mod.mmap, "mmap", no_room)
+    with pytest.raises(MixcliError, match="cannot hold the model's .* in memory") as err:
+        open_model_dir(baby, load="memory")
+    assert "--mmap" in err.value.hint
+    assert open_model_dir(baby, load="mmap").load == "mmap"  # the map still works
+
+
+def test_read_error_is_a_clear_error(baby, monkeypatch):
+    """An I/O error while reading the data file (a failing disk) is a model-format error naming it."""
+    import errno
+
+    class Failing:
+        def __init__(self, *a, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def readinto(self, b):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod, "open", Failing, raising=False)
+    with pytest.raises(ModelFormatError, match="cannot read data file .*Input/output error"):
+        open_model_dir(baby, load="memory")
