@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from quant import formats
 
 from .config import ModelConfig
 from .errors import MixcliError, ModelFormatError
-from .memsize import format_size
+from .memsize import available_memory, format_size
 
 
 @dataclass
@@ -113,21 +112,6 @@ LOAD_MODES = ("auto", "memory", "mmap")
 AUTO_MEMORY_FRACTION = 0.6  # "auto" reads a model into memory when it needs at most this much of what is available
 AUTO_MAX_BYTES = 4 << 30  # ... and at most this much (start-up cost, see the module docstring)
 READ_CHUNK = 64 << 20
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel reports as available for new allocations (MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def resolve_load_mode(load: str, total_bytes: int, budget: int | None = None) -> str:

@@ -361,7 +361,7 @@ class HFCheckpoint:
     def warm(self) -> None:
         """Start pulling the checkpoint into the page cache, front to back, until ``plan`` (or
         ``close``) is called: for the time between opening and the quantizer being ready."""
-        from mixcli.store import available_memory
+        from mixcli.memsize import available_memory
 
         if self._warmer is None:
             avail = available_memory()
