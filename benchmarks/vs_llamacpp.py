@@ -396,7 +396,13 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--skip-mixtral", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("--act", choices=("int8x2", "int8", "f32"), default=None,
+                    help="mixcli's activation arithmetic (default: $MIXCLI_ACT or mixcli's default, int8x2; "
+                         "int8 is llama.cpp's)")
     args = ap.parse_args()
+    if args.act:  # the worker processes inherit it; this process has not imported the kernels yet
+        os.environ["MIXCLI_ACT"] = args.act
+    act = os.environ.get("MIXCLI_ACT") or "int8x2"
     q = args.quick
     args.reps = args.reps or (1 if q else 3)
     args.pp = args.pp or (64 if q else 512)
@@ -421,10 +427,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = " ".join(["python", "benchmarks/vs_llamacpp.py", *sys.argv[1:]])
     print(f"\n$ {cmd}   ({time.perf_counter() - t0:.0f} s)")
-    print_table(rows, f"mixcli vs llama.cpp ({LLAMA_CPP_PYTHON}), median of {args.reps} alternating runs "
-                      f"(ratio = mixcli / llama.cpp)")
+    print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), median of {args.reps} "
+                      f"alternating runs (ratio = mixcli / llama.cpp)")
     if args.json:
-        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps,
+        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act,
                                          "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2))
 
 

@@ -1040,7 +1040,10 @@ def set_activation_mode(mode: str | None = None) -> str:
 
 
 ACT_MODE, ACT_LEVELS, ACT_INT8 = "f32", 1, False
-set_activation_mode()
+try:
+    set_activation_mode()
+except ValueError:  # a misspelt $MIXCLI_ACT: runtime.select_activation_mode reports it as a usage error
+    set_activation_mode("int8x2")
 
 
 def matvec_f16(w, x, out):

@@ -2,6 +2,7 @@
 and turn text (or a conversation) into prompt tokens with the model's own chat template."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +40,13 @@ class Runtime:
 
 
 def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                 max_memory: str | None = None, mmap: bool | None = None, notify=None) -> Runtime:
+                 max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
+                 notify=None) -> Runtime:
     from .chat_template import FALLBACK_TEMPLATES
     from .tokenizer import load_tokenizer
 
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
-                                     notify=notify)
+                                     act=act, notify=notify)
     info = model.store.tokenizer_info
     if not info:
         raise MixcliError(f"{path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
@@ -54,10 +56,13 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                       max_memory: str | None = None, mmap: bool | None = None, notify=None):
+                       max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
+                       notify=None):
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
-    with a --max-memory budget as the limit when one is given)."""
+    with a --max-memory budget as the limit when one is given). ``act``: the activation
+    arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked before the model
+    is opened so a typo costs no load time."""
     from .model import Model
     from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
@@ -69,6 +74,8 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
         return pull_model(entry, notify=notify)
 
+    if act is not None or os.environ.get("MIXCLI_ACT"):
+        select_activation_mode(act, "--act" if act is not None else "$MIXCLI_ACT")
     path = resolve_model(model_arg, pull=_pull, notify=notify)
     budget = None
     if max_memory:
@@ -87,6 +94,17 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")
     return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory)), path
+
+
+def select_activation_mode(act: str | None, source: str = "--act") -> str:
+    """Bind the quantized kernels for ``act`` (None: $MIXCLI_ACT, else the default); models built
+    afterwards use it. A name that is not a mode is a usage error naming ``source``."""
+    from . import kernels
+
+    act = act if act is not None else os.environ.get("MIXCLI_ACT")
+    if act and act not in kernels.ACT_MODES:
+        raise UsageError(f"{source} must be one of {', '.join(kernels.ACT_MODES)}, got {act!r}")
+    return kernels.set_activation_mode(act)
 
 
 def expert_provider(store, max_memory: str | None):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MixcliError, UsageError
-from .generate import MmapOpt, ModelArg
+from .generate import ActOpt, MmapOpt, ModelArg
 
 
 def _threads_list(spec: str) -> list[int]:
@@ -30,12 +30,14 @@ def bench_command(
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2.")] = "",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
     mmap: MmapOpt = None,
+    act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
     """Measure prompt processing (ppN) and generation (tgM) speed, llama-bench's way: mean and
     standard deviation over --reps runs, for each thread count."""
     from ..bench import run_bench
     from ..model import physical_cores
+    from .. import kernels
     from ..runtime import load_runtime_model
 
     if reps < 1:
@@ -43,11 +45,12 @@ def bench_command(
     if pp < 0 or tg < 0:
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
-    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap,
+    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
                                  notify=lambda s: print(s, file=sys.stderr))
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     if as_json:
-        print(json.dumps({"model": str(path), "results": [r.to_dict() for r in rows]}, indent=2))
+        print(json.dumps({"model": str(path), "activations": kernels.ACT_MODE, "results": [r.to_dict() for r in rows]},
+                         indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -55,7 +58,7 @@ def bench_command(
     cfg = m.config
     t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
                     f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
-                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}")
+                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, activations {kernels.ACT_MODE}")
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
     for r in rows:
@@ -69,6 +72,7 @@ def perplexity_command(
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default: physical cores).")] = None,
+    act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Perplexity of a text, by llama.cpp's method: the text is tokenized (with BOS) and cut into
@@ -88,7 +92,7 @@ def perplexity_command(
         raise MixcliError(f"{file} is not UTF-8 text", "convert it to UTF-8") from None
     except OSError as exc:
         raise MixcliError(f"cannot read {file}: {exc.strerror}") from None
-    rt = load_runtime(model, ctx=ctx, threads=threads, notify=lambda s: print(s, file=sys.stderr))
+    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=lambda s: print(s, file=sys.stderr))
     tok = rt.tokenizer
     ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
     if chunks is not None:

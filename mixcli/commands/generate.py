@@ -27,6 +27,13 @@ MmapOpt = Annotated[
                  "the available memory."),
 ]
 
+ActOpt = Annotated[
+    Optional[str],
+    typer.Option("--act", help="Activation arithmetic of the quantized matrix products: int8x2 (default: two int8 "
+                 "levels, logits within ~1e-4 of f32), int8 (llama.cpp's one level: faster, most in prompt "
+                 "processing, but small models' answers can change), f32 (exact, slow). Also $MIXCLI_ACT."),
+]
+
 
 # sampling flags, shared with `mixcli chat`
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
@@ -84,6 +91,7 @@ def generate_command(
     threads: ThreadsOpt = None,
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
+    act: ActOpt = None,
 ):
     """Generate text from a prompt: the text on stdout, everything else on stderr."""
     from ..generate import generate
@@ -97,7 +105,7 @@ def generate_command(
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
     use_chat = (rt.template is not None) if chat is None else chat
     if system and not use_chat:
         raise UsageError("--system needs chat mode", "drop --raw, or put the system text in the prompt")
