@@ -72,13 +72,14 @@ from .kernels_r16 import IT_PREFETCH, _prefetch_block, _tile_block_dots  # the s
 R = ROW_TILE
 
 
-def _make_itile_q4k(levels: int, prefetch: int = IT_PREFETCH):
+def _make_itile_q4k(levels: int, prefetch: tuple[int, int] | None = None):
     """An intrinsic ``itile(qs, s, d, m, g, xq, xdx, xsqt, out)``: writes out[16*g : 16*g+16],
     the dot products of tile g's 16 q4_k rows with the ``levels``-level int8 activations of one
     token (xq [L, K] int8, xdx [L, NB] f32, xsqt [1+, NB] f32: row 0 holds the sum over levels of
     xdx * sum(xq)). Per block f = sum_l dot_l * dx_l; per super-block acc += D * sum(f * sc) -
     Dm * sum(xsqt * mn); out = acc / 64."""
     L = levels
+    prefetch = IT_PREFETCH[levels] if prefetch is None else prefetch
 
     @intrinsic
     def itile(typingctx, qs, s, d, m, g, xq, xdx, xsqt, out):

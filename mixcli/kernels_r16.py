@@ -66,18 +66,27 @@ from .kernels import (
 )
 
 R = ROW_TILE
-IT_PREFETCH = 512  # bytes ahead in a tile's qs stream (two blocks of a 4-bit tile)
+# Software prefetch in a decode tile's qs stream, per activation levels: (bytes ahead, LLVM
+# locality: 3 = into L1, 2 = into L2). Two levels spend ~35% more instructions per weight, and
+# with the loads issued only a couple of blocks ahead a core then keeps too few cache misses in
+# flight to stream at full speed: 8 KiB ahead into L2 took the q4_0r16 [14336, 4096] decode from
+# 27.7 to 37.0 G weights/s on 1 thread and from 36.8 to 43.5 on 2 (same run, alternating; L1 at
+# that distance did not help). One level already streams at the bandwidth on 2 threads and lost
+# ~6% on 1 thread with the far prefetch, so it keeps 512 bytes into L1.
+IT_PREFETCH = {1: (512, 3), 2: (8192, 2)}
 
 
-def _prefetch_block(builder, qs_p, qb, prefetch: int, nline: int) -> None:
-    """Software prefetch of the nline 64-byte lines ``prefetch`` bytes past qs_p + qb (read, L1)."""
-    if not prefetch:
+def _prefetch_block(builder, qs_p, qb, prefetch: tuple[int, int], nline: int) -> None:
+    """Software prefetch of the nline 64-byte lines ``prefetch[0]`` bytes past qs_p + qb (read,
+    locality ``prefetch[1]``)."""
+    ahead, locality = prefetch
+    if not ahead:
         return
     pf = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
     for line in range(nline):
-        builder.call(pf, [builder.gep(qs_p, [builder.add(qb, _c64(prefetch + 64 * line))]),
-                          ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        builder.call(pf, [builder.gep(qs_p, [builder.add(qb, _c64(ahead + 64 * line))]),
+                          ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
 def _tile_block_dots(builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_st, b):
@@ -111,7 +120,7 @@ def _tile_block_dots(builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_st, b):
     return f
 
 
-def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
+def _make_itile(kind: str, levels: int, prefetch: tuple[int, int] | None = None):
     """An intrinsic ``itile(qs, d, m, g, xq, xdx, xsqt, out)``: writes out[16*g : 16*g+16], the
     complete dot products (offset terms included) of tile g's 16 rows with the ``levels``-level
     int8 activations of one token: xq [L, K] int8, xdx [L, NB] f32, xsqt [1+, NB] f32 (row 0:
@@ -122,6 +131,7 @@ def _make_itile(kind: str, levels: int, prefetch: int = IT_PREFETCH):
     offset = {"q4_0": 8.0, "q8_0": 128.0, "q4_1": 0.0}[kind]
     L = levels
     nline = 4 if q4 else 8  # 64-byte lines per (tile, block)
+    prefetch = IT_PREFETCH[levels] if prefetch is None else prefetch
 
     @intrinsic
     def itile(typingctx, qs, d, m, g, xq, xdx, xsqt, out):
