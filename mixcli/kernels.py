@@ -859,6 +859,12 @@ def _mv_f32(w, x, out):
         out[r] = _dot(w[r], x)
 
 
+@njit(**_JIT)
+def _mv_f32_seq(w, x, out):  # a router's few rows: see SERIAL_MAX
+    for r in range(out.shape[0]):
+        out[r] = _dot(w[r], x)
+
+
 @njit(**_PJIT)
 def _mm_f16(w, X, rowbuf, out):
     T, n = out.shape
@@ -1053,7 +1059,7 @@ def matvec_f16(w, x, out):
 
 def matvec_f32(w, x, out):
     """w [N, K] f32, x [K] f32 -> out [N] f32."""
-    _mv_f32(w, x, out)
+    (_mv_f32_seq if w.size < SERIAL_MAX else _mv_f32)(w, x, out)
 
 
 def matmul_f16(w, X, out):
@@ -1111,110 +1117,85 @@ def dequant_row_f32(w, row, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# the rest of the layer
-@njit(**_PJIT)
-def rmsnorm(x, w, eps, out):
-    """x [T, D], w [D] f32 -> out [T, D] = x * rsqrt(mean(x^2) + eps) * w (HF order, in f32)."""
-    T, D = x.shape
-    for t in prange(T):
-        ss = np.float32(0.0)
-        for i in range(D):
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
-        for i in range(D):
-            out[t, i] = (x[t, i] * inv) * w[i]
-
-
-@njit(**_PJIT)
-def rope_inplace(x, pos, inv_freq):
-    """x [T, NH, HD] f32 rotated in place at positions pos [T] int64, HF's rotate_half pairing:
-    dim i with i + HD/2, angle = f32(pos) * inv_freq[i] in f32."""
-    T, NH, HD = x.shape
-    half = HD // 2
-    for t in prange(T):
-        p = np.float32(pos[t])
-        for i in range(half):
-            a = p * inv_freq[i]
-            c = np.cos(a)
-            s = np.sin(a)
-            for h in range(NH):
-                x0 = x[t, h, i]
-                x1 = x[t, h, i + half]
-                x[t, h, i] = x0 * c - x1 * s
-                x[t, h, i + half] = x1 * c + x0 * s
+# the rest of the layer. A decode step's small ops (one row of D values, 8 router rows) run
+# serially: a parallel region costs ~10 us to open and close on 2 threads, 5-10x the op itself
+# (rmsnorm of 4096 values: 13.7 us in parallel, 1.1 us serial), and far more when another process
+# holds a core, since the region waits for every thread.
+SERIAL_MAX = 1 << 16  # values below which an op runs on the calling thread
 
 
 @njit(**_JIT)
-def _attend_one(q, kc, vc, n, scale, out, sc):
-    """One query q [HD] against cache rows 0..n-1 of kc, vc [S, HD] (uint16 bits) -> out [HD];
-    sc [>= n] holds the scores."""
-    HD = q.shape[0]
-    mx = np.float32(-np.inf)
-    for j in range(n):
-        s = np.float32(0.0)
-        for i in range(HD):
-            s += q[i] * h2f(kc[j, i])
-        s *= scale
-        sc[j] = s
-        mx = max(mx, s)
-    tot = np.float32(0.0)
-    for j in range(n):
-        e = np.exp(sc[j] - mx)
-        sc[j] = e
-        tot += e
-    for i in range(HD):
-        out[i] = 0.0
-    for j in range(n):
-        p = sc[j]
-        for i in range(HD):
-            out[i] += p * h2f(vc[j, i])
-    inv = np.float32(1.0) / tot
-    for i in range(HD):
-        out[i] *= inv
+def _rmsnorm_row(x, w, eps, out):
+    # x, out [D]; w [D]
+    D = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(D):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+    for i in range(D):
+        out[i] = (x[i] * inv) * w[i]
 
 
 @njit(**_PJIT)
-def _attention(q, kc, vc, pos0, scale, out, scratch):
-    T, H, HD = q.shape
-    KVH = kc.shape[0]
-    grp = H // KVH
-    sc = np.float32(scale)
-    if scratch.shape[0] >= T * H:  # one scratch row per (token, head): all pairs in parallel
-        for th in prange(T * H):
-            t = th // H
-            h = th - t * H
-            _attend_one(q[t, h], kc[h // grp], vc[h // grp], pos0 + t + 1, sc, out[t, h], scratch[th])
-    else:  # one scratch row per head: heads in parallel, tokens in turn
-        for h in prange(H):
-            for t in range(T):
-                _attend_one(q[t, h], kc[h // grp], vc[h // grp], pos0 + t + 1, sc, out[t, h], scratch[h])
+def _rmsnorm_par(x, w, eps, out):
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x[t], w, eps, out[t])
 
 
-def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
-    """Causal GQA attention over a float16 KV cache.
+@njit(**_JIT)
+def _rmsnorm_seq(x, w, eps, out):
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x[t], w, eps, out[t])
 
-    q [T, H, HD] f32 (roped), k_cache / v_cache [KVH, S, HD] float16 with positions
-    0..pos0+T-1 filled; query t sits at pos0+t and sees keys 0..pos0+t; head h reads kv head
-    h // (H // KVH); out [T, H, HD] f32. scratch f32 holds scores: [T*H, >= pos0+T] runs every
-    (token, head) pair in parallel; [H, >= pos0+T] (the decode buffer, e.g. [H, S]) runs heads in
-    parallel and tokens in turn. Softmax in f32 with max subtraction.
-    """
-    T, H = q.shape[0], q.shape[1]
-    if scratch.shape[0] < H or scratch.shape[1] < pos0 + T:
-        raise ValueError(f"attention scratch {scratch.shape} is smaller than [{H}, {pos0 + T}]")
-    _attention(q, _u16(k_cache), _u16(v_cache), pos0, scale, out, scratch)
+
+def rmsnorm(x, w, eps, out):
+    """x [T, D], w [D] f32 -> out [T, D] = x * rsqrt(mean(x^2) + eps) * w (HF order, in f32)."""
+    (_rmsnorm_seq if x.size < SERIAL_MAX else _rmsnorm_par)(x, w, eps, out)
+
+
+@njit(**_JIT)
+def _rope_token(x, p, inv_freq):
+    # x [NH, HD] of one token at position p
+    NH, HD = x.shape
+    half = HD // 2
+    for i in range(half):
+        a = p * inv_freq[i]
+        c = np.cos(a)
+        s = np.sin(a)
+        for h in range(NH):
+            x0 = x[h, i]
+            x1 = x[h, i + half]
+            x[h, i] = x0 * c - x1 * s
+            x[h, i + half] = x1 * c + x0 * s
+
+
+@njit(**_PJIT)
+def _rope_par(x, pos, inv_freq):
+    for t in prange(x.shape[0]):
+        _rope_token(x[t], np.float32(pos[t]), inv_freq)
+
+
+@njit(**_JIT)
+def _rope_seq(x, pos, inv_freq):
+    for t in range(x.shape[0]):
+        _rope_token(x[t], np.float32(pos[t]), inv_freq)
+
+
+def rope_inplace(x, pos, inv_freq):
+    """x [T, NH, HD] f32 rotated in place at positions pos [T] int64, HF's rotate_half pairing:
+    dim i with i + HD/2, angle = f32(pos) * inv_freq[i] in f32."""
+    (_rope_seq if x.size < SERIAL_MAX else _rope_par)(x, pos, inv_freq)
 
 
 @njit(error_model="numpy", **_JIT)
-def _silu(v):
-    """silu(v) = v / (1 + exp(-v)) in float32, written so the loops below vectorize (with numba's
-    np.exp, a scalar libm call, and its divide-by-zero check they took 46 us for 14336 values, now
-    8): error_model="numpy" drops the check (1 + e >= 1 anyway); -v = k ln2 + r with |r| <= ln2/2,
-    exp(r) by its Taylor series to r^7 (relative error < 1e-8), 2^k from its exponent bits, with
-    k = floor(y + 0.5) by truncating y + 128.5 >= 0 (a conversion that vectorizes; rint is a libm
-    call); -v clamped to [-87, 88] keeps 2^k normal and finite (silu is then v or 0 anyway).
-    Measured against torch's silu over [-100, 100]: relative error <= 3.5e-7."""
-    x = -v
+def exp_f32(x):
+    """exp(x) in float32, written so that loops calling it vectorize (numba's np.exp is a scalar
+    libm call, 46 us for 14336 values in silu_mul against 8 now): x = k ln2 + r with
+    |r| <= ln2/2, exp(r) by its Taylor series to r^7 (relative error < 1e-8), 2^k from its
+    exponent bits, with k = floor(y + 0.5) by truncating y + 128.5 >= 0 (a conversion that
+    vectorizes; rint is a libm call); x clamped to [-87, 88] keeps 2^k normal and finite (a
+    probability of e^-87 instead of 0, or silu's v or 0, either way). error_model="numpy" drops
+    numba's division checks in the callers. Used by silu_mul and by kernels_attn's softmax."""
     x = x if x > np.float32(-87.0) else np.float32(-87.0)
     x = x if x < np.float32(88.0) else np.float32(88.0)
     ki = np.int32(x * np.float32(1.4426950408889634) + np.float32(128.5)) - np.int32(128)
@@ -1228,7 +1209,14 @@ def _silu(v):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    return v / (np.float32(1.0) + p * i2f((ki + np.int32(127)) << np.int32(23)))
+    return p * i2f((ki + np.int32(127)) << np.int32(23))
+
+
+@njit(error_model="numpy", **_JIT)
+def _silu(v):
+    """silu(v) = v / (1 + exp(-v)) in float32, vectorizable (see exp_f32; 1 + e >= 1, so no
+    division check). Measured against torch's silu over [-100, 100]: relative error <= 3.5e-7."""
+    return v / (np.float32(1.0) + exp_f32(-v))
 
 
 @njit(error_model="numpy", **_JIT)
@@ -1297,3 +1285,7 @@ def _add_scaled(out, x, w):
 def add_scaled(out, x, w):
     """out += w * x for out, x [D] or [T, D] (C-contiguous), w a scalar."""
     _add_scaled(out.reshape(-1), x.reshape(-1), np.float32(w))
+
+
+# decode and prefill attention live in kernels_attn (it builds on the helpers above)
+from .kernels_attn import attention  # noqa: E402,F401

@@ -150,10 +150,11 @@ def test_dequant_row(qtype):
         np.testing.assert_array_equal(got, dense[row])
 
 
-def test_rmsnorm_matches_torch_formula():
+@pytest.mark.parametrize("T,D", [(1, 37), (3, 37), (40, 2048)])  # the last runs in parallel (>= SERIAL_MAX)
+def test_rmsnorm_matches_torch_formula(T, D):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, 37)).astype(np.float32)
-    w = rng.standard_normal(37).astype(np.float32)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
     got, ref = np.empty_like(x), np.empty_like(x)
     K.rmsnorm(x, w, 1e-5, got)
     R.rmsnorm(x, w, 1e-5, ref)
@@ -161,6 +162,17 @@ def test_rmsnorm_matches_torch_formula():
     want = (torch.from_numpy(w) * (tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-5))).numpy()
     _close(got, want, 1e-6)
     _close(ref, want, 1e-6)
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 64), (300, 512)])  # a router (serial) and a matrix past SERIAL_MAX
+def test_matvec_f32_matches_numpy(rows, cols):
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal(cols).astype(np.float32)
+    assert (w.size < K.SERIAL_MAX) == (rows == 8)
+    got = np.empty(rows, np.float32)
+    K.matvec_f32(w, x, got)
+    _close(got, (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32), 1e-5)
 
 
 def _hf_rope(x, pos, inv_freq):
@@ -174,11 +186,11 @@ def _hf_rope(x, pos, inv_freq):
     return (t * cos + rot * sin).transpose(0, 1).numpy()
 
 
-@pytest.mark.parametrize("T,pos0", [(1, 0), (1, 57), (3, 1000)])
-def test_rope(T, pos0):
+@pytest.mark.parametrize("T,pos0,NH", [(1, 0, 3), (1, 57, 3), (3, 1000, 3), (300, 5, 16)])  # the last in parallel
+def test_rope(T, pos0, NH):
     rng = np.random.default_rng(T + pos0)
     HD = 16
-    x = rng.standard_normal((T, 3, HD)).astype(np.float32)
+    x = rng.standard_normal((T, NH, HD)).astype(np.float32)
     pos = np.arange(pos0, pos0 + T, dtype=np.int64)
     inv_freq = (1.0 / (10000.0 ** (np.arange(0, HD, 2, dtype=np.int64).astype(np.float32) / HD))).astype(np.float32)
     want = _hf_rope(x, pos, inv_freq)

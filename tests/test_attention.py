@@ -1,0 +1,122 @@
+"""``kernels_attn.attention`` (a kv head's query group at a time) against its numpy twin
+``kernels_ref.attention`` and against torch's scaled_dot_product_attention (in float64, the GQA
+kv heads repeated, a causal mask offset by pos0), on decode and prefill shapes: no GQA, groups of
+2, 3 and 4, and head dims that are not a multiple of the kernel's 16 lanes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixcli import kernels as K
+from mixcli import kernels_attn as A
+from mixcli import kernels_ref as R
+
+RTOL = 1e-5
+# (H, KVH, HD): no GQA (1-head tiles, 64-column strips and whole 128-column rows), H = 4 * KVH,
+# groups of 2 (whole rows; a 16-lane tail), 3 (tiles 2 + 1) and 8 (4 + 4), a 256 head dim
+SHAPES = [(4, 4, 64), (2, 2, 128), (8, 2, 128), (4, 2, 72), (6, 2, 40), (8, 1, 64), (4, 2, 256)]
+
+
+def _close(got, want, rtol=RTOL):
+    """Max error within rtol of the largest reference magnitude (fastmath reorders sums)."""
+    scale = max(float(np.abs(want).max()), 1e-30)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+def _case(H, KVH, HD, T, pos0, seed, spare=3):
+    """q [T, H, HD] f32; caches [KVH, S, HD] float16 with positions past pos0+T left as NaN (never read)."""
+    rng = np.random.default_rng(seed)
+    S = pos0 + T + spare
+    q = rng.standard_normal((T, H, HD)).astype(np.float32)
+    kc = np.full((KVH, S, HD), np.nan, np.float16)
+    vc = np.full((KVH, S, HD), np.nan, np.float16)
+    kc[:, : pos0 + T] = rng.standard_normal((KVH, pos0 + T, HD))
+    vc[:, : pos0 + T] = rng.standard_normal((KVH, pos0 + T, HD))
+    return q, kc, vc
+
+
+def _torch(q, kc, vc, pos0, scale):
+    """torch SDPA in float64: kv heads repeated to H, query t masked to keys 0..pos0+t."""
+    T, H, HD = q.shape
+    n = pos0 + T
+    grp = H // kc.shape[0]
+    k = torch.from_numpy(kc[:, :n].astype(np.float64)).repeat_interleave(grp, dim=0)[None]  # [1, H, n, HD]
+    v = torch.from_numpy(vc[:, :n].astype(np.float64)).repeat_interleave(grp, dim=0)[None]
+    qt = torch.from_numpy(q.astype(np.float64)).transpose(0, 1)[None]  # [1, H, T, HD]
+    mask = torch.arange(n)[None, :] <= (pos0 + torch.arange(T))[:, None]  # [T, n], True = attend
+    o = torch.nn.functional.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1).numpy()  # [T, H, HD]
+
+
+def _run(q, kc, vc, pos0, scale, rows):
+    T, H, HD = q.shape
+    scratch = np.full((rows, pos0 + T), np.nan, np.float32)
+    out = np.full((T, H, HD), np.nan, np.float32)
+    A.attention(q, kc, vc, pos0, scale, out, scratch)
+    return out
+
+
+@pytest.mark.parametrize("H,KVH,HD", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("pos0", [0, 5, 300])
+def test_attention_matches_torch_and_twin(H, KVH, HD, T, pos0):
+    q, kc, vc = _case(H, KVH, HD, T, pos0, seed=H * 1000 + HD * 10 + T + pos0)
+    scale = HD**-0.5
+    want = _torch(q, kc, vc, pos0, scale)
+    ref = np.empty_like(q)
+    R.attention(q, kc, vc, pos0, scale, ref, None)
+    _close(ref, want)
+    for rows in {T * H, H}:  # (token, kv head) pairs in parallel; kv heads in parallel, tokens in turn
+        got = _run(q, kc, vc, pos0, scale, rows)
+        _close(got, want)
+        _close(got, ref)
+
+
+def test_decode_scratch_wider_than_window():
+    """The model's decode buffer: scratch [H, S] with columns past pos0 + 1 unused."""
+    H, KVH, HD, pos0 = 8, 2, 128, 37
+    q, kc, vc = _case(H, KVH, HD, 1, pos0, seed=7, spare=60)
+    scratch = np.full((H, kc.shape[1]), np.nan, np.float32)
+    got = np.full((1, H, HD), np.nan, np.float32)
+    A.attention(q, kc, vc, pos0, HD**-0.5, got, scratch)
+    _close(got, _torch(q, kc, vc, pos0, HD**-0.5))
+
+
+def test_heads_of_a_group_keep_their_own_max():
+    """Within one kv group, heads whose scores differ by far more than exp's range (a sharp
+    head next to a flat one) must each subtract their own maximum."""
+    H, KVH, HD, T, pos0 = 8, 2, 64, 3, 40
+    q, kc, vc = _case(H, KVH, HD, T, pos0, seed=11)
+    q[:, 0] *= 60.0
+    q[:, 5] *= 0.01
+    q[:, 6] -= 30.0
+    want = _torch(q, kc, vc, pos0, HD**-0.5)
+    for rows in (T * H, H):
+        _close(_run(q, kc, vc, pos0, HD**-0.5, rows), want)
+
+
+def test_strided_arguments():
+    """Views whose rows are not unit-stride (they go through copies) give the same result."""
+    H, KVH, HD, T, pos0 = 8, 2, 64, 3, 9
+    q, kc, vc = _case(H, KVH, HD, T, pos0, seed=5)
+    k2 = np.repeat(kc, 2, axis=2)[:, :, ::2]  # same values, element stride 4 bytes
+    q2 = np.repeat(q, 2, axis=2)[:, :, ::2]
+    out_base = np.full((T, H, 2 * HD), np.nan, np.float32)
+    out = out_base[:, :, ::2]
+    A.attention(q2, k2, vc, pos0, HD**-0.5, out, np.empty((T * H, pos0 + T), np.float32))
+    _close(out, _torch(q, kc, vc, pos0, HD**-0.5))
+    assert np.isnan(out_base[:, :, 1::2]).all()
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (8, 11)])
+def test_scratch_too_small(shape):
+    H, KVH, HD, T, pos0 = 8, 2, 16, 3, 9  # needs [8, 12]
+    q, kc, vc = _case(H, KVH, HD, T, pos0, seed=1)
+    out = np.empty((T, H, HD), np.float32)
+    msgs = []
+    for fn in (K.attention, A.attention):
+        with pytest.raises(ValueError) as err:
+            fn(q, kc, vc, pos0, 0.25, out, np.empty(shape, np.float32))
+        msgs.append(str(err.value))
+    assert msgs[0] == msgs[1] == f"attention scratch {shape} is smaller than [8, 12]"
