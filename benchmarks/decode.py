@@ -4,9 +4,9 @@
 
 Writes a random-weight model (hidden 4096, FFN 14336, 8 experts top-2, 32/8 heads, vocab 32000)
 into a temp dir, then for 1 and 2 threads reports decode tok/s, prefill tok/s for a 128-token
-prompt, bytes of weights read per decoded token, and the effective GB/s that implies.
-llama.cpp's CPU backend on this shape at Q4_0 (this machine type): ~11.5 tok/s on 1 thread,
-~22 tok/s on 2, prefill ~120 tok/s on 2 threads.
+prompt, bytes of weights read per decoded token, and the effective GB/s that implies. For
+llama.cpp on the same weights, side by side, see vs_llamacpp.py; for the bandwidth ceiling of the
+same minute and the kernel's instruction counts, roofline.py.
 """
 from __future__ import annotations
 
