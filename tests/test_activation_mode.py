@@ -27,7 +27,6 @@ def restore_mode():
     kernels.set_activation_mode()
 
 
-@pytest.mark.skipif(not kernels.HAS_VNNI, reason="int8 activations need AVX-512 VNNI; without it every mode is f32")
 def test_perplexity_under_each_mode_equals_its_reference(baby, text, tmp_path, capsys, restore_mode):  # noqa: F811
     model, tokjson = baby
     f = tmp_path / "text.txt"
@@ -41,6 +40,9 @@ def test_perplexity_under_each_mode_equals_its_reference(baby, text, tmp_path, c
         ref = reference_perplexity(model, tokjson, text, 32, max_chunks=3)[0]
         kernels.set_activation_mode()
         assert got[act] == pytest.approx(ref, rel=1e-6), act
+    if not kernels.HAS_VNNI:  # the int8 paths need AVX-512 VNNI: every mode runs as f32
+        assert len(set(got.values())) == 1, got
+        return
     assert len(set(got.values())) == len(got), got  # three arithmetics, three figures
     assert got["int8x2"] == pytest.approx(got["f32"], rel=1e-3)  # two levels stay close to exact
     assert abs(got["int8"] - got["f32"]) > abs(got["int8x2"] - got["f32"])
