@@ -37,7 +37,6 @@ def bench_command(
     standard deviation over --reps runs, for each thread count."""
     from ..bench import run_bench
     from ..model import physical_cores
-    from .. import kernels
     from ..runtime import load_runtime_model
 
     if reps < 1:
@@ -48,6 +47,8 @@ def bench_command(
     m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
                                  notify=lambda s: print(s, file=sys.stderr))
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
+    from .. import kernels  # loaded with the model; its activation mode is the one this run used
+
     if as_json:
         print(json.dumps({"model": str(path), "activations": kernels.ACT_MODE, "results": [r.to_dict() for r in rows]},
                          indent=2))
