@@ -84,6 +84,11 @@ _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.
 _FAST = ("fast",)
 ROWS = 8  # output rows per matvec step (shares one activation block load among 8 rows)
 PREFETCH = 256  # bytes ahead in each weight row stream
+# A decode step's small ops (one row of D values, a router's 8 rows) run on the calling thread: a
+# parallel region costs ~10 us to open and close on 2 threads, 5-10x the op itself (rmsnorm of
+# 4096 values: 13.7 us in parallel, 1.1 us serial), and far more when another process holds a
+# core, since the region waits for every thread.
+SERIAL_MAX = 1 << 16  # values below which rmsnorm, rope and the f32 matvec run serially
 MM_ROWS, MM_TOKS = 4, 4  # prefill tile, one activation level: 4 rows x 4 tokens = 16 zmm accumulators
 MM2_ROWS, MM2_TOKS = 4, 2  # two levels: 4 rows x 2 tokens (x 2 levels: 16 activation streams)
 # prefill from PACK_MIN virtual tokens (tokens x levels) on: activations packed one token per
@@ -1117,11 +1122,7 @@ def dequant_row_f32(w, row, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# the rest of the layer. A decode step's small ops (one row of D values, 8 router rows) run
-# serially: a parallel region costs ~10 us to open and close on 2 threads, 5-10x the op itself
-# (rmsnorm of 4096 values: 13.7 us in parallel, 1.1 us serial), and far more when another process
-# holds a core, since the region waits for every thread.
-SERIAL_MAX = 1 << 16  # values below which an op runs on the calling thread
+# the rest of the layer (small ops run serially below SERIAL_MAX values, see there)
 
 
 @njit(**_JIT)
