@@ -6,13 +6,16 @@ Each tensor part is a read-only numpy view into one buffer per data file. The bu
 * a read-only memory map of the file (``load="mmap"``): opening even a 26 GB model costs
   milliseconds and the OS (or the expert cache) decides which pages ever reach memory.
 
-Why read at all: decode streams every weight once per token, and from anonymous memory it runs
-faster than from the page cache's pages of the same file: ``python benchmarks/load_mode.py``
-(the same kernels and bytes, only the buffers differ, the two alternating round by round;
-Mixtral-width 2 layers, q4_0r16, 2 threads) measured memory / mmap = 1.04-1.13 in five of six
-runs (one run 0.99). llama.cpp gets the same effect by copying its repacked Q4_0 weights out of its
-map. The cost is start-up (0.45 s per GB from the page cache on the 2-core VM we measure on) and
-memory that stays resident, so ``load="auto"`` reads a model only when it fits comfortably in the
+Why read at all: decode streams every weight once per token, and from anonymous memory on huge
+pages (``hugepages.py``) it runs faster than from the page cache's pages of the same file:
+``python benchmarks/load_mode.py`` (the same kernels and bytes, only the buffers differ, the two
+alternating round by round; Mixtral-width 2 layers, q4_0r16, 2 threads) measured memory / mmap =
+1.070 (74.1 / 69.3 tok/s). On 4 KiB pages it had measured 1.04-1.13 in five of six runs; the huge
+pages themselves are worth 8-16% (fresh processes alternating, THP against 4 KiB, three runs).
+The cost is start-up and memory that stays resident. Start-up is 0.2 s per GB from the page cache
+where free memory is at hand, but a VM that hands free memory back to its host (virtio-balloon
+free page reporting, as on the Firecracker VM we measure on) must fault fresh huge pages in on the
+host: 1.7 GB opened in 4.0 s (0.17 s for the default model) against 1.0 s on 4 KiB pages. so ``load="auto"`` reads a model only when it fits comfortably in the
 available memory and takes at most AUTO_MAX_BYTES (4 GiB: about 2 s of start-up; a 26 GB Mixtral
 would take 12 s, paid back by a 5% faster decode only after about a thousand tokens, so a one-shot
 `mixcli generate` would lose). A bigger model is mapped (and ``--max-memory`` brings in the expert
@@ -29,6 +32,7 @@ import numpy as np
 
 from quant import formats
 
+from . import hugepages
 from .config import ModelConfig
 from .errors import MixcliError, ModelFormatError
 from .memsize import available_memory, format_size
@@ -140,11 +144,10 @@ def _map_file(fpath: Path) -> np.ndarray:
 def _read_file(fpath: Path, size: int) -> np.ndarray:
     """The file's ``size`` bytes in a private anonymous mapping, read sequentially, returned as a
     read-only uint8 [size] view (read-only like a map, so the kernels see the same array type)."""
-    # MAP_POPULATE faults the pages in up front, in the kernel: 0.45 s per GB against 1.2-2.4 s
-    # for faulting them one by one during the read (1.7 GB file, this VM)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    # huge pages where the kernel gives them, faulted in up front in the kernel (hugepages.py): the
+    # pages fault in far faster than one by one during the read, and decode streams faster
     try:
-        buf = mmap.mmap(-1, size, flags=flags)
+        buf = hugepages.anonymous(size, populate=True)
     except (OSError, MemoryError, OverflowError) as exc:
         raise MixcliError(f"cannot hold the model's {format_size(size)} data file {fpath.name} in memory ({exc})",
                           "pass --mmap to map it instead") from None
