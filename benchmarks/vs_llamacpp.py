@@ -390,7 +390,8 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=None, help="default model prefill tokens (512; --quick 64)")
     ap.add_argument("--tg", type=int, default=None, help="default model decode steps (128; --quick 16)")
     ap.add_argument("--mixtral-pp", type=int, default=None, help="Mixtral-width prefill tokens (128; --quick 32)")
-    ap.add_argument("--mixtral-tg", type=int, default=None, help="Mixtral-width decode steps (32; --quick 8)")
+    ap.add_argument("--mixtral-tg", type=int, default=None, help="Mixtral-width decode steps (128, llama-bench's tg128: "
+                    "a shorter run falls into this VM's 0.3-0.5 s slow phases too often; --quick 8)")
     ap.add_argument("--ppl-chunks", type=int, default=None, help="score at most this many chunks (all; --quick 2)")
     ap.add_argument("--gguf", type=Path, default=None, help="a local copy of the default model's GGUF (sha256-checked)")
     ap.add_argument("--skip-default", action="store_true")
@@ -408,7 +409,7 @@ def main() -> None:
     args.pp = args.pp or (64 if q else 512)
     args.tg = args.tg or (16 if q else 128)
     args.mixtral_pp = args.mixtral_pp or (32 if q else 128)
-    args.mixtral_tg = args.mixtral_tg or (8 if q else 32)
+    args.mixtral_tg = args.mixtral_tg or (8 if q else 128)
     args.mixtral_warmup = 16 if q else 64  # enough random tokens to route through every expert
     args.ppl_chunks = args.ppl_chunks if args.ppl_chunks is not None else (2 if q else 0)
     if min(args.reps, args.pp, args.tg, args.mixtral_pp, args.mixtral_tg, args.threads) < 1:
