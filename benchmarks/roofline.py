@@ -133,7 +133,12 @@ def main() -> None:
             m.decode(5)
         kernels.set_activation_mode()
         bpt = bytes_per_token(next(iter(models.values())))
-        buf = np.ones(STREAM_BYTES // 8, np.uint64)  # [n] written, so its pages are real
+        # [n] on the same kind of pages as the weights (huge where the kernel gives them), written
+        # so its pages are real: the ceiling must not be lowered by TLB misses the weights avoid
+        from mixcli import hugepages
+
+        buf = np.frombuffer(hugepages.anonymous(STREAM_BYTES, populate=True), np.uint64)
+        buf[:] = 1
         kern = _stream_kernel()
         kern(buf)
         rng = np.random.default_rng(0)
