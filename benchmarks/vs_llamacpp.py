@@ -25,7 +25,11 @@ alternating and swapping which goes first each rep; the table shows medians. Row
    imported into mixcli's format keeping its blocks: decode and prefill tok/s at 1 and 2 threads.
 
 Everything is written under one temporary directory, removed at the end (also on Ctrl-C).
-Ratios are mixcli / llama.cpp: above 1 is faster for speed, and worse for perplexity.
+Ratios are mixcli / llama.cpp: above 1 is faster for speed, and worse for perplexity. A speed
+row's ratio (and its goal verdict) is the median over reps of each rep's own ratio: the two runs
+of a rep are back to back, so they share the machine's phase, where this VM's memory bandwidth
+drifts by 30% from one minute to the next and the two engines' medians can come from different
+phases. The medians of each engine are shown beside it, and the spread of the rep ratios.
 """
 from __future__ import annotations
 
@@ -142,7 +146,8 @@ def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: i
             run()
         log(f"  rep {i + 1}/{reps}, {threads} thr: mixcli pp {res['ours_pp'][-1]:.1f} tg {res['ours_tg'][-1]:.2f}"
             f" | llama.cpp pp {res['ll_pp'][-1]:.1f} tg {res['ll_tg'][-1]:.2f} tok/s")
-    return {k: statistics.median(v) for k, v in res.items()} | {"samples": res}
+    pairs = {k: [a / b for a, b in zip(res[f"ours_{k}"], res[f"ll_{k}"])] for k in ("pp", "tg")}
+    return {k: statistics.median(v) for k, v in res.items()} | {"samples": res, "pairs": pairs}
 
 
 # ---------------------------------------------------------------- rows
@@ -156,10 +161,17 @@ class Row:
     llamacpp: float
     goal: str = ""  # e.g. ">= 1.0": on the ratio mixcli / llama.cpp
     note: str = ""
+    pairs: list[float] | None = None  # speed rows: each rep's mixcli / llama.cpp, runs back to back
 
     @property
     def ratio(self) -> float:
+        if self.pairs:
+            return statistics.median(self.pairs)
         return self.mixcli / self.llamacpp if self.llamacpp else float("nan")
+
+    @property
+    def spread(self) -> str:
+        return f"{min(self.pairs):.2f}-{max(self.pairs):.2f}" if self.pairs else ""
 
     @property
     def met(self) -> str:
@@ -283,8 +295,10 @@ def default_model_rows(py: Path, tmp: Path, args) -> list[Row]:
     th = args.threads
     log(f"speed, {name}: pp{args.pp} / tg{args.tg}, {args.reps} reps")
     s = alternate(py, gguf_path, keep, th, args.pp, args.tg, args.reps)
-    rows.append(Row(f"{name} Q4_1", f"decode tok/s, tg{args.tg} ({th} thr)", s["ours_tg"], s["ll_tg"], ">= 1.0"))
-    rows.append(Row(f"{name} Q4_1", f"prefill tok/s, pp{args.pp} ({th} thr)", s["ours_pp"], s["ll_pp"], ">= 0.7"))
+    rows.append(Row(f"{name} Q4_1", f"decode tok/s, tg{args.tg} ({th} thr)", s["ours_tg"], s["ll_tg"], ">= 1.0",
+                    pairs=s["pairs"]["tg"]))
+    rows.append(Row(f"{name} Q4_1", f"prefill tok/s, pp{args.pp} ({th} thr)", s["ours_pp"], s["ll_pp"], ">= 0.7",
+                    pairs=s["pairs"]["pp"]))
 
     q4 = tmp / "smol-q4_0"
     convert_gguf(gguf_path, q4, quant="q4_0")
@@ -355,9 +369,9 @@ def mixtral_rows(py: Path, tmp: Path, args) -> list[Row]:
         s = alternate(py, gguf_path, ours, th, args.mixtral_pp, args.mixtral_tg, args.reps, warmup=args.mixtral_warmup)
         goal_tg, goal_pp = (">= 1.0", ">= 0.7") if th == 2 else ("", "")
         rows.append(Row("Mixtral-width 2L Q4_0", f"decode tok/s, tg{args.mixtral_tg} ({th} thr)",
-                        s["ours_tg"], s["ll_tg"], goal_tg, note if th == 1 else ""))
+                        s["ours_tg"], s["ll_tg"], goal_tg, note if th == 1 else "", pairs=s["pairs"]["tg"]))
         rows.append(Row("Mixtral-width 2L Q4_0", f"prefill tok/s, pp{args.mixtral_pp} ({th} thr)",
-                        s["ours_pp"], s["ll_pp"], goal_pp))
+                        s["ours_pp"], s["ll_pp"], goal_pp, pairs=s["pairs"]["pp"]))
     return rows
 
 
@@ -368,11 +382,12 @@ def print_table(rows: list[Row], title: str) -> None:
     t = Table(title=title)
     t.add_column("model")
     t.add_column("measure")
-    for c in ("mixcli", "llama.cpp", "ratio", "goal", "met"):
+    for c in ("mixcli", "llama.cpp", "ratio", "rep ratios", "goal", "met"):
         t.add_column(c, justify="right")
     for r in rows:
         fmt = ".3f" if "perplexity" in r.measure else ".2f"
-        t.add_row(r.model, r.measure, f"{r.mixcli:{fmt}}", f"{r.llamacpp:{fmt}}", f"{r.ratio:.3f}", r.goal, r.met)
+        t.add_row(r.model, r.measure, f"{r.mixcli:{fmt}}", f"{r.llamacpp:{fmt}}", f"{r.ratio:.3f}", r.spread,
+                  r.goal, r.met)
     Console(width=max(120, shutil.get_terminal_size().columns)).print(t)
     for r in rows:
         if r.note:
@@ -428,8 +443,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = " ".join(["python", "benchmarks/vs_llamacpp.py", *sys.argv[1:]])
     print(f"\n$ {cmd}   ({time.perf_counter() - t0:.0f} s)")
-    print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), median of {args.reps} "
-                      f"alternating runs (ratio = mixcli / llama.cpp)")
+    print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
+                      f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp")
     if args.json:
         args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act,
                                          "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2))
