@@ -375,6 +375,17 @@ def mixtral_rows(py: Path, tmp: Path, args) -> list[Row]:
     return rows
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never", or "unknown"). It
+    matters to the ratio: mixcli asks for huge pages for its weights (mixcli/hugepages.py), while
+    llama.cpp's repacked copy of its weights gets them only under "always"."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
+
+
 def print_table(rows: list[Row], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -445,8 +456,11 @@ def main() -> None:
     print(f"\n$ {cmd}   ({time.perf_counter() - t0:.0f} s)")
     print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
                       f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp")
+    thp = thp_mode()
+    print(f"  host transparent huge pages: {thp} (mixcli's weights are on huge pages unless 'never'; "
+          f"llama.cpp's repacked copy only under 'always')")
     if args.json:
-        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act,
+        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act, "thp": thp,
                                          "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2))
 
 
