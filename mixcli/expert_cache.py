@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import hugepages
 from .errors import MixcliError, ModelFormatError, UsageError
 from .experts import ExpertStats, ExpertWeights, MappedExperts
 from .linear import Linear
@@ -238,9 +237,12 @@ class ExpertCache:
             )
         self.n_slots = int(min(n, len(self._regions)))
         self.capacity_bytes = self.n_slots * self.slot_bytes
-        # anonymous, pages exist only once written; on huge pages where the kernel gives them, as
-        # the weights read into memory are (hugepages.py: decode streams faster from them)
-        self._arena = hugepages.anonymous(self.capacity_bytes)
+        import mmap
+
+        # anonymous: pages exist only once written. Not advised for huge pages (hugepages.py) as
+        # the weights read into memory are: this pool lives under a memory budget with slots
+        # refilled from disk, where huge pages' reclaim and first-touch costs are unmeasured.
+        self._arena = mmap.mmap(-1, self.capacity_bytes)
         arena = np.frombuffer(self._arena, dtype=np.uint8)  # [n_slots * slot_bytes]
         self._slots = [_Slot(i, arena[i * self.slot_bytes : (i + 1) * self.slot_bytes]) for i in range(self.n_slots)]
         self._where: dict[tuple[int, int], _Slot] = {}
