@@ -15,11 +15,12 @@ pages themselves are worth 8-16% (fresh processes alternating, THP against 4 KiB
 The cost is start-up and memory that stays resident. Start-up is 0.2 s per GB from the page cache
 where free memory is at hand, but a VM that hands free memory back to its host (virtio-balloon
 free page reporting, as on the Firecracker VM we measure on) must fault fresh huge pages in on the
-host: 1.7 GB opened in 4.0 s (0.17 s for the default model) against 1.0 s on 4 KiB pages. so ``load="auto"`` reads a model only when it fits comfortably in the
-available memory and takes at most AUTO_MAX_BYTES (4 GiB: about 2 s of start-up; a 26 GB Mixtral
-would take 12 s, paid back by a 5% faster decode only after about a thousand tokens, so a one-shot
-`mixcli generate` would lose). A bigger model is mapped (and ``--max-memory`` brings in the expert
-cache); ``--no-mmap`` reads it anyway, for long chat sessions.
+host: 1.7 GB opened in 4.0 s (0.17 s for the default model) against 1.0 s on 4 KiB pages. So
+``load="auto"`` reads a model only when it fits comfortably in the available memory and takes at
+most AUTO_MAX_BYTES (4 GiB: about 1 s of start-up, up to 8 s on such a VM; a 26 GB Mixtral would
+take 5 s or more, paid back by a 5-10% faster decode only after about a thousand tokens, so a
+one-shot `mixcli generate` would lose). A bigger model is mapped (and ``--max-memory`` brings in
+the expert cache); ``--no-mmap`` reads it anyway, for long chat sessions.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ the size rule that picks one, and the command-line switch."""
 from __future__ import annotations
 
 import json
-import os
 import mmap as mmap_module
+import os
 
 import numba
 import numpy as np
@@ -212,9 +212,8 @@ def _vm_flags(address: int) -> list[str]:
 
 
 def test_memory_mode_asks_for_huge_pages(baby):
-    """Weights read into memory are advised for transparent huge pages (decode streams ~15%
-    faster from them, see mixcli/hugepages.py) wherever the kernel has THP, and populated up
-    front: every page is resident before the first token."""
+    """Weights read into memory are advised for transparent huge pages (decode streams 8-16%
+    faster from them, see mixcli/hugepages.py) wherever the kernel has THP; a file map is not."""
     st = open_model_dir(baby, load="memory")
     qs = st.tensor("layers.0.attn.wq").parts["qs"]
     flags = _vm_flags(qs.ctypes.data)
