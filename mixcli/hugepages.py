@@ -31,20 +31,28 @@ def anonymous(size: int, populate: bool = False) -> mmap.mmap:
     """A private anonymous mapping of ``size`` bytes advised for huge pages; ``populate`` faults
     every page in now (raising OSError ENOMEM when there is no memory for it) instead of on first
     write. Other errors (mmap's own) propagate."""
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    buf = mmap.mmap(-1, size, flags=flags)
     madvise = getattr(buf, "madvise", None)
     if madvise is None:  # no madvise on this platform
         return buf
     try:
         madvise(mmap.MADV_HUGEPAGE)
+        huge = True
     except (AttributeError, OSError):  # THP compiled out or disabled: 4 KiB pages
-        pass
+        huge = False
     if populate:
         try:
             madvise(MADV_POPULATE_WRITE)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: a kernel without it, pages fault in when written
+            if exc.errno != errno.EINVAL:
                 buf.close()
                 raise
+            # EINVAL, a kernel before 5.14: huge pages fault in cheaply during the read (one
+            # fault per 2 MiB), 4 KiB ones are faster populated up front by MAP_POPULATE (0.45 s
+            # per GB against 1.2-2.4 s faulted one by one during the read, measured on this VM)
+            if not huge:
+                buf.close()
+                buf = mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))
     return buf
 

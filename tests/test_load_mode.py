@@ -198,17 +198,26 @@ def test_read_error_is_a_clear_error(baby, monkeypatch):
         open_model_dir(baby, load="memory")
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
-    inside = False
+def _mapping(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping of this process that holds ``address``."""
+    fields, inside = {}, False
     for line in open("/proc/self/smaps", encoding="ascii", errors="replace"):
         head = line.split(" ", 1)[0]
         if "-" in head and ":" not in head:
+            if inside:
+                break
             lo, _, hi = head.partition("-")
             inside = int(lo, 16) <= address < int(hi, 16)
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    if not fields:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return fields
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _mapping(address)["VmFlags"].split()
 
 
 def test_memory_mode_asks_for_huge_pages(baby):
@@ -248,3 +257,35 @@ def test_populate_refused(baby, monkeypatch, err, fails):
         ref = open_model_dir(baby, load="mmap")
         name = "layers.0.attn.wq"
         np.testing.assert_array_equal(st.tensor(name).parts["qs"], ref.tensor(name).parts["qs"])
+
+
+def _resident_fraction(buf) -> float:
+    """Share of the pages of ``buf`` (an mmap) resident in memory, by mincore(2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap_module.PAGESIZE
+    n = (len(buf) + page - 1) // page
+    vec = (ctypes.c_ubyte * n)()
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) / n
+
+
+def test_old_kernel_without_thp_still_populates_up_front(monkeypatch):
+    """Neither huge pages nor MADV_POPULATE_WRITE (EINVAL for both, as on a kernel before 5.14
+    built without THP): the memory is populated by MAP_POPULATE instead, resident when returned."""
+    import errno
+
+    from mixcli import hugepages
+
+    class Old(mmap_module.mmap):
+        def madvise(self, option, *a):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", Old)
+    buf = hugepages.anonymous(8 << 20, populate=True)
+    assert _resident_fraction(buf) == 1.0
+    assert "hg" not in _vm_flags(np.frombuffer(buf, np.uint8).ctypes.data)
+    assert _resident_fraction(hugepages.anonymous(8 << 20)) == 0.0  # not asked to populate
