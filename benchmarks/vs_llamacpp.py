@@ -457,7 +457,7 @@ def main() -> None:
     print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
                       f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp")
     thp = thp_mode()
-    print(f"  host transparent huge pages: {thp} (mixcli's weights are on huge pages unless 'never'; "
+    print(f"  host transparent huge pages: {thp} (mixcli's weights read into memory, as here, are on huge pages unless 'never'; "
           f"llama.cpp's repacked copy only under 'always')")
     if args.json:
         args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act, "thp": thp,
