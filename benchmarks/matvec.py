@@ -5,7 +5,10 @@ Decode is memory-bandwidth bound, so each case cycles through enough copies of t
 (>= 128 MiB) that it streams from DRAM, not from the 32 MiB L3, as a real model's weights do.
 Each figure is the median (and best) of several timed passes after a JIT warm-up.
 
-    python benchmarks/matvec.py [--runs 7] [--quick] [--types q4_0r16,q4_kr16]
+    python benchmarks/matvec.py [--runs 7] [--quick] [--types q4_0r16,q4_kr16] [--tables avx2:int8x2,avx2:f32]
+
+--tables: the kernel tables to measure side by side (instruction-set tier : activation mode);
+default: the host's best tier in both int8 modes, and the f32 mode.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mixcli import kernels, kernels_ref  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixcli import kernels  # noqa: E402
+from mixcli.kernels import ref as kernels_ref  # noqa: E402
+import host  # noqa: E402
 from quant import q4  # noqa: E402
 from quant.formats import QUANT_TYPES, interleave_rows  # noqa: E402
 
@@ -76,14 +82,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
     ap.add_argument("--types", default="", help="comma-separated storage types to run (default: all)")
+    ap.add_argument("--tables", default="", help="comma-separated TIER:MODE kernel tables (default: best tier, 3 modes)")
     a = ap.parse_args()
+    best = kernels.host_tiers()[0]
+    specs = [t.split(":") for t in a.tables.split(",")] if a.tables else [[best, "int8x2"], [best, "int8"], [best, "f32"]]
+    tables = [kernels.select(isa, act) for isa, act in specs]
     only = set(filter(None, a.types.split(",")))
     pick = (lambda ts: [t for t in ts if t in only]) if only else (lambda ts: list(ts))
     rng = np.random.default_rng(0)
     shapes = [(14336, 4096)] if a.quick else [(14336, 4096), (4096, 14336)]
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
     rows = []
-    print(f"numba {numba.__version__}, activation mode: {kernels.ACT_MODE}, threads available {numba.config.NUMBA_NUM_THREADS}")
+    print(f"host: {host.describe()}")
+    print(f"numba {numba.__version__}, tables: {', '.join(t.label for t in tables)}, "
+          f"threads available {numba.config.NUMBA_NUM_THREADS}")
     # (row-major q4_k has only the f32-activation kernels: not a decode path worth a row here)
     for qtype in pick(("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q4_kr16", "q8_0", "q8_0r16", "f16")):
         for n, k in shapes:
@@ -93,11 +105,13 @@ def main() -> None:
             mats = [one] + [[p.copy() for p in one] for _ in range(copies - 1)]
             x = rng.standard_normal(k).astype(np.float32)
             out = np.empty(n, np.float32)
-            mv = getattr(kernels, f"matvec_{qtype}")
-            for th in threads:
-                numba.set_num_threads(th)
-                med, best = _time(lambda m: mv(*m, x, out), mats, a.runs)
-                rows.append((f"matvec_{qtype}", f"{n}x{k}", str(th), n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
+            for tb in tables:
+                mv = getattr(tb, f"matvec_{qtype}")
+                for th in threads:
+                    numba.set_num_threads(th)
+                    med, best = _time(lambda m: mv(*m, x, out), mats, a.runs)
+                    rows.append((f"mv {qtype} {tb.label}", f"{n}x{k}", str(th), n * k / med / 1e9, n * k / best / 1e9,
+                                 nbytes / med / 1e9))
             ref = getattr(kernels_ref, f"matvec_{qtype}")
             med, best = _time(lambda m: ref(*m, x, out), mats[:1], 2)
             rows.append((f"numpy twin {qtype}", f"{n}x{k}", "-", n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
@@ -117,20 +131,22 @@ def main() -> None:
         one = _parts(qtype, n, k, rng)
         X = rng.standard_normal((T, k)).astype(np.float32)
         out = np.empty((T, n), np.float32)
-        mm = getattr(kernels, f"matmul_{qtype}")
-        for th in threads:
-            numba.set_num_threads(th)
-            med, best = _time(lambda m: mm(*m, X, out), [one], max(3, a.runs // 2))
-            rows.append((f"matmul_{qtype} T={T}", f"{n}x{k}", str(th), n * k * T / med / 1e9, n * k * T / best / 1e9, 0.0))
+        for tb in tables:
+            mm = getattr(tb, f"matmul_{qtype}")
+            for th in threads:
+                numba.set_num_threads(th)
+                med, best = _time(lambda m: mm(*m, X, out), [one], max(3, a.runs // 2))
+                rows.append((f"mm {qtype} T={T} {tb.label}", f"{n}x{k}", str(th), n * k * T / med / 1e9,
+                             n * k * T / best / 1e9, 0.0))
         ref = getattr(kernels_ref, f"matmul_{qtype}")
         med, best = _time(lambda m: ref(*m, X, out), [one], 2)
         rows.append((f"numpy twin matmul {qtype}", f"{n}x{k}", "-", n * k * T / med / 1e9, n * k * T / best / 1e9, 0.0))
 
     head = ("kernel", "N x K", "thr", "G/s median", "G/s best", "GB/s median")
-    print(f"{head[0]:<26}{head[1]:>12}{head[2]:>5}{head[3]:>12}{head[4]:>10}{head[5]:>13}")
+    print(f"{head[0]:<36}{head[1]:>12}{head[2]:>5}{head[3]:>12}{head[4]:>10}{head[5]:>13}")
     for name, shape, th, med, best, gbs in rows:
-        print(f"{name:<26}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{gbs:>13.2f}" if gbs else
-              f"{name:<26}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{'':>13}")
+        print(f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{gbs:>13.2f}" if gbs else
+              f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{'':>13}")
     print("matvec rows: G weights/s; matmul rows: G weight-token MAC/s")
 
 

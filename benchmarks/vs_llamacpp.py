@@ -4,11 +4,12 @@
     python benchmarks/vs_llamacpp.py --quick           # a smoke run: 1 rep, short tests, 2 ppl chunks
     python benchmarks/vs_llamacpp.py --reps 5 --skip-mixtral --json out.json
 
-llama.cpp runs through llama-cpp-python in its own virtual environment
-(~/.cache/mixcli-bench/llamacpp-venv, built on first use; override with MIXCLI_LLAMACPP_VENV).
-Its default build compiles for the build machine's CPU and can die with an illegal instruction
-on this machine type, so it is built with an explicit instruction-set list (several minutes on 2
-cores). Every speed rep runs each engine in a fresh process (a warm-up prefill first, then one
+llama.cpp runs through llama-cpp-python in its own virtual environment, built on first use for the
+instruction sets of the host it runs on (``host.llamacpp_cmake_args``: GGML_NATIVE off and each
+set named, so an AVX2-only host gets an AVX2 build instead of a SIGILL), one environment per flag
+set (~/.cache/mixcli-bench/llamacpp-venv-<flags hash>; override with MIXCLI_LLAMACPP_VENV).
+mixcli runs at the best kernel tier the host executes (or $MIXCLI_ISA); the table and the JSON
+name the host's CPU, its instruction sets and the tier. Every speed rep runs each engine in a fresh process (a warm-up prefill first, then one
 timed prefill of N random tokens and M timed single-token decode steps), the two engines
 alternating and swapping which goes first each rep; the table shows medians. Rows:
 
@@ -50,9 +51,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-VENV = Path(os.environ.get("MIXCLI_LLAMACPP_VENV", Path.home() / ".cache/mixcli-bench/llamacpp-venv"))
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-              "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
+import host  # noqa: E402
+
+VENV = Path(os.environ.get("MIXCLI_LLAMACPP_VENV",
+                           Path.home() / f".cache/mixcli-bench/llamacpp-venv-{host.build_key()}"))
+CMAKE_ARGS = host.llamacpp_cmake_args()
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PPL_TEXT = HERE / "data" / "ppl_text.txt"
 PPL_CTX = 512
@@ -121,7 +124,7 @@ def _ours_speed_main(argv: list[str]) -> None:
         m.decode(tok)
     tg_tps = tg / (time.perf_counter() - t)
     print(json.dumps({"pp_tps": pp_tps, "tg_tps": tg_tps, "load_s": load_s, "threads": m.threads,
-                      "load": m.store.load}))
+                      "load": m.store.load, "kernels": m.kernels.label}))
 
 
 def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: int, reps: int,
@@ -427,9 +430,11 @@ def main() -> None:
                     help="mixcli's activation arithmetic (default: $MIXCLI_ACT or mixcli's default, int8x2; "
                          "int8 is llama.cpp's)")
     args = ap.parse_args()
-    if args.act:  # the worker processes inherit it; this process has not imported the kernels yet
+    if args.act:  # the worker processes inherit it
         os.environ["MIXCLI_ACT"] = args.act
-    act = os.environ.get("MIXCLI_ACT") or "int8x2"
+    from mixcli import kernels
+
+    tier = kernels.select().label  # $MIXCLI_ISA / $MIXCLI_ACT, else the host's best tier and default mode
     q = args.quick
     args.reps = args.reps or (1 if q else 3)
     args.pp = args.pp or (64 if q else 512)
@@ -454,13 +459,16 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = " ".join(["python", "benchmarks/vs_llamacpp.py", *sys.argv[1:]])
     print(f"\n$ {cmd}   ({time.perf_counter() - t0:.0f} s)")
-    print_table(rows, f"mixcli (activations {act}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
+    print_table(rows, f"mixcli (kernels {tier}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
                       f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp")
+    print(f"  host: {host.describe()}")
+    print(f"  llama.cpp built with: {CMAKE_ARGS}")
     thp = thp_mode()
     print(f"  host transparent huge pages: {thp} (mixcli's weights read into memory, as here, are on huge pages unless 'never'; "
           f"llama.cpp's repacked copy only under 'always')")
     if args.json:
-        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "activations": act, "thp": thp,
+        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "kernels": tier, "host": host.describe(),
+                                         "isa": host.isa_list(), "llamacpp_cmake": CMAKE_ARGS, "thp": thp,
                                          "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2))
 
 

@@ -299,7 +299,7 @@ class ChatSession:
 
     def stats_lines(self) -> list[str]:
         """/stats: the last reply, the context, the session, the experts."""
-        from .ui import format_stats
+        from .ui import format_stats, kernel_label
 
         m = self.model
         lines: list[str] = []
@@ -307,7 +307,7 @@ class ChatSession:
             lines += format_stats(m, self.last).splitlines()
         else:
             lines.append("no reply yet")
-            lines.append(f"context {m.pos}/{m.ctx} tokens | threads {m.threads}")
+            lines.append(f"context {m.pos}/{m.ctx} tokens | threads {m.threads} | kernels {kernel_label(m)}")
         t = self.totals
         n_turns = len(self.messages) // 2
         lines.append(

@@ -26,15 +26,17 @@ DEFAULT_CTX = 4096  # llama.cpp's default context
 DEFAULT_BATCH = 256  # prompt tokens per prefill step
 
 
-def _kernel_module():
-    """The numba kernels, or their numpy twins with MIXCLI_KERNELS=ref (a whole-model reference)."""
+def _kernel_module(isa: str | None = None, act: str | None = None):
+    """The kernel table for an instruction-set tier and activation mode (None: $MIXCLI_ISA /
+    $MIXCLI_ACT, else the host's best tier and the default mode), or the numpy twins with
+    MIXCLI_KERNELS=ref (a whole-model reference)."""
     if os.environ.get("MIXCLI_KERNELS") == "ref":
-        from . import kernels_ref
+        from .kernels import ref
 
-        return kernels_ref
+        return ref
     from . import kernels
 
-    return kernels
+    return kernels.select(isa, act)
 
 
 def physical_cores() -> int:
@@ -68,11 +70,11 @@ class Model:
     ``prefill`` / ``decode`` extend the cached sequence for generation."""
 
     def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
-                 batch: int = DEFAULT_BATCH, experts=None):
+                 batch: int = DEFAULT_BATCH, experts=None, kernels=None):
         cfg = store.config
         self.store = store
         self.config: ModelConfig = cfg
-        self.kernels = k = _kernel_module()
+        self.kernels = k = kernels if kernels is not None else _kernel_module()  # a kernels.KernelTable
         max_ctx = cfg.max_position_embeddings
         ctx = DEFAULT_CTX if ctx is None else int(ctx)
         if ctx <= 0:
@@ -302,8 +304,12 @@ class Model:
         return self.prefill(tokens, want_all=True)
 
 
-def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto", **kw) -> Model:
+def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto",
+         isa: str | None = None, act: str | None = None, **kw) -> Model:
     """Open a converted model directory and build the runtime model. ``load``: "memory" reads the
     weights into memory (faster decode), "mmap" maps them (instant start, less memory), "auto"
-    reads when the model fits comfortably in available memory (``store.resolve_load_mode``)."""
+    reads when the model fits comfortably in available memory (``store.resolve_load_mode``).
+    ``isa``, ``act``: the kernel tier and activation mode (see ``mixcli.kernels.select``)."""
+    if "kernels" not in kw:
+        kw["kernels"] = _kernel_module(isa, act)
     return Model(open_model_dir(path, load=load), ctx=ctx, threads=threads, **kw)

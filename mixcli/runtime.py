@@ -2,7 +2,6 @@
 and turn text (or a conversation) into prompt tokens with the model's own chat template."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +60,8 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
     with a --max-memory budget as the limit when one is given). ``act``: the activation
-    arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked before the model
-    is opened so a typo costs no load time."""
+    arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked with $MIXCLI_ISA
+    before the model is opened so a typo costs no load time."""
     from .model import Model
     from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
@@ -74,8 +73,11 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
         return pull_model(entry, notify=notify)
 
-    if act is not None or os.environ.get("MIXCLI_ACT"):
-        select_activation_mode(act, "--act" if act is not None else "$MIXCLI_ACT")
+    table = select_kernels(act)  # a bad --act, $MIXCLI_ACT or $MIXCLI_ISA costs no load time
+    if notify is not None:
+        from .kernels import COMPILE_NOTICE, on_first_compile
+
+        on_first_compile(lambda: notify(COMPILE_NOTICE))
     path = resolve_model(model_arg, pull=_pull, notify=notify)
     budget = None
     if max_memory:
@@ -93,26 +95,31 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")
-    return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory)), path
+    return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory, table),
+                 kernels=table), path
 
 
-def select_activation_mode(act: str | None, source: str = "--act") -> str:
-    """Bind the quantized kernels for ``act`` (None: $MIXCLI_ACT, else the default); models built
-    afterwards use it. A name that is not a mode is a usage error naming ``source``."""
-    from . import kernels
+def select_kernels(act: str | None = None):
+    """The kernel table for ``act`` (None: $MIXCLI_ACT, else the default) on the tier $MIXCLI_ISA
+    names (else the host's best). A bad name is a usage error naming where it came from."""
+    from .model import _kernel_module
+    from .kernels import ACT_MODES, IsaError
 
-    act = act if act is not None else os.environ.get("MIXCLI_ACT")
-    if act and act not in kernels.ACT_MODES:
-        raise UsageError(f"{source} must be one of {', '.join(kernels.ACT_MODES)}, got {act!r}")
-    return kernels.set_activation_mode(act)
+    if act is not None and act not in ACT_MODES:
+        raise UsageError(f"--act must be one of {', '.join(ACT_MODES)}, got {act!r}")
+    try:
+        return _kernel_module(act=act)
+    except IsaError as e:
+        raise UsageError(str(e), "unset MIXCLI_ISA to use the best tier this CPU runs") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-def expert_provider(store, max_memory: str | None):
+def expert_provider(store, max_memory: str | None, kernels):
     """None (plain memory map) unless a --max-memory budget asks for the expert cache."""
     if not max_memory:
         return None
     from .expert_cache import make_expert_provider
     from .memsize import parse_size
-    from .model import _kernel_module
 
-    return make_expert_provider(store, _kernel_module(), parse_size(max_memory))
+    return make_expert_provider(store, kernels, parse_size(max_memory))

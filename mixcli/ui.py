@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def kernel_label(model) -> str:
+    """'avx2 int8x2': the instruction-set tier and activation mode the model runs with."""
+    return getattr(model.kernels, "label", "numpy reference")
+
+
 def format_stats(model, st) -> str:
     """One compact block for stderr / the REPL's /stats."""
     cfg = model.config
@@ -10,7 +15,7 @@ def format_stats(model, st) -> str:
         f"prompt {st.prompt_tokens} tok ({st.prefilled_tokens} run, {st.prefill_tps:.1f} tok/s) | "
         f"generated {st.completion_tokens} tok ({st.decode_tps:.2f} tok/s) | "
         f"first token {st.first_token_seconds:.2f} s",
-        f"context {model.pos}/{model.ctx} tokens | threads {model.threads}",
+        f"context {model.pos}/{model.ctx} tokens | threads {model.threads} | kernels {kernel_label(model)}",
     ]
     if cfg.moe and es.tokens:
         used = (es.counts > 0).sum()

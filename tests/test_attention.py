@@ -1,5 +1,5 @@
-"""``kernels_attn.attention`` (a kv head's query group at a time) against its numpy twin
-``kernels_ref.attention`` and against torch's scaled_dot_product_attention (in float64, the GQA
+"""``kernels.attn.attention`` (a kv head's query group at a time) against its numpy twin
+``kernels.ref.attention`` and against torch's scaled_dot_product_attention (in float64, the GQA
 kv heads repeated, a causal mask offset by pos0), on decode and prefill shapes: no GQA, groups of
 2, 3 and 4, and head dims that are not a multiple of the kernel's 16 lanes."""
 from __future__ import annotations
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mixcli import kernels as K
-from mixcli import kernels_attn as A
-from mixcli import kernels_ref as R
+from mixcli import kernels
+from mixcli.kernels import attn as A
+from mixcli.kernels import ref as R
+
+K = kernels.select()  # the table a model gets
 
 RTOL = 1e-5
 # (H, KVH, HD): no GQA (1-head tiles, 64-column strips and whole 128-column rows), H = 4 * KVH,

@@ -132,13 +132,15 @@ def test_bench_bad_usage(baby, capsys, args, needle):
 # ---------------------------------------------------------------- perplexity
 
 
-def reference_perplexity(model_dir: Path, tokenizer_json: Path, text: str, ctx: int, max_chunks: int | None = None):
-    """llama.cpp's method, written out independently of mixcli.perplexity."""
+def reference_perplexity(model_dir: Path, tokenizer_json: Path, text: str, ctx: int, max_chunks: int | None = None,
+                         act: str | None = None):
+    """llama.cpp's method, written out independently of mixcli.perplexity (``act``: the kernels'
+    activation mode, None for the default)."""
     ids = [BOS] + HFTokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
     n_chunks = len(ids) // ctx
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
-    m = mixcli.load(model_dir, ctx=ctx)
+    m = mixcli.load(model_dir, ctx=ctx, act=act)
     nlls = []
     for c in range(n_chunks):
         chunk = ids[c * ctx:(c + 1) * ctx]

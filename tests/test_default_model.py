@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixcli import kernels
 from mixcli.generate import generate
 from mixcli.pull import pull_model
 from mixcli.registry import load_registry
@@ -108,11 +107,7 @@ def smol(tmp_path_factory) -> Smol:
     gguf_file = work / src["file"]
     assert _sha256(gguf_file) == src["file_sha256"]  # the very file mixcli converted
 
-    kernels.set_activation_mode("f32")  # the exact arithmetic: see the module docstring
-    try:
-        rt = load_runtime(str(path), ctx=512)
-    finally:
-        kernels.set_activation_mode()  # the kernels are bound at load; later models get the default
+    rt = load_runtime(str(path), ctx=512, act="f32")  # the exact arithmetic: see the module docstring
     prompts = [rt.chat_prompt([{"role": "user", "content": p}])[0] for p in PROMPTS]
     eos = frozenset(rt.tokenizer.eos_ids)
     greedy = make_sampler(SamplerConfig(temperature=0.0))

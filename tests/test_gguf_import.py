@@ -329,7 +329,7 @@ def test_q4_k_blocks_import_with_gguf_values_bit_for_bit():
     what gguf.quants.dequantize (llama.cpp's decoder, which we did not write) gives, through the
     numpy reference, the row-tiled form and the kernels' row reader; a d that 64 d would
     overflow is refused (the converter re-quantizes that tensor)."""
-    from mixcli import kernels
+    from mixcli.kernels import f32
     from quant.formats import interleave_rows
     from quant.sources.gguf import split_q4_k
 
@@ -344,7 +344,7 @@ def test_q4_k_blocks_import_with_gguf_values_bit_for_bit():
     assert q4.dequantize(tiled, "q4_kr16").tobytes() == want.tobytes()
     row = np.empty(k, np.float32)
     for r in (0, 17, n - 1):
-        kernels.dequant_row_q4_kr16(tiled["qs"], tiled["s"], tiled["d"], tiled["m"], r, row)
+        f32.dequant_row_q4_kr16(tiled["qs"], tiled["s"], tiled["d"], tiled["m"], r, row)
         assert row.tobytes() == want[r].tobytes()
     # a file built from floats by llama.cpp's layout holds the floats to Q4_K precision
     w = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)

@@ -1,11 +1,13 @@
-"""Every numba kernel against its numpy twin (mixcli.kernels_ref) on odd shapes, and the twins'
+"""Every numba kernel against its numpy twin (mixcli.kernels.ref) on odd shapes, and the twins'
 own semantics against independent references: torch for routing, direct transcriptions of
 Hugging Face's rotate_half RoPE and of causal softmax attention with GQA.
 
-The fast quantized kernels round activations to int8 blocks where the host has VNNI
-(``kernels.ACT_MODE``: two levels by default, one as llama.cpp does); they are checked in every
-mode two ways: against the twin fed the same int8 activations (tight, float rounding only) and
-against the exact f32 product within the rigorous bound that rounding implies.
+The fast quantized kernels round activations to int8 blocks (two levels by default, one as
+llama.cpp does) and exist once per instruction-set tier. Every tier this host can execute is
+checked (``kernels.host_tiers()``: an AVX-512 host also runs the AVX-VNNI, AVX2 and generic
+kernels): the best tier in both int8 modes, the lower ones in the default mode, plus the f32
+mode. Each is checked two ways: against the twin fed the same int8 activations (tight, float
+rounding only) and against the exact f32 product within the rigorous bound that rounding implies.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixcli import kernels as K
-from mixcli import kernels_ref as R
+from mixcli import kernels
+from mixcli.kernels import act, f32, ops
+from mixcli.kernels import ref as R
 from quant import q4
 from quant.formats import QUANT_TYPES
 
@@ -41,14 +44,9 @@ def _dense(qtype, args):
     return q4.dequantize(dict(zip(QUANT_TYPES[qtype].parts, args)), qtype)  # [N, K] f32
 
 
-def _act_hat(X):
-    """X [T, K] as the int8 kernels see it, by the numpy twin of their activation rounding."""
-    return R.act_hat(X, K.ACT_LEVELS)
-
-
-def _act_bound(w, X):
+def _act_bound(w, X, levels):
     """|W x - W x_hat| <= sum_k |w_k| |x_k - x_hat_k|, per [T, N]."""
-    return np.abs(X - _act_hat(X)) @ np.abs(w).T
+    return np.abs(X - R.act_hat(X, levels)) @ np.abs(w).T
 
 
 QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
@@ -59,17 +57,25 @@ QCASES = ([(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in 
           + [("q4_k", 5, 576), ("q4_kr16", 32, 576)])
 
 
-@pytest.fixture(params=["int8x2", "int8", "f32"])
-def act_mode(request):
-    """Run a test under each activation mode, restoring the default afterwards."""
-    K.set_activation_mode(request.param)  # without VNNI every mode falls back to f32
-    yield request.param
-    K.set_activation_mode()
+TIERS = kernels.host_tiers()  # best first, always ending with "generic"
+TABLES = ([(TIERS[0], "int8"), (TIERS[0], "int8x2")] + [(t, "int8x2") for t in TIERS[1:]] + [(TIERS[0], "f32")])
+K = kernels.select(TIERS[0])  # the table a model gets here by default, for the non-quantized kernels
+
+
+def test_every_tier_the_host_runs_is_covered():
+    assert TIERS[-1] == "generic" and set(TIERS) <= set(kernels.TIERS)
+    assert {t for t, _ in TABLES} == set(TIERS)
+    assert kernels.select().isa == TIERS[0]  # the best tier is the default
+
+
+@pytest.fixture(params=TABLES, ids=lambda p: "-".join(p))
+def table(request):
+    return kernels.select(*request.param)
 
 
 @pytest.mark.parametrize("qtype,n,k", QCASES)
 @pytest.mark.parametrize("t", [1, 3, 6, 21])
-def test_quantized_matmul_and_matvec(qtype, n, k, t, act_mode):
+def test_quantized_matmul_and_matvec(qtype, n, k, t, table):
     args = _matrix(qtype, n, k, seed=n * 1000 + k)
     X = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
     w = _dense(qtype, args)
@@ -78,24 +84,24 @@ def test_quantized_matmul_and_matvec(qtype, n, k, t, act_mode):
     np.testing.assert_allclose(want, X @ w.T, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
     got = np.full((t, n), np.nan, np.float32)
-    getattr(K, f"matmul_{qtype}")(*args, X, got)
+    getattr(table, f"matmul_{qtype}")(*args, X, got)
     one = np.full(n, np.nan, np.float32)
-    getattr(K, f"matvec_{qtype}")(*args, X[-1], one)
-    if K.ACT_INT8 and qtype not in F32_ONLY:
-        hat = _act_hat(X) @ w.T  # the same int8 activations, exact product
+    getattr(table, f"matvec_{qtype}")(*args, X[-1], one)
+    if table.levels and qtype not in F32_ONLY:
+        hat = R.act_hat(X, table.levels) @ w.T  # the same int8 activations, exact product
         _close(got, hat)
         _close(one, hat[-1])
-        assert np.all(np.abs(got - want) <= _act_bound(w, X) * 1.001 + 1e-4 * np.abs(want).max())
+        assert np.all(np.abs(got - want) <= _act_bound(w, X, table.levels) * 1.001 + 1e-4 * np.abs(want).max())
     else:
         _close(got, want)
         _close(one, want[-1])
     # decode and prefill agree: an incremental run equals a full forward
     _close(one, got[-1], rtol=2e-5)
 
-    f32 = np.full((t, n), np.nan, np.float32)
-    getattr(K, f"matmul_{qtype}_f32act")(*args, X, f32)
-    _close(f32, want)
-    getattr(K, f"matvec_{qtype}_f32act")(*args, X[0], one)
+    exact = np.full((t, n), np.nan, np.float32)
+    getattr(f32, f"matmul_{qtype}")(*args, X, exact)
+    _close(exact, want)
+    getattr(f32, f"matvec_{qtype}")(*args, X[0], one)
     _close(one, want[0])
 
 
@@ -124,7 +130,7 @@ def test_quantize_act_levels_matches_twin(levels):
         + (np.empty((3, 3), np.float32),)
         for _ in range(2)
     ]
-    K.quantize_act_levels(X, levels, *bufs[0])
+    act.quantize_act_levels(X, levels, *bufs[0])
     R.quantize_act_levels(X, levels, *bufs[1])
     np.testing.assert_array_equal(bufs[0][0], bufs[1][0])
     for a, b in zip(bufs[0][1:], bufs[1][1:]):
@@ -169,7 +175,7 @@ def test_matvec_f32_matches_numpy(rows, cols):
     rng = np.random.default_rng(rows)
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal(cols).astype(np.float32)
-    assert (w.size < K.SERIAL_MAX) == (rows == 8)
+    assert (w.size < ops.SERIAL_MAX) == (rows == 8)
     got = np.empty(rows, np.float32)
     K.matvec_f32(w, x, got)
     _close(got, (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32), 1e-5)
@@ -255,7 +261,6 @@ def test_silu_mul_and_add_scaled():
         K.add_scaled(out, b, 0.3)
         R.add_scaled(out2, b, 0.3)
         _close(out, out2, 1e-6)
-
 
 
 def test_silu_mul_written_out_exp_matches_torch_everywhere():

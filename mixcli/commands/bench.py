@@ -47,19 +47,20 @@ def bench_command(
     m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
                                  notify=lambda s: print(s, file=sys.stderr))
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
-    from .. import kernels  # loaded with the model; its activation mode is the one this run used
-
     if as_json:
-        print(json.dumps({"model": str(path), "activations": kernels.ACT_MODE, "results": [r.to_dict() for r in rows]},
+        print(json.dumps({"model": str(path), "isa": getattr(m.kernels, "isa", "numpy"),
+                          "activations": getattr(m.kernels, "act", "f32"), "results": [r.to_dict() for r in rows]},
                          indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
+    from ..ui import kernel_label
+
     cfg = m.config
     t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
                     f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
-                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, activations {kernels.ACT_MODE}")
+                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, kernels {kernel_label(m)}")
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
     for r in rows:

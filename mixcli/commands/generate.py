@@ -150,7 +150,8 @@ def generate_command(
                 "completion_tokens": st.completion_tokens,
                 "total_tokens": st.prompt_tokens + st.completion_tokens,
             },
-            "timings": st.to_dict(),
+            "timings": {**st.to_dict(), "isa": getattr(rt.model.kernels, "isa", "numpy"),
+                        "activations": getattr(rt.model.kernels, "act", "f32")},
         }
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     elif sys.stdout.isatty():

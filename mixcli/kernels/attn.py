@@ -3,12 +3,12 @@
 Decode attention reads every cached K and V row once per token, like a matvec reads its weights,
 but each fp16 element feeds one multiply-add per query head of its group (4 with H = 4 * KVH), so
 with 2 threads it is bound by the vector units about as much as by memory. The old kernel
-(``kernels.attention``, one (token, head) pair at a time) re-read and re-converted every K and V
+(one (token, head) pair at a time) re-read and re-converted every K and V
 row for each of the group's heads and called libm's exp per score. Here (measured, see
 benchmarks/attention.py):
 
 - **One pass over K and one over V per kv head and token**, for all its query heads. Both are
-  LLVM IR generators (``numba.extending.intrinsic``) over 16-lane vectors, as in ``kernels.py``:
+  LLVM IR generators (``numba.extending.intrinsic``) over 16-lane vectors, as in ``tiles.py``:
   numba has no stack arrays, so a plain loop keeps its accumulators in memory (a load and a store
   per multiply-add), and it cannot reduce several dot products at once.
 - **Scores** (``_make_scores``): a block of R heads x KB keys (R * KB = 16) is 16 vector
@@ -19,7 +19,7 @@ benchmarks/attention.py):
   key loop; each V row chunk is widened once and each probability broadcast once. 4 heads take
   64-column strips (16 accumulators); 1 or 2 heads take 128-column rows whole, so their V reads
   stay one sequential stream (~15% faster without GQA than 64-column strips).
-- **Softmax** in f32 with max subtraction; ``kernels.exp_f32`` is a polynomial that vectorizes (silu_mul
+- **Softmax** in f32 with max subtraction; ``ops.exp_f32`` is a polynomial that vectorizes (silu_mul
   uses it too) and ``_rowmax`` a vector max.
 - **Software prefetch** PF_KEYS rows ahead in the K and V streams, into L2 (into L1 was slower):
   the hardware prefetcher alone ran ~20% slower at n >= 2048 from DRAM, 1 or 2 threads.
@@ -33,7 +33,7 @@ decode leaves some idle (8 of 16 at KVH = 8): splitting the positions too, with 
 partial softmax sums, would use them, but it cannot help at 2 threads and is not done. Head dims
 that are not a multiple of 16 run the same code with masked loads in their last chunk.
 
-Shapes use the dimension letters of ``kernels.py``: T tokens, H query heads, KVH kv heads,
+Shapes use the dimension letters of DESIGN.md: T tokens, H query heads, KVH kv heads,
 HD head dim, S cache positions, n positions attended, R heads and KB keys in a tile, C vectors
 of 16 columns.
 """
@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, exp_f32, h2f
+from .irgen import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, h2f
+from .ops import exp_f32
 
 _V = 16  # lanes per vector: one zmm of f32 (a ymm of fp16 bits)
 PF_KEYS = 32  # software prefetch distance in K and V rows (8 KiB at HD = 128), into L2
@@ -318,13 +319,41 @@ def _score_tail(q, kc, sc, h0, R, j0, n, scale):
             sc[h, j] = s * scale
 
 
-@njit(error_model="numpy", **_JIT)
-def _attend_group(q, kc, vc, h0, grp, n, scale, out, sc):
-    """Query heads h0..h0+grp-1 of one token (they share kv head kc, vc [S, HD] fp16 bits) against
-    keys 0..n-1: q, out [H, HD] f32; sc [>= H, >= n] f32 holds the scores of row h. Heads go in
-    tiles of 4, then 2, then 1, so each tile reads K once and V once from memory: V in blocks of
-    V_BLOCK keys, each block's column strips in turn while its rows are still in cache."""
-    HD = q.shape[1]
+@intrinsic
+def _f32_at(typingctx, addr):
+    """A uint64 address -> float32* (arrays cross into the cfunc below as addresses)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], _f32.as_pointer())
+
+    return types.CPointer(types.float32)(types.uint64), codegen
+
+
+@intrinsic
+def _u16_at(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], _i16.as_pointer())
+
+    return types.CPointer(types.uint16)(types.uint64), codegen
+
+
+# _attend_group is a C function called through its address. numba links a callee's code into each
+# caller and optimizes and compiles it again there: as a plain call, the tiles of the group routine
+# were compiled once for it, again for each parallel loop body and again for _attention (45 s of
+# CPU on a first run). A C function is compiled once and called opaquely.
+_u64, _i64t = types.uint64, types.int64
+_GROUP_SIG = types.void(_u64, _u64, _u64, _u64, _u64, _i64t, _i64t, _i64t, _i64t, _i64t, _i64t, _i64t, types.float32)
+
+
+@cfunc(_GROUP_SIG, error_model="numpy", **_JIT)
+def _attend_group(q_at, kc_at, vc_at, out_at, sc_at, H, HD, S, sc_cols, h0, grp, n, scale):
+    """Query heads h0..h0+grp-1 of one token (they share kv head kc, vc) against keys 0..n-1:
+    q, out [H, HD] f32; kc, vc [S, HD] fp16 bits; sc [H, sc_cols] f32 holds the scores of row h
+    (each array given by the address of its C-contiguous data). Heads go in tiles of 4, then 2,
+    then 1, so each tile reads K once and V once from memory: V in blocks of V_BLOCK keys, each
+    block's column strips in turn while its rows are still in cache."""
+    q, out = carray(_f32_at(q_at), (H, HD)), carray(_f32_at(out_at), (H, HD))
+    kc, vc = carray(_u16_at(kc_at), (S, HD)), carray(_u16_at(vc_at), (S, HD))
+    sc = carray(_f32_at(sc_at), (H, sc_cols))
     r = 0
     while r < grp:
         h = h0 + r
@@ -361,24 +390,28 @@ def _attend_group(q, kc, vc, h0, grp, n, scale, out, sc):
 
 
 @njit(error_model="numpy", **_PJIT)
-def _attention(q, kc, vc, pos0, scale, out, scratch):
+def _attention(q, kc, vc, pos0, scale, out, scratch, group):
     # q, out [T, H, HD] f32; kc, vc [KVH, S, HD] uint16 (fp16 bits); scratch [>= H or >= T*H, >= pos0+T]
+    # (all C-contiguous); group: _attend_group, passed in so that this function stays cacheable
     T, H, HD = q.shape
-    KVH = kc.shape[0]
+    KVH, S = kc.shape[0], kc.shape[1]
     grp = H // KVH
     sc = np.float32(scale)
-    if scratch.shape[0] >= T * H and T > 1:  # every (token, kv head) pair in parallel
+    pairs = scratch.shape[0] >= T * H and T > 1  # every (token, kv head) pair in parallel
+    # else one scratch row per head: kv heads in parallel, tokens in turn
+    n_items = KVH * (T if pairs else 1)
+    for i in prange(n_items):
         # pair i -> token order 0, T-1, 1, T-2, ...: each thread's contiguous share of the range
         # then holds short and long rows alike (query t attends pos0 + t + 1 keys)
-        for i in prange(T * KVH):
-            u = i // KVH
-            g = i - u * KVH
-            t = u // 2 if u % 2 == 0 else T - 1 - u // 2
-            _attend_group(q[t], kc[g], vc[g], g * grp, grp, pos0 + t + 1, sc, out[t], scratch[t * H : (t + 1) * H])
-    else:  # one scratch row per head: kv heads in parallel, tokens in turn
-        for g in prange(KVH):
-            for t in range(T):
-                _attend_group(q[t], kc[g], vc[g], g * grp, grp, pos0 + t + 1, sc, out[t], scratch)
+        u = i // KVH
+        g = i - u * KVH
+        tp = u // 2 if u % 2 == 0 else T - 1 - u // 2
+        t0 = tp if pairs else 0
+        t1 = tp + 1 if pairs else T
+        for t in range(t0, t1):
+            row = t * H if pairs else 0
+            group(q[t].ctypes.data, kc[g].ctypes.data, vc[g].ctypes.data, out[t].ctypes.data,
+                  scratch[row].ctypes.data, H, HD, S, scratch.shape[1], g * grp, grp, pos0 + t + 1, sc)
 
 
 def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
@@ -394,11 +427,11 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     if scratch.shape[0] < H or scratch.shape[1] < pos0 + T:
         raise ValueError(f"attention scratch {scratch.shape} is smaller than [{H}, {pos0 + T}]")
     kc, vc = _u16(k_cache), _u16(v_cache)
-    # the tiles address rows as unit-stride runs; any other layout goes through copies
-    if q.strides[2] == 4 and kc.strides[2] == 2 and vc.strides[2] == 2 and out.strides[2] == 4 and scratch.strides[1] == 4:
-        _attention(q, kc, vc, pos0, scale, out, scratch)
+    # the group routine takes C-contiguous arrays by address; any other layout goes through copies
+    if all(a.flags.c_contiguous for a in (q, kc, vc, out, scratch)):
+        _attention(q, kc, vc, pos0, scale, out, scratch, _attend_group)
     else:
         res = np.empty(out.shape, np.float32)
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), pos0, scale, res,
-                   np.ascontiguousarray(scratch))
+                   np.ascontiguousarray(scratch), _attend_group)
         out[...] = res
