@@ -39,6 +39,8 @@ of 16 columns.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, prange, types
@@ -344,7 +346,6 @@ _u64, _i64t = types.uint64, types.int64
 _GROUP_SIG = types.void(_u64, _u64, _u64, _u64, _u64, _i64t, _i64t, _i64t, _i64t, _i64t, _i64t, _i64t, types.float32)
 
 
-@cfunc(_GROUP_SIG, error_model="numpy", **_JIT)
 def _attend_group(q_at, kc_at, vc_at, out_at, sc_at, H, HD, S, sc_cols, h0, grp, n, scale):
     """Query heads h0..h0+grp-1 of one token (they share kv head kc, vc) against keys 0..n-1:
     q, out [H, HD] f32; kc, vc [S, HD] fp16 bits; sc [H, sc_cols] f32 holds the scores of row h
@@ -389,6 +390,12 @@ def _attend_group(q_at, kc_at, vc_at, out_at, sc_at, H, HD, S, sc_cols, h0, grp,
         r += R
 
 
+@functools.lru_cache(maxsize=1)
+def _group_fn():
+    """_attend_group compiled as a C function, on first use (a cfunc compiles when it is made)."""
+    return cfunc(_GROUP_SIG, error_model="numpy", **_JIT)(_attend_group)
+
+
 @njit(error_model="numpy", **_PJIT)
 def _attention(q, kc, vc, pos0, scale, out, scratch, group):
     # q, out [T, H, HD] f32; kc, vc [KVH, S, HD] uint16 (fp16 bits); scratch [>= H or >= T*H, >= pos0+T]
@@ -429,9 +436,9 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     kc, vc = _u16(k_cache), _u16(v_cache)
     # the group routine takes C-contiguous arrays by address; any other layout goes through copies
     if all(a.flags.c_contiguous for a in (q, kc, vc, out, scratch)):
-        _attention(q, kc, vc, pos0, scale, out, scratch, _attend_group)
+        _attention(q, kc, vc, pos0, scale, out, scratch, _group_fn())
     else:
         res = np.empty(out.shape, np.float32)
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), pos0, scale, res,
-                   np.ascontiguousarray(scratch), _attend_group)
+                   np.ascontiguousarray(scratch), _group_fn())
         out[...] = res
