@@ -1,6 +1,6 @@
-"""Decode attention, us per call: the kernel before kernels_attn (kept below as ``old_attention``, one
-(token, head) pair at a time, libm exp per score) against ``kernels.attention`` (=
-``kernels_attn.attention``, a kv head's query group at a time), measured alternately in one
+"""Decode attention, us per call: the kernel before kernels/attn.py (kept below as ``old_attention``, one
+(token, head) pair at a time, libm exp per score) against ``kernels.attn.attention``
+(a kv head's query group at a time), measured alternately in one
 process, at each thread count.
 
 One query token (T = 1) against n cached positions of a float16 KV cache, H = 32 query heads
@@ -27,11 +27,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from numba import njit, prange  # noqa: E402
 
-from mixcli import kernels  # noqa: E402
-from mixcli.kernels import h2f  # noqa: E402
+from mixcli.kernels import attn  # noqa: E402
+from mixcli.kernels.irgen import _u16, h2f  # noqa: E402
 
 
-# The baseline: mixcli's attention up to the commit that added kernels_attn, verbatim but for
+# The baseline: mixcli's attention up to the commit that added kernels_attn.py (now kernels/attn.py), verbatim but for
 # cache=False (its name must not meet the product's cache entries).
 @njit(fastmath=True, nogil=True)
 def _old_attend_one(q, kc, vc, n, scale, out, sc):
@@ -77,7 +77,7 @@ def _old_attention(q, kc, vc, pos0, scale, out, scratch):
 
 
 def old_attention(q, k_cache, v_cache, pos0, scale, out, scratch):
-    _old_attention(q, kernels._u16(k_cache), kernels._u16(v_cache), pos0, scale, out, scratch)
+    _old_attention(q, _u16(k_cache), _u16(v_cache), pos0, scale, out, scratch)
 
 
 STREAM_BYTES = 64 << 20
@@ -128,7 +128,7 @@ def main() -> None:
     scale = HD**-0.5
     print(f"numba {numba.__version__}, threads available {numba.config.NUMBA_NUM_THREADS}; "
           f"H={H} KVH={KVH} HD={HD}, float16 cache, {nlayers} layers x {layer_bytes >> 20} MiB")
-    fns = (old_attention, kernels.attention)
+    fns = (old_attention, attn.attention)
     rows = []
     for T in [1] + ([a.prefill] if a.prefill else []):
         q = rng.standard_normal((T, H, HD)).astype(np.float32)

@@ -57,30 +57,32 @@ def stream_gbs(buf: np.ndarray, kernel) -> float:
 
 
 def tile_loop_counts() -> dict[int, tuple[int, int]]:
-    """{levels: (instructions, vpdpbusd)} in the innermost loop of the q4_0r16 decode tile: the
-    basic block that branches back to itself and holds vpdpbusd. The driver is compiled here
-    without numba's cache (cached code cannot be inspected) from the product's own tile builder."""
+    """{levels: (instructions, byte-dot instructions)} in the innermost loop of the q4_0r16 decode
+    tile at the host's best tier: the basic block that branches back to itself and holds
+    vpdpbusd (or AVX2's vpmaddubsw). The driver is compiled here without numba's cache (cached
+    code cannot be inspected) from the product's own tile builder."""
     from numba import njit, prange
 
-    from mixcli import kernels, kernels_r16
+    from mixcli import kernels
+    from mixcli.kernels import act, isa, tiles
+    from mixcli.kernels.irgen import _u16
     from quant import q4
 
     w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
     p = q4.quantize(w, "q4_0r16")
-    d = kernels._u16(p["d"])
+    d = _u16(p["d"])
+    tier = isa.tier(kernels.host_tiers()[0])
     out = {}
     for levels in (1, 2):
-        tile = kernels_r16._make_itile("q4_0", levels)
+        tile = tiles.make_itile(tier, "q4_0", levels)
 
         @njit(parallel=True, fastmath=True)
         def mv(qs, d, x, levels, xq, xdx, xsq, xsum, xsqt, out):
-            kernels.quantize_act_levels(x.reshape(1, x.shape[0]), levels, xq, xdx, xsq, xsum, xsqt)
+            act.quantize_act_levels(x.reshape(1, x.shape[0]), levels, xq, xdx, xsq, xsum, xsqt)
             for g in prange(qs.shape[0]):
                 tile(qs, d, d, g, xq, xdx, xsqt, out)
 
-        kernels.set_activation_mode("int8x2" if levels == 2 else "int8")
-        mv(p["qs"], d, np.ones(64, np.float32), *kernels._act(1, 64), np.empty(32, np.float32))
-        kernels.set_activation_mode()
+        mv(p["qs"], d, np.ones(64, np.float32), levels, *act.act(1, 64, levels), np.empty(32, np.float32))
         blocks: dict[str, list[str]] = {}
         label = None
         for line in mv.inspect_asm(mv.signatures[0]).splitlines():
@@ -95,7 +97,7 @@ def tile_loop_counts() -> dict[int, tuple[int, int]]:
         for name, ins in blocks.items():
             back = [i for i, s in enumerate(ins) if re.match(rf"j\w+\s+{re.escape(name)}$", s)]
             body = ins[: back[0] + 1] if back else []  # the loop: its label to the jump back
-            n_dp = sum(1 for s in body if s.startswith("vpdpbusd"))
+            n_dp = sum(1 for s in body if s.startswith(("vpdpbusd", "{vex}", "vpmaddubsw")))
             if n_dp:
                 out[levels] = (len(body), n_dp)
     return out
@@ -127,11 +129,9 @@ def main() -> None:
             gguf_path.unlink()
         models = {}
         for md in modes:
-            kernels.set_activation_mode(md)
-            models[md] = m = mixcli.load(path, ctx=64 + args.tokens + 8, load="memory")
+            models[md] = m = mixcli.load(path, ctx=64 + args.tokens + 8, load="memory", act=md)
             m.prefill(list(range(3, 67)))  # warm-up: kernels from the cache, experts touched
             m.decode(5)
-        kernels.set_activation_mode()
         bpt = bytes_per_token(next(iter(models.values())))
         # [n] on the same kind of pages as the weights (huge where the kernel gives them), written
         # so its pages are real: the ceiling must not be lowered by TLB misses the weights avoid

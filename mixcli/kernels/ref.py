@@ -4,7 +4,7 @@ They are the reference the numba kernels are tested against and, with MIXCLI_KER
 whole-model reference. Weights are dequantized with ``quant.q4`` (itself bit-exact with the gguf
 package) and multiplied in f32 with x kept in f32, so the twins carry no activation rounding;
 ``quantize_act`` and ``quantize_act_levels`` are the twins of the int8 activation rounding the
-fast kernels apply (see ``kernels.ACT_MODE``), for tests that want to isolate it.
+fast kernels apply (``KernelTable.act``), for tests that want to isolate it.
 
 Shapes use the dimension letters: N output rows, K input columns, NB = K / 32 blocks, T tokens,
 H / KVH heads, HD head dim, S cache positions, E experts.
