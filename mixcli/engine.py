@@ -104,10 +104,17 @@ class Engine:
                 if self._stopping:
                     self._stop_all()
                     return
-                self._admit()
-            self._drop_cancelled()
-            if self.active:
-                self._step()
+            try:
+                with self._cv:
+                    self._admit()
+                self._drop_cancelled()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # never a dead server: the running sequences fail, the loop goes on
+                with self._cv:
+                    for job in list(self.active):
+                        self.decoder.release(job.slot, clear=True)
+                        self._finish(job, exc)
 
     def _finish(self, job: Job, resp_or_exc) -> None:
         try:

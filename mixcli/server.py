@@ -17,6 +17,7 @@ import sys
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,10 @@ from .openai_api import MAX_BODY_BYTES, ApiError, TextRequest, chunk, full_respo
 from .sampling import SamplerConfig, make_sampler
 
 RETRY_AFTER_S = 1  # told to clients when the queue is full
+
+
+class ClientGone(Exception):
+    """The client disconnected while its answer was being generated (the job is cancelled)."""
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -89,7 +94,9 @@ def make_app(state: ServerState) -> Starlette:
     async def complete(request: Request, kind: str) -> Response:
         await check_key(request)
         body = await read_json(request)
-        req = parse_request(kind, body, state.model, state.names, state.defaults, state.engine.ctx)
+        # tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing
+        req = await run_in_threadpool(parse_request, kind, body, state.model, state.names, state.defaults,
+                                      state.engine.ctx)
         try:
             sampler = make_sampler(req.sampling)
         except Exception as exc:
@@ -121,7 +128,7 @@ def make_app(state: ServerState) -> Starlette:
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     state.engine.cancel(job)
-                    raise asyncio.CancelledError()
+                    raise ClientGone()
                 continue
             if isinstance(item, ShuttingDown):
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
@@ -137,6 +144,8 @@ def make_app(state: ServerState) -> Starlette:
                 parts.append(resp.text)
                 if resp.finish_reason is not None:
                     break
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         finally:
             state.engine.cancel(job)  # a no-op once finished
         st = resp.stats
@@ -157,6 +166,8 @@ def make_app(state: ServerState) -> Starlette:
                     resp = await next_item(request, job, queue)
                 except ApiError as err:  # the status line is sent: the error goes in the stream
                     yield sse(err.body())
+                    return
+                except ClientGone:
                     return
                 if resp.finish_reason is None:
                     if resp.text:

@@ -194,8 +194,8 @@ def _endless_stream(client):
 
 def test_client_disconnect_cancels_the_sequence(server):
     c = server.client()
-    # without a cancel this request runs to its max_tokens (it does not stop by itself: checked on 300)
-    probe = c.completions.create(model="baby-serve", prompt="the cat", max_tokens=300, temperature=0)
+    # without a cancel this request runs to its max_tokens (it does not stop by itself: checked on 120)
+    probe = c.completions.create(model="baby-serve", prompt="the cat", max_tokens=120, temperature=0)
     assert probe.choices[0].finish_reason == "length"
     done_before = server.health()["requests_completed"]
     stream = _endless_stream(c)
@@ -252,6 +252,7 @@ def test_full_queue_is_503_with_retry_after_then_sigterm_ends_the_stream(baby):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_sixteen_clients_get_what_each_request_gives_alone(server):
     """64 requests from 16 threads against --parallel 4, temperature 0: every text equals the same
     request sent alone. Batching changes the logits only by float rounding (test_batch.py measures
@@ -292,4 +293,30 @@ def test_sixteen_clients_get_what_each_request_gives_alone(server):
     with ThreadPoolExecutor(16) as pool:  # a second round: memory stays where the first left it
         assert list(pool.map(guarded, reqs)) == alone
     grown = server.rss() - rss0
+    print(f"server RSS: {rss0 / 2**20:.1f} MiB after the requests alone, grew by {grown / 2**20:.2f} MiB")
     assert grown < 32 * 1024 * 1024, f"server RSS grew by {grown / 2**20:.1f} MiB over 128 requests"
+
+
+def test_taken_port_is_one_line_error_before_loading(baby):
+    import socket
+    import subprocess
+    import sys
+
+    from serverkit import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mixcli", "serve", str(baby), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_only_loopback_counts_as_local():
+    from mixcli.commands.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.5.0.1", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "example.org"))
