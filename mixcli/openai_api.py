@@ -145,7 +145,7 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
                   ctx: int) -> TextRequest:
     """Check a /v1/chat/completions (``kind`` "chat") or /v1/completions body and encode its
     prompt with ``model``'s tokenizer (and chat template). ``defaults``: the server's sampling."""
-    from .runtime import chat_tokens, raw_tokens
+    from .runtime import chat_tokens
 
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")

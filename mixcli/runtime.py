@@ -13,45 +13,40 @@ from .memsize import format_size
 @dataclass
 class Runtime:
     path: Path
-    model: object  # mixcli.model.Model, carrying its tokenizer and template (attach_text)
+    model: object  # mixcli.model.Model (which also carries the three below: attach_text)
+    tokenizer: object  # mixcli.tokenizer.Tokenizer
+    template: str | None  # Jinja chat template text, or None for a base model without one
+    add_bos: bool
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    @property
-    def template(self) -> str | None:
-        return self.model.chat_template
-
-    @property
-    def add_bos(self) -> bool:
-        return self.model.add_bos
-
     def chat_prompt(self, messages: list[dict]) -> tuple[list[int], str | None]:
         """Conversation -> prompt tokens ending in the assistant's turn, plus a notice (e.g. the
         system message was folded into the first user turn because the template rejects it)."""
-        return chat_tokens(self.model, messages)
+        return template_tokens(self.tokenizer, self.template, messages, self.name)
 
     def raw_prompt(self, text: str) -> list[int]:
-        return raw_tokens(self.model, text)
+        return self.tokenizer.encode(text, add_bos=self.add_bos, parse_special=False)
+
+
+def template_tokens(tok, template: str | None, messages: list[dict], name: str) -> tuple[list[int], str | None]:
+    """``messages`` through ``template`` (sandboxed Jinja) -> (prompt tokens, notice)."""
+    from .chat_template import render_conversation
+
+    if template is None:
+        raise MixcliError(f"{name} has no chat template", "use --raw for a base model")
+    text, notice = render_conversation(
+        template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True
+    )
+    return tok.encode(text, add_bos=False, parse_special=True), notice
 
 
 def chat_tokens(model, messages: list[dict]) -> tuple[list[int], str | None]:
-    """``messages`` through the model's chat template (sandboxed) -> (prompt tokens, notice)."""
-    from .chat_template import render_conversation
-
+    """``messages`` through the model's own chat template -> (prompt tokens, notice)."""
     name = model.path.name if model.path is not None else "this model"
-    if model.chat_template is None:
-        raise MixcliError(f"{name} has no chat template", "use --raw for a base model")
-    tok = text_tokenizer(model)
-    text, notice = render_conversation(
-        model.chat_template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True
-    )
-    return tok.encode(text, add_bos=False, parse_special=True), notice
+    return template_tokens(text_tokenizer(model), model.chat_template, messages, name)
 
 
 def raw_tokens(model, text: str) -> list[int]:
@@ -86,8 +81,8 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
                                      act=act, notify=notify)
     attach_text(model, path)
-    text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
-    return Runtime(path, model)
+    tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
+    return Runtime(path, model, tok, model.chat_template, model.add_bos)
 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
