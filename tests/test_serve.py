@@ -65,6 +65,17 @@ def test_chat_completion_matches_python_api_and_tokenizer_counts(server, baby, r
     assert ch.message.content == mixcli.generate(model, MSGS, max_tokens=12, temperature=0)
 
 
+def test_prompt_longer_than_a_step_is_prefilled_over_several(server, baby, ref_tok):
+    import mixcli
+
+    prompt = "the cat sat on the mat and the dog ran " * 60
+    n = len(ref_tok.encode(prompt, add_special_tokens=False).ids)
+    assert n > 4 * 256  # five engine steps of prompt before the first token
+    r = server.client().completions.create(model="baby-serve", prompt=prompt, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == n
+    assert r.choices[0].text == mixcli.generate(mixcli.load(baby, ctx=2048), prompt, max_tokens=8, temperature=0)
+
+
 def test_streamed_chat_equals_whole_answer(server, ref_tok):
     c = server.client()
     whole = c.chat.completions.create(model="baby-serve", messages=MSGS, max_tokens=10, temperature=0)
