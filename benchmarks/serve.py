@@ -7,7 +7,8 @@ For each model and each client count N, both servers start fresh with ``--parall
 threads (llama-server: continuous batching, its default; a context of --ctx tokens per slot), get
 one warm-up request, then N client threads each send --requests streamed /v1/completions requests
 of --prompt random token ids (the same ids for both engines; prompts differ per request, so no
-prompt cache helps either) with temperature 0 and max_tokens --tokens. Printed per row:
+prompt cache helps either) with temperature 0, max_tokens --tokens and ``ignore_eos`` (llama-server's
+field, which mixcli serve accepts too), so both generate exactly as many tokens. Printed per row:
 
 - aggregate decode tok/s: every generated token / the wall time from the first request sent to the
   last one finished (prefill included, as a user sees it);
@@ -96,7 +97,7 @@ def one_request(port: int, prompt: list[int], max_tokens: int) -> dict:
     import http.client
 
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})

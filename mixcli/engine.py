@@ -38,6 +38,7 @@ class Job:
     max_tokens: int
     stop: Sequence[str]
     emit: Callable
+    ignore_eos: bool = False  # llama-server's field: run to max_tokens (benchmarks)
     cancelled: bool = False  # set by the caller (e.g. the client disconnected): dropped at the next step
     slot: int | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet run
@@ -146,7 +147,8 @@ class Engine:
             job.slot, keep = self.decoder.pick_slot(job.prompt, free)
             job.pending = job.prompt[keep:]
             job.stream = TokenStream(self.tokenizer, job.prompt, job.sampler, job.max_tokens, job.stop,
-                                     GenerationStats(prompt_tokens=len(job.prompt), prefilled_tokens=len(job.pending)))
+                                     GenerationStats(prompt_tokens=len(job.prompt), prefilled_tokens=len(job.pending)),
+                                     ignore_eos=job.ignore_eos)
             self.active.append(job)
 
     def _drop_cancelled(self) -> None:

@@ -99,12 +99,12 @@ class TokenStream:
     of a batch (mixcli/batch.py)."""
 
     def __init__(self, tokenizer, prompt: Sequence[int], sampler, max_tokens: int, stop: Sequence[str] = (),
-                 stats: GenerationStats | None = None):
+                 stats: GenerationStats | None = None, ignore_eos: bool = False):
         self.history = [int(t) for t in prompt]
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.stats = stats if stats is not None else GenerationStats(prompt_tokens=len(self.history))
-        self.eos = tokenizer.eos_ids
+        self.eos = () if ignore_eos else tokenizer.eos_ids  # ignore_eos: benchmarks want exact lengths
         self.detok = tokenizer.stream()
         self.stopper = _StopMatcher(stop)
         self.finish: str | None = "length" if max_tokens <= 0 else None  # set once the sequence ended

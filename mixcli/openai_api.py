@@ -51,6 +51,7 @@ class TextRequest:
     stream: bool
     include_usage: bool
     model: str
+    ignore_eos: bool = False
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -176,6 +177,9 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
     mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, mt_name, 1, ctx)
     stop = _stop(body)
+    ignore_eos = body.get("ignore_eos", False)  # llama-server's extension, for benchmarks
+    if not isinstance(ignore_eos, bool):
+        raise bad(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos", "invalid_type")
 
     try:
         if kind == "chat":
@@ -194,7 +198,7 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
                   "messages" if kind == "chat" else "prompt", "context_length_exceeded")
     room = ctx - len(prompt)
     max_tokens = room if max_tokens is None else min(max_tokens, room)
-    return TextRequest(kind, prompt, sampling, max_tokens, stop, stream, include_usage, model_names[0])
+    return TextRequest(kind, prompt, sampling, max_tokens, stop, stream, include_usage, model_names[0], ignore_eos)
 
 
 def _prompt_tokens(body: dict, model) -> list[int]:

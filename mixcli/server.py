@@ -107,7 +107,7 @@ def make_app(state: ServerState) -> Starlette:
         def emit(item) -> None:  # engine thread -> this request's queue
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        job = Job(req.prompt, sampler, req.max_tokens, req.stop, emit)
+        job = Job(req.prompt, sampler, req.max_tokens, req.stop, emit, ignore_eos=req.ignore_eos)
         try:
             state.engine.submit(job)
         except QueueFull:

@@ -70,3 +70,18 @@ def test_bad_prompt_and_sampling_values_are_usage_errors(model):
         mixcli.generate(model, [1.5, 2.5])
     with pytest.raises(mixcli.errors.UsageError, match="temperature"):
         mixcli.generate(model, "x", temperature=-1)
+
+
+def test_token_stream_ignore_eos_runs_to_max_tokens(model):
+    import numpy as np
+
+    from mixcli.generate import TokenStream
+
+    eos = next(iter(model.tokenizer.eos_ids))
+    always_eos = lambda logits, history: eos  # noqa: E731
+    logits = np.zeros(model.config.vocab_size, np.float32)
+    seq = TokenStream(model.tokenizer, [5, 6], always_eos, 3)
+    assert seq.sample(logits) is None and seq.finish == "stop"
+    seq = TokenStream(model.tokenizer, [5, 6], always_eos, 3, ignore_eos=True)
+    got = [seq.sample(logits) for _ in range(3)]
+    assert [r.token for r in got] == [eos] * 3 and seq.finish == "length"
