@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import MixcliError
-from .generate import GenerationResponse, GenerationStats, generate
+from .api import stream_generate
+from .generate import GenerationResponse, GenerationStats
 
 HELP = """\
 Type a message and press Enter. Multi-line input: end a line with \\ to continue on the next,
@@ -222,8 +223,8 @@ class ChatSession:
         final: GenerationResponse | None = None
         done = False
         try:
-            for resp in generate(self.model, self.rt.tokenizer, turn.tokens, self.sampler,
-                                 max_tokens=max_tokens, stop=self.stop, should_stop=should_stop):
+            for resp in stream_generate(self.model, turn.tokens, sampler=self.sampler,
+                                        max_tokens=max_tokens, stop=self.stop, should_stop=should_stop):
                 parts.append(resp.text)
                 final = resp
                 yield resp

@@ -52,6 +52,9 @@ def _register() -> None:
     from .commands.experts import experts_command
 
     app.command("experts")(experts_command)
+    from .commands.serve import serve_command
+
+    app.command("serve")(serve_command)
     try:
         from .commands.chat import chat_command
     except ImportError:

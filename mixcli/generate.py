@@ -92,6 +92,54 @@ class _StopMatcher:
         return out
 
 
+class TokenStream:
+    """One sequence's side of the token loop, apart from the forward pass: sample from the
+    logits it is given, stop at EOS, a stop string or ``max_tokens``, stream the text. ``generate``
+    below drives it over the model's own KV cache; the server drives one per request over a slot
+    of a batch (mixcli/batch.py)."""
+
+    def __init__(self, tokenizer, prompt: Sequence[int], sampler, max_tokens: int, stop: Sequence[str] = (),
+                 stats: GenerationStats | None = None, ignore_eos: bool = False):
+        self.history = [int(t) for t in prompt]
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.stats = stats if stats is not None else GenerationStats(prompt_tokens=len(self.history))
+        self.eos = () if ignore_eos else tokenizer.eos_ids  # ignore_eos: benchmarks want exact lengths
+        self.detok = tokenizer.stream()
+        self.stopper = _StopMatcher(stop)
+        self.finish: str | None = "length" if max_tokens <= 0 else None  # set once the sequence ended
+        self.hit_stop = False
+
+    def sample(self, logits) -> GenerationResponse | None:
+        """Sample the next token from ``logits`` [V]: its response, or None if it was EOS. After
+        it, ``finish`` is set when the sequence is over; otherwise feed the token to the model."""
+        tok = int(self.sampler(logits, self.history))
+        self.stats.completion_tokens += 1
+        if tok in self.eos:
+            self.finish = "stop"
+            return None
+        self.history.append(tok)
+        text, self.hit_stop = self.stopper.feed(self.detok.push(tok))
+        if self.hit_stop:
+            self.finish = "stop"
+        elif self.stats.completion_tokens >= self.max_tokens:
+            self.finish = "length"
+        return GenerationResponse(text, tok, None, self.stats)
+
+    def close(self, finish: str | None = None) -> GenerationResponse:
+        """The closing response: text held back (a partial character or stop string) and the
+        finish reason (``finish`` overrides, e.g. "interrupted")."""
+        finish = finish or self.finish or "length"
+        tail = ""
+        if not self.hit_stop:
+            tail, self.hit_stop = self.stopper.feed(self.detok.flush())
+            if self.hit_stop:
+                finish = "stop"
+            else:
+                tail += self.stopper.flush()
+        return GenerationResponse(tail, None, finish, self.stats)
+
+
 def generate(
     model,
     tokenizer,
@@ -128,38 +176,20 @@ def generate(
     stats.prefilled_tokens = len(prompt) - keep
     stats.prefill_seconds = time.perf_counter() - t0
 
-    history = list(prompt)
-    eos = tokenizer.eos_ids
-    detok = tokenizer.stream()
-    stopper = _StopMatcher(stop)
-    finish = "length"
-    hit_stop = False
-    for i in range(max_tokens):
+    seq = TokenStream(tokenizer, prompt, sampler, max_tokens, stop, stats)
+    finish = None
+    while seq.finish is None:
         if should_stop is not None and should_stop():
             finish = "interrupted"
             break
-        tok = int(sampler(logits, history))
-        stats.completion_tokens += 1
-        if i == 0:
+        resp = seq.sample(logits)
+        if stats.completion_tokens == 1:
             stats.first_token_seconds = time.perf_counter() - t0
-        if tok in eos:
-            finish = "stop"
+        if resp is None:
             break
-        history.append(tok)
-        text, hit_stop = stopper.feed(detok.push(tok))
-        yield GenerationResponse(text, tok, None, stats)
-        if hit_stop:
-            finish = "stop"
-            break
-        if i + 1 < max_tokens:
+        yield resp
+        if seq.finish is None:
             t = time.perf_counter()
-            logits = model.decode(tok)
+            logits = model.decode(resp.token)
             stats.decode_seconds += time.perf_counter() - t
-    tail = ""
-    if not hit_stop:
-        tail, hit_stop = stopper.feed(detok.flush())
-        if hit_stop:
-            finish = "stop"
-        else:
-            tail += stopper.flush()
-    yield GenerationResponse(tail, None, finish, stats)
+    yield seq.close(finish)

@@ -69,6 +69,12 @@ class Model:
     """A loaded model with its KV cache. ``logits(tokens)`` is the whole public surface tests use;
     ``prefill`` / ``decode`` extend the cached sequence for generation."""
 
+    # text side, set by mixcli.load / runtime.attach_text (None for a model converted without one)
+    tokenizer = None  # mixcli.tokenizer.Tokenizer
+    chat_template: str | None = None  # Jinja text
+    add_bos = False  # a raw prompt starts with BOS
+    path: Path | None = None
+
     def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
                  batch: int = DEFAULT_BATCH, experts=None, kernels=None):
         cfg = store.config

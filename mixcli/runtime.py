@@ -12,7 +12,7 @@ from .memsize import format_size
 @dataclass
 class Runtime:
     path: Path
-    model: object  # mixcli.model.Model
+    model: object  # mixcli.model.Model (which also carries the three below: attach_text)
     tokenizer: object  # mixcli.tokenizer.Tokenizer
     template: str | None  # Jinja chat template text, or None for a base model without one
     add_bos: bool
@@ -24,34 +24,64 @@ class Runtime:
     def chat_prompt(self, messages: list[dict]) -> tuple[list[int], str | None]:
         """Conversation -> prompt tokens ending in the assistant's turn, plus a notice (e.g. the
         system message was folded into the first user turn because the template rejects it)."""
-        from .chat_template import render_conversation
-
-        if self.template is None:
-            raise MixcliError(f"{self.name} has no chat template", "use --raw for a base model")
-        tok = self.tokenizer
-        text, notice = render_conversation(
-            self.template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True
-        )
-        return tok.encode(text, add_bos=False, parse_special=True), notice
+        return template_tokens(self.tokenizer, self.template, messages, self.name)
 
     def raw_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_bos=self.add_bos, parse_special=False)
 
 
-def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                 max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                 notify=None) -> Runtime:
+def template_tokens(tok, template: str | None, messages: list[dict], name: str) -> tuple[list[int], str | None]:
+    """``messages`` through ``template`` (sandboxed Jinja) -> (prompt tokens, notice)."""
+    from .chat_template import render_conversation
+
+    if template is None:
+        raise MixcliError(f"{name} has no chat template", "use --raw for a base model")
+    text, notice = render_conversation(
+        template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True
+    )
+    return tok.encode(text, add_bos=False, parse_special=True), notice
+
+
+def chat_tokens(model, messages: list[dict]) -> tuple[list[int], str | None]:
+    """``messages`` through the model's own chat template -> (prompt tokens, notice)."""
+    name = model.path.name if model.path is not None else "this model"
+    return template_tokens(text_tokenizer(model), model.chat_template, messages, name)
+
+
+def raw_tokens(model, text: str) -> list[int]:
+    """Plain text -> prompt tokens (BOS first where the model wants it; special tokens as text)."""
+    return text_tokenizer(model).encode(text, add_bos=model.add_bos, parse_special=False)
+
+
+def text_tokenizer(model):
+    if model.tokenizer is None:
+        raise MixcliError(f"{model.path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
+    return model.tokenizer
+
+
+def attach_text(model, path) -> None:
+    """Give ``model`` its tokenizer, chat template and BOS rule from the manifest (None where the
+    model was converted without a tokenizer: logits still work, text does not)."""
     from .chat_template import FALLBACK_TEMPLATES
     from .tokenizer import load_tokenizer
 
+    info = model.store.tokenizer_info
+    model.path = Path(path)
+    if not info:
+        return
+    model.tokenizer = load_tokenizer(path, info)
+    model.chat_template = info.get("chat_template") or FALLBACK_TEMPLATES.get(info.get("template_family") or "")
+    model.add_bos = bool(info.get("add_bos", False))
+
+
+def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
+                 max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
+                 notify=None) -> Runtime:
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
                                      act=act, notify=notify)
-    info = model.store.tokenizer_info
-    if not info:
-        raise MixcliError(f"{path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
-    tokenizer = load_tokenizer(path, info)
-    template = info.get("chat_template") or FALLBACK_TEMPLATES.get(info.get("template_family") or "")
-    return Runtime(path, model, tokenizer, template, bool(info.get("add_bos", False)))
+    attach_text(model, path)
+    tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
+    return Runtime(path, model, tok, model.chat_template, model.add_bos)
 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
@@ -99,16 +129,16 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
                  kernels=table), path
 
 
-def select_kernels(act: str | None = None):
-    """The kernel table for ``act`` (None: $MIXCLI_ACT, else the default) on the tier $MIXCLI_ISA
-    names (else the host's best). A bad name is a usage error naming where it came from."""
+def select_kernels(act: str | None = None, isa: str | None = None, source: str = "--act"):
+    """The kernel table for ``act`` (None: $MIXCLI_ACT, else the default) on tier ``isa`` (None:
+    $MIXCLI_ISA, else the host's best). A bad name is a usage error naming where it came from."""
     from .model import _kernel_module
     from .kernels import ACT_MODES, IsaError
 
     if act is not None and act not in ACT_MODES:
-        raise UsageError(f"--act must be one of {', '.join(ACT_MODES)}, got {act!r}")
+        raise UsageError(f"{source} must be one of {', '.join(ACT_MODES)}, got {act!r}")
     try:
-        return _kernel_module(act=act)
+        return _kernel_module(isa, act)
     except IsaError as e:
         raise UsageError(str(e), "unset MIXCLI_ISA to use the best tier this CPU runs") from None
     except ValueError as e:

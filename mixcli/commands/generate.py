@@ -94,7 +94,7 @@ def generate_command(
     act: ActOpt = None,
 ):
     """Generate text from a prompt: the text on stdout, everything else on stderr."""
-    from ..generate import generate
+    from ..api import stream_generate
     from ..runtime import load_runtime
     from ..sampling import make_sampler
 
@@ -131,7 +131,7 @@ def generate_command(
     sampler = make_sampler(cfg)
     out = []
     final = None
-    for resp in generate(rt.model, rt.tokenizer, tokens, sampler, max_tokens=max_tokens, stop=stop or ()):
+    for resp in stream_generate(rt.model, tokens, sampler=sampler, max_tokens=max_tokens, stop=stop or ()):
         if resp.text:
             if as_json:
                 out.append(resp.text)
