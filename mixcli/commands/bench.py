@@ -33,8 +33,10 @@ def bench_command(
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
-    """Measure prompt processing (ppN) and generation (tgM) speed, llama-bench's way: mean and
-    standard deviation over --reps runs, for each thread count."""
+    """Measure prompt and generation speed, llama-bench style.
+
+    Prompt processing (ppN) and generation (tgM) in tokens per second: mean and standard deviation
+    over --reps runs, for each thread count."""
     from ..bench import run_bench
     from ..model import physical_cores
     from ..runtime import load_runtime_model
@@ -57,14 +59,17 @@ def bench_command(
     from rich.table import Table
 
     cfg = m.config
-    t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
-                    f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
-                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, activations {kernels.ACT_MODE}")
+    title = (f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
+             f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
+             f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, activations {kernels.ACT_MODE}")
+    t = Table()
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r.test, str(r.threads), f"{r.mean_tps:.2f}", f"{r.std_tps:.2f}", str(r.reps))
-    Console().print(t)
+    con = Console()
+    con.print(title, markup=False, highlight=False)  # a line of its own: a table's title is folded to its width
+    con.print(t)
 
 
 def perplexity_command(
@@ -76,13 +81,14 @@ def perplexity_command(
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
-    """Perplexity of a text, by llama.cpp's method: the text is tokenized (with BOS) and cut into
+    """Score a text file's perplexity, by llama.cpp's method.
+
+    The text is tokenized (with BOS) and cut into
     chunks of --ctx tokens; each chunk starts from an empty cache with its first token replaced by
     BOS, and only its second half is scored, so every scored token sees at least ctx/2 tokens.
     PPL = exp(mean negative log-likelihood), shown with llama.cpp's standard error."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..perplexity import perplexity
+    from ..progress import Progress
     from ..runtime import load_runtime
 
     try:
@@ -98,20 +104,12 @@ def perplexity_command(
     ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
     if chunks is not None:
         ids = ids[: ctx * max(chunks, 1)]
-    with Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
-                  TimeRemainingColumn(), console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task("ppl", total=max(len(ids) // ctx, 1))
+    with Progress("perplexity", unit="chunks", total=max(len(ids) // ctx, 1)) as bar:
         res = perplexity(rt.model, ids, ctx, tok.bos_id if rt.add_bos else None,
-                         progress=lambda d, n: bar.update(task, completed=d))
+                         progress=lambda d, n: bar.update(d, n))
     if as_json:
         print(json.dumps({"model": rt.name, "file": str(file), "ppl": res.ppl, "stderr": res.stderr,
                           "chunks": res.n_chunks, "scored_tokens": res.n_scored, "ctx": res.ctx}))
     else:
         print(f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.n_chunks} chunks of {ctx} tokens, "
               f"{res.n_scored} scored)")
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)

@@ -42,7 +42,9 @@ def chat_command(
     mmap: MmapOpt = None,
     act: ActOpt = None,
 ):
-    """Chat with a model in the terminal: streamed answers, /help for commands, Ctrl-D to leave."""
+    """Chat with a model in the terminal.
+
+    Answers stream as they are generated; /help lists the commands, Ctrl-D leaves."""
     from ..chat import ChatSession, Repl
     from ..chat_ui import ChatUI, stdin_is_terminal
     from ..runtime import load_runtime

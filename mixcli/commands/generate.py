@@ -93,7 +93,9 @@ def generate_command(
     mmap: MmapOpt = None,
     act: ActOpt = None,
 ):
-    """Generate text from a prompt: the text on stdout, everything else on stderr."""
+    """Generate text from a prompt; only the text goes to stdout.
+
+    Notices, progress and --stats go to stderr, so the output can be piped as it is."""
     from ..generate import generate
     from ..runtime import load_runtime
     from ..sampling import make_sampler
