@@ -77,7 +77,9 @@ def _reflow_help() -> None:
 
 
 def _err(msg: str) -> None:
-    sys.stderr.write(f"error: {msg}\n")
+    from .progress import wrap_for  # on a terminal, between words; in a pipe, one line as it is
+
+    sys.stderr.write(wrap_for(sys.stderr, f"error: {msg}") + "\n")
     sys.stderr.flush()
 
 

@@ -86,12 +86,12 @@ def _format_seconds(s: float) -> str:
 class Progress:
     """The progress of one piece of long work: ``completed`` of ``total`` bytes (``unit="bytes"``)
     or items (``unit`` is then their name, e.g. "chunks"), optionally with a count of something
-    else beside it (convert: bytes on the bar, "12/272 tensors" beside it).
+    else beside it (``count_unit``; convert: bytes on the bar, "12/272 tensors" beside it).
 
     Use as a context manager; ``update`` may be called from any thread. ``say`` receives the plain
     lines when stderr is not a terminal (default: stderr)."""
 
-    def __init__(self, label: str, *, unit: str = "bytes", total: float | None = None, count_unit: str = "tensors",
+    def __init__(self, label: str, *, unit: str = "bytes", total: float | None = None, count_unit: str | None = None,
                  say: Say | None = None):
         self.label = label
         self.unit = unit
@@ -194,7 +194,7 @@ class Progress:
         bar_width = max(10, min(40, console.width - 58))
         return RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=bar_width), *amount,
-            TextColumn("{task.fields[count]}"), *rate, TimeRemainingColumn(compact=True),
+            *([TextColumn("{task.fields[count]}")] if self.count_unit else []), *rate, TimeRemainingColumn(compact=True),
             console=console, transient=True, redirect_stdout=False, redirect_stderr=False, refresh_per_second=8,
         )
 
@@ -247,7 +247,7 @@ class _AboveBar:
 def convert_progress(label: str = "converting", *, say: Say | None = None) -> Iterator[ConvertCallback]:
     """The bar `mixcli convert` and every pull share: source bytes on the bar, tensors beside it.
     Yields the callback quant's converters take."""
-    with Progress(label, unit="bytes", say=say) as bar:
+    with Progress(label, unit="bytes", count_unit="tensors", say=say) as bar:
         def callback(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
             bar.update(bytes_done, bytes_total, count=(done, total))
 

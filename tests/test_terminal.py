@@ -222,7 +222,7 @@ def test_plain_progress_is_sparse_and_says_rate_and_time_left():
     from mixcli.progress import Progress
 
     said: list[str] = []
-    with Progress("reading", unit="bytes", say=said.append) as bar:  # stderr is not a terminal here
+    with Progress("reading", unit="bytes", count_unit="tensors", say=said.append) as bar:  # stderr is not a terminal here
         for i in range(1, 1001):
             bar.update(i * 1000, 1_000_000, count=(i, 1000))
     assert 4 <= len(said) <= 5, said  # the quarters (and the first update), not a thousand lines
