@@ -153,7 +153,7 @@ class Progress:
     def _maybe_plain_line(self) -> None:
         now = time.monotonic()
         frac = self._fraction()
-        quarter = int(4 * frac) if frac is not None else -1
+        quarter = int(4 * frac) if frac is not None and self.completed > 0 else -1  # no "0%" line: nothing yet
         if quarter > self._last_quarter or now - self._last_line_t >= PLAIN_EVERY_S:
             self._last_quarter = max(quarter, self._last_quarter)
             self._last_line_t = now

