@@ -263,3 +263,35 @@ def test_perplexity_shows_the_same_style_of_bar(baby, tmp_path):
     shown = plain(raw)
     assert re.search(r"perplexity +[━╸╺ ]+ +\d+/\d+ chunks +([\d.]+ chunks/s)? +[-\d:]+", shown), shown
     assert re.search(r"PPL = [\d.]+ \+/- [\d.]+", shown)
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "{baby}", "--pp", "8", "--tg", "4", "-r", "1", "-t", "1"],
+    ["experts", "{baby}", "-p", "Hello there", "-n", "2", "-t", "1"],
+    ["convert", "{gguf}", "-o", "{out}"],
+], ids=["bench", "experts", "convert"])
+def test_tables_fit_80_columns_whole(baby, gguf_wheel, tmp_path, args):
+    """Titles and legends go on lines of their own; the tables fit; nothing is cut with an ellipsis."""
+    out = tmp_path / "a-converted-model-directory-with-a-name-long-enough-to-wrap-at-eighty"
+    args = [a.format(baby=baby, gguf=gguf_wheel[0], out=out) for a in args]
+    raw, code = on_pty(["-m", "mixcli", *args], 80)
+    shown = plain(raw)
+    assert code == 0, shown
+    assert "…" not in shown
+    table_lines = [line for line in shown.splitlines() if line[:1] in "┏┃┡│└┌"]
+    assert table_lines and all(len(line.rstrip()) <= 80 for line in table_lines), table_lines
+    if args[0] == "convert":  # the output path, whole on its line though wider than the terminal
+        assert f"converted to {out}" in shown.splitlines()
+    if args[0] == "bench":
+        assert any(line.startswith(f"{baby.name}: MixtralForCausalLM, ") for line in shown.splitlines())
+
+
+def test_every_command_help_fits_80_columns():
+    from mixcli import cli
+
+    cli._register()
+    for info in cli.app.registered_commands:
+        raw, code = on_pty(["-m", "mixcli", info.name, "--help"], 80)
+        shown = plain(raw)
+        assert code == 0 and "Usage: mixcli" in shown, shown
+        assert "…" not in shown and all(len(line.rstrip()) <= 80 for line in shown.splitlines()), shown
