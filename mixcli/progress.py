@@ -48,10 +48,21 @@ def wrap_for(stream, text: str) -> str:
         width = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
         return text
+    return "\n".join(_fill(line, width) for line in text.split("\n"))
+
+
+def _fill(line: str, width: int) -> str:
+    """One line filled to ``width``; continuation lines keep an indented line's second column
+    ("  /save FILE      write ..." continues under "write")."""
+    import re
     import textwrap
 
-    return "\n".join(textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False) or line
-                     for line in text.split("\n"))
+    if len(line) <= width:
+        return line
+    column = re.match(r"\s+\S+(?: \S+)*\s{2,}", line) if line[:1].isspace() else None
+    indent = " " * (column.end() if column else len(line) - len(line.lstrip()))
+    return textwrap.fill(line, width, subsequent_indent=indent if len(indent) < width // 2 else "",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def compile_notice(message: str = COMPILE_MESSAGE) -> None:

@@ -295,3 +295,27 @@ def test_every_command_help_fits_80_columns():
         shown = plain(raw)
         assert code == 0 and "Usage: mixcli" in shown, shown
         assert "…" not in shown and all(len(line.rstrip()) <= 80 for line in shown.splitlines()), shown
+
+
+def test_notices_wrap_between_words_on_a_terminal_only(monkeypatch):
+    import fcntl
+    import io
+    import struct
+    import termios
+
+    from mixcli.progress import wrap_for
+
+    monkeypatch.setenv("TERM", "xterm")
+    path = "/home/someone/.cache/mixcli/models/" + "x" * 30  # wider than the 40-column terminal
+    text = f"sha256 checked; converting model.gguf into {path} (first use only)"
+    two_columns = "  /save FILE      write the conversation to FILE (JSON: model, messages)"
+    master, replica = os.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 40, 0, 0))
+    with os.fdopen(replica, "w") as tty:
+        lines = wrap_for(tty, text).splitlines()
+        help_lines = wrap_for(tty, two_columns).splitlines()
+    os.close(master)
+    assert path in lines and all(len(line) <= 40 for line in lines if line != path), lines
+    assert " ".join(" ".join(lines).split()) == text  # the words, in order, nothing cut
+    assert len(help_lines) > 1 and all(line.startswith(" " * 18) for line in help_lines[1:]), help_lines
+    assert wrap_for(io.StringIO(), text) == text  # not a terminal: the line as it is
