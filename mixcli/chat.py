@@ -32,15 +32,16 @@ from .api import stream_generate
 from .generate import GenerationResponse, GenerationStats
 
 HELP = """\
-Type a message and press Enter. Multi-line input: end a line with \\ to continue on the next,
-or put \"\"\" on a line of its own, then the text, then \"\"\" again. Start a message with // to
-send a line that begins with /.
+Type a message and press Enter. Multi-line input: end a line with \\ to continue
+on the next, or put \"\"\" on a line of its own, then the text, then \"\"\" again.
+Start a message with // to send a line that begins with /.
 
   /help           this text
   /reset          forget the conversation (the system message stays)
-  /system TEXT    set the system message; /system alone shows it, /system - removes it
+  /system TEXT    set the system message; /system alone shows it,
+                  /system - removes it
   /stats          speed of the last reply, context used, expert usage
-  /save FILE      write the conversation to FILE (JSON: {"model", "messages": [{"role", "content"}]})
+  /save FILE      write the conversation to FILE (JSON: model, messages)
   /load FILE      replace the conversation with one saved by /save
   /exit           leave (as does Ctrl-D)
 

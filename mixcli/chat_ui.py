@@ -19,7 +19,9 @@ class ChatUI:
 
     # ---- plain messages --------------------------------------------------------------------------
     def _print(self, console: Console, text: str, style: str | None = None) -> None:
-        console.print(text, style=style, markup=False, highlight=False, emoji=False)
+        from .progress import wrap_for  # between words at a terminal's width; a path stays whole
+
+        console.print(wrap_for(console.file, text), style=style, markup=False, highlight=False, emoji=False)
 
     def banner(self, session) -> None:
         m = session.model

@@ -7,6 +7,7 @@ commands so ``mixcli --help`` and the first token come quickly.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +15,10 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MixcliError
+
+# numba colours its own error messages through colorama.init(), whose exit hook then writes ESC[0m
+# after the last line on a terminal (even with NO_COLOR): mixcli's output ends where its text ends
+os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")
 
 app = typer.Typer(
     name="mixcli",
@@ -63,8 +68,21 @@ def _register() -> None:
         app.command("chat")(chat_command)
 
 
+def _reflow_help() -> None:
+    """Docstrings wrap at the source's width; the help should wrap at the terminal's. Joins each
+    paragraph into one line (typer shows the first paragraph as the command's one-line summary)."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
 def _err(msg: str) -> None:
-    sys.stderr.write(f"error: {msg}\n")
+    from .progress import wrap_for  # on a terminal, between words; in a pipe, one line as it is
+
+    sys.stderr.write(wrap_for(sys.stderr, f"error: {msg}") + "\n")
     sys.stderr.flush()
 
 
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     _DEBUG = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line
     _register()
+    _reflow_help()
     try:
         rv = app(args=args, standalone_mode=False, prog_name="mixcli")
         code = rv if isinstance(rv, int) else 0

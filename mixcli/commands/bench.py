@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,9 +32,12 @@ def bench_command(
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
-    """Measure prompt processing (ppN) and generation (tgM) speed, llama-bench's way: mean and
-    standard deviation over --reps runs, for each thread count."""
+    """Measure prompt and generation speed, llama-bench style.
+
+    Prompt processing (ppN) and generation (tgM) in tokens per second: mean and standard deviation
+    over --reps runs, for each thread count."""
     from ..bench import run_bench
+    from ..progress import say_stderr
     from ..model import physical_cores
     from ..runtime import load_runtime_model
 
@@ -45,7 +47,7 @@ def bench_command(
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
     m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
-                                 notify=lambda s: print(s, file=sys.stderr))
+                                 notify=say_stderr)
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     if as_json:
         print(json.dumps({"model": str(path), "isa": getattr(m.kernels, "isa", "numpy"),
@@ -58,14 +60,17 @@ def bench_command(
     from ..ui import kernel_label
 
     cfg = m.config
-    t = Table(title=f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
-                    f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
-                    f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, kernels {kernel_label(m)}")
+    title = (f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
+             f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
+             f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, kernels {kernel_label(m)}")
+    t = Table()
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r.test, str(r.threads), f"{r.mean_tps:.2f}", f"{r.std_tps:.2f}", str(r.reps))
-    Console().print(t)
+    con = Console()
+    con.print(title, markup=False, highlight=False)  # a line of its own: a table's title is folded to its width
+    con.print(t)
 
 
 def perplexity_command(
@@ -77,13 +82,14 @@ def perplexity_command(
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
-    """Perplexity of a text, by llama.cpp's method: the text is tokenized (with BOS) and cut into
+    """Score a text file's perplexity, by llama.cpp's method.
+
+    The text is tokenized (with BOS) and cut into
     chunks of --ctx tokens; each chunk starts from an empty cache with its first token replaced by
     BOS, and only its second half is scored, so every scored token sees at least ctx/2 tokens.
     PPL = exp(mean negative log-likelihood), shown with llama.cpp's standard error."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..perplexity import perplexity
+    from ..progress import Progress, say_stderr
     from ..runtime import load_runtime
 
     try:
@@ -94,25 +100,17 @@ def perplexity_command(
         raise MixcliError(f"{file} is not UTF-8 text", "convert it to UTF-8") from None
     except OSError as exc:
         raise MixcliError(f"cannot read {file}: {exc.strerror}") from None
-    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=lambda s: print(s, file=sys.stderr))
+    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=say_stderr)
     tok = rt.tokenizer
     ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
     if chunks is not None:
         ids = ids[: ctx * max(chunks, 1)]
-    with Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
-                  TimeRemainingColumn(), console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task("ppl", total=max(len(ids) // ctx, 1))
+    with Progress("perplexity", unit="chunks", total=max(len(ids) // ctx, 1)) as bar:
         res = perplexity(rt.model, ids, ctx, tok.bos_id if rt.add_bos else None,
-                         progress=lambda d, n: bar.update(task, completed=d))
+                         progress=lambda d, n: bar.update(d, n))
     if as_json:
         print(json.dumps({"model": rt.name, "file": str(file), "ppl": res.ppl, "stderr": res.stderr,
                           "chunks": res.n_chunks, "scored_tokens": res.n_scored, "ctx": res.ctx}))
     else:
         print(f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.n_chunks} chunks of {ctx} tokens, "
               f"{res.n_scored} scored)")
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)

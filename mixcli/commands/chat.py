@@ -1,7 +1,6 @@
 """`mixcli chat`: a terminal REPL over one model (the loop itself is mixcli.chat.Repl)."""
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -42,16 +41,19 @@ def chat_command(
     mmap: MmapOpt = None,
     act: ActOpt = None,
 ):
-    """Chat with a model in the terminal: streamed answers, /help for commands, Ctrl-D to leave."""
+    """Chat with a model in the terminal.
+
+    Answers stream as they are generated; /help lists the commands, Ctrl-D leaves."""
     from ..chat import ChatSession, Repl
     from ..chat_ui import ChatUI, stdin_is_terminal
+    from ..progress import say_stderr
     from ..runtime import load_runtime
     from ..sampling import make_sampler
 
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
     session = ChatSession(rt, make_sampler(cfg), system=system, max_tokens=max_tokens, stop=stop or ())
     if load:

@@ -2,8 +2,8 @@
 model directory.
 
 Thin: flags in, ``quant.convert.convert_checkpoint`` (or ``quant.gguf_convert.convert_gguf`` for a
-``.gguf`` file) does the work, a rich progress bar on stderr
-while it runs (tensors and source bytes done) and a summary table on stdout at the end. Errors
+``.gguf`` file) does the work, mixcli.progress shows it on stderr (the bar every pull shares:
+source bytes and tensors done) and a summary table goes to stdout at the end. Errors
 are ``MixcliError``s that the app turns into one line and an exit code.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from typing import TYPE_CHECKING
@@ -47,23 +46,12 @@ def convert_command(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,
 ) -> None:
-    """Convert a Hugging Face checkpoint into a memory-mappable mixcli model."""
-    err = Console(stderr=True)
-    columns = (
-        TextColumn("[bold]{task.fields[tensor]}", justify="left"),
-        BarColumn(),
-        TextColumn("{task.fields[tensors_done]}/{task.fields[tensors_total]} tensors"),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    # no bar when stderr is a pipe or file: logs get the summary, not a thousand redraws
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("convert", total=None, tensor="opening", tensors_done=0, tensors_total="?")
+    """Convert a Hugging Face checkpoint or a GGUF file for mixcli.
 
-        def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
-            bar.update(task, completed=bytes_done, total=bytes_total, tensor=name, tensors_done=done, tensors_total=total)
+    The result is a directory of memory-mappable 4-bit (or 8-bit, f16) weights and a manifest."""
+    from ..progress import convert_progress
 
+    with convert_progress() as progress:
         if src.suffix.lower() == ".gguf" and not src.is_dir():
             from quant.gguf_convert import KEEP, convert_gguf  # numba: loaded only when converting
 
@@ -76,11 +64,13 @@ def convert_command(
                 raise UsageError("--quant keep applies to GGUF files only", f"choose {', '.join(c.value for c in QuantChoice if c != QuantChoice.keep)}")
             q = QuantChoice(quant).value if quant is not None else DEFAULT_QUANT
             summary = convert_checkpoint(src, output, quant=q, force=force, progress=progress)
-    Console().print(summary_table(summary))
+    out = Console()
+    out.print(f"converted to {summary.out}", soft_wrap=True, highlight=False, markup=False)  # a path: never folded
+    out.print(summary_table(summary))
 
 
 def summary_table(s: ConvertSummary) -> Table:
-    table = Table(title=f"converted to {s.out}", show_header=False, title_justify="left")
+    table = Table(show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     table.add_row("quantization", s.quant)

