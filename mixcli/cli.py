@@ -83,6 +83,12 @@ def _click_exceptions() -> tuple[type, ...]:
     return tuple(found)
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """A MixcliError, or quant's FormatError (checked without importing quant: --help stays quick)."""
+    fmt = sys.modules.get("quant.formats")
+    return isinstance(exc, MixcliError) or (fmt is not None and isinstance(exc, fmt.FormatError))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn known failures into one line and an exit code."""
     global _DEBUG
@@ -95,11 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         code = rv if isinstance(rv, int) else 0
         if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a quiet return of 130
             _err("interrupted")
-    except MixcliError as exc:
-        if _DEBUG:
-            raise
-        _err(str(exc))
-        code = exc.exit_code
     except typer.Abort:
         _err("interrupted")
         code = EXIT_INTERRUPTED
@@ -122,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"{exc.format_message()} (see '{where}')")
     except BrokenPipeError:
         code = 0  # `mixcli generate ... | head`: the reader left, which is not an error
+    except Exception as exc:  # noqa: BLE001 - a MixcliError, or quant's FormatError (a damaged model)
+        if _DEBUG or not _is_user_error(exc):
+            raise
+        _err(str(exc))
+        code = exc.exit_code
     sys.stdout.flush() if not sys.stdout.closed else None
     return code
 

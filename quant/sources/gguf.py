@@ -32,7 +32,7 @@ import numpy as np
 
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
-from quant.formats import QK, tensor_names
+from quant.formats import QK, expected_shape, tensor_names, tensor_set_difference
 
 SUPPORTED_GGUF_ARCHS = ("llama",)  # Llama, Mistral and Mixtral GGUFs all say "llama"
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
@@ -416,16 +416,13 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 heads = config.num_key_value_heads
             found[cname] = GGUFTensorRef(gname, index, ttype, shape, expert, heads)
 
-    from quant.sources.hf import expected_shape
-
     names = tensor_names(config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings)
-    missing = [n for n in names if n not in found]
+    missing, extra = tensor_set_difference(names, found)
     if missing:
         raise CheckpointError(
             f"{path.name} lacks {len(missing)} tensor(s) its metadata implies, first {missing[0]}",
             "use an unmodified, complete llama.cpp GGUF",
         )
-    extra = sorted(set(found) - set(names))
     if extra:
         raise CheckpointError(
             f"tensor {found[extra[0]].gguf_name} does not fit the GGUF metadata (it implies no {extra[0]})",
