@@ -52,6 +52,9 @@ def _register() -> None:
     from .commands.experts import experts_command
 
     app.command("experts")(experts_command)
+    from .commands.verify import verify_command
+
+    app.command("verify")(verify_command)
     try:
         from .commands.chat import chat_command
     except ImportError:

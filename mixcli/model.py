@@ -302,8 +302,10 @@ class Model:
         return self.prefill(tokens, want_all=True)
 
 
-def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto", **kw) -> Model:
+def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto",
+         verify: bool = True, **kw) -> Model:
     """Open a converted model directory and build the runtime model. ``load``: "memory" reads the
     weights into memory (faster decode), "mmap" maps them (instant start, less memory), "auto"
-    reads when the model fits comfortably in available memory (``store.resolve_load_mode``)."""
-    return Model(open_model_dir(path, load=load), ctx=ctx, threads=threads, **kw)
+    reads when the model fits comfortably in available memory (``store.resolve_load_mode``).
+    ``verify``: check the tensors' sha256 when the files changed since they last passed."""
+    return Model(open_model_dir(path, load=load, verify=verify), ctx=ctx, threads=threads, **kw)

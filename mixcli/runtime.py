@@ -41,12 +41,12 @@ class Runtime:
 
 def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                  max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                 notify=None) -> Runtime:
+                 notify=None, verify: bool = True) -> Runtime:
     from .chat_template import FALLBACK_TEMPLATES
     from .tokenizer import load_tokenizer
 
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
-                                     act=act, notify=notify)
+                                     act=act, notify=notify, verify=verify)
     info = model.store.tokenizer_info
     if not info:
         raise MixcliError(f"{path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
@@ -57,12 +57,13 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                        max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                       notify=None):
+                       notify=None, verify: bool = True):
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
     with a --max-memory budget as the limit when one is given). ``act``: the activation
     arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked before the model
-    is opened so a typo costs no load time."""
+    is opened so a typo costs no load time. ``verify``: check the tensors' sha256 when the files
+    changed since they last passed (``store.verify_model``)."""
     from .model import Model
     from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
@@ -89,7 +90,8 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
             if size > budget:
                 raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
                                  f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
-    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget)
+    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget,
+                           verify=verify, notify=notify)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")

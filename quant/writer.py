@@ -49,7 +49,7 @@ from .formats import (
     expert_region_name,
     interleave_rows,
 )
-from .integrity import verify_tensors
+from .integrity import verify_tensors, write_stamp
 
 FILE_LIMIT = 16 << 30  # start a new data file past this size (an expert region never splits)
 # Weights per row chunk (the quantizer works a row at a time, so this is no cache size): 8 MB of
@@ -412,6 +412,7 @@ class ModelWriter:
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
+        write_stamp(self.out_dir, manifest)  # the hashes are of the bytes just written: no need to re-read them
         return manifest
 
     def abort(self) -> None:

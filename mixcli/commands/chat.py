@@ -18,6 +18,7 @@ from .generate import (
     SeedOpt,
     TempOpt,
     ThreadsOpt,
+    VerifyOpt,
     TopKOpt,
     TopPOpt,
     sampler_config,
@@ -41,6 +42,7 @@ def chat_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    verify: VerifyOpt = True,
 ):
     """Chat with a model in the terminal: streamed answers, /help for commands, Ctrl-D to leave."""
     from ..chat import ChatSession, Repl
@@ -52,7 +54,8 @@ def chat_command(
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
+                      verify=verify)
     session = ChatSession(rt, make_sampler(cfg), system=system, max_tokens=max_tokens, stop=stop or ())
     if load:
         session.load(load)

@@ -34,6 +34,11 @@ ActOpt = Annotated[
                  "processing, but small models' answers can change), f32 (exact, slow). Also $MIXCLI_ACT."),
 ]
 
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify/--no-verify", help="Check each tensor's sha256 when the model's files changed since "
+                 "they last passed (once; `mixcli verify` checks on demand). --no-verify skips it."),
+]
 
 # sampling flags, shared with `mixcli chat`
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
@@ -92,6 +97,7 @@ def generate_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    verify: VerifyOpt = True,
 ):
     """Generate text from a prompt: the text on stdout, everything else on stderr."""
     from ..generate import generate
@@ -105,7 +111,8 @@ def generate_command(
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
+                      verify=verify)
     use_chat = (rt.template is not None) if chat is None else chat
     if system and not use_chat:
         raise UsageError("--system needs chat mode", "drop --raw, or put the system text in the prompt")
