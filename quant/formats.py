@@ -501,7 +501,7 @@ def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]
     if k % qt.block or (qt.rows > 1 and (not n or n % qt.rows)):
         raise FormatError(f"{what} of shape {shape} cannot be stored as {qt.name}")
     fname = t.get("file")
-    if fname not in sizes:
+    if not isinstance(fname, str) or fname not in sizes:
         raise FormatError(f"{what} lies in data file {fname!r}, which the manifest does not list")
     offset, nbytes = _int_field(t, "offset", what), _int_field(t, "nbytes", what)
     if offset % TENSOR_ALIGN:
@@ -535,7 +535,7 @@ def _check_experts(regions: dict, tensors: dict, cfg: SimpleNamespace, sizes: di
         raise FormatError(f"expert regions do not match the config: {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
     for rname in want:
         r = regions[rname]
-        if not isinstance(r, dict) or r.get("file") not in sizes:
+        if not isinstance(r, dict) or not isinstance(r.get("file"), str) or r["file"] not in sizes:
             raise FormatError(f"expert region {rname} is malformed or lies in an unlisted file")
         offset, nbytes = _int_field(r, "offset", f"expert region {rname}"), _int_field(r, "nbytes", f"expert region {rname}")
         w1, w3, w2 = (tensors[f"{rname}.{w}"] for w in ("w1", "w3", "w2"))

@@ -32,7 +32,8 @@ import numpy as np
 
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
-from quant.formats import QK, expected_shape, tensor_names, tensor_set_difference
+from quant.formats import QK, FormatError, expected_shape, tensor_names, tensor_set_difference
+from quant.sources.gguf_check import check_gguf_header
 
 SUPPORTED_GGUF_ARCHS = ("llama",)  # Llama, Mistral and Mixtral GGUFs all say "llama"
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
@@ -260,6 +261,10 @@ class GGUFCheckpoint:
 def _open_reader(path: Path) -> Any:
     import gguf
 
+    try:  # counts and lengths against the file size, before the reader trusts them
+        check_gguf_header(path)
+    except FormatError as exc:
+        raise CheckpointError(exc.message, exc.hint) from None
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...: all mean "bad file"
