@@ -77,6 +77,11 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     if act is not None or os.environ.get("MIXCLI_ACT"):
         select_activation_mode(act, "--act" if act is not None else "$MIXCLI_ACT")
+    from quant.leftovers import sweep
+
+    from .store_paths import models_dir
+
+    sweep(models_dir(), notify)  # what a killed convert or pull left in the store (quant.leftovers)
     path = resolve_model(model_arg, pull=_pull, notify=notify)
     budget = None
     if max_memory:

@@ -2,7 +2,7 @@
 
 A failure at any point (disk full, EIO, Ctrl-C) leaves the previous version of the file intact and
 removes the temporary; only a SIGKILL or power loss between write and rename can leave a
-``.NAME.tmp-PID`` behind, which ``quant.leftovers`` recognises and removes on a later run.
+``.NAME.tmp-PID-START`` behind, which ``quant.leftovers`` recognises and removes on a later run.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 
 def temp_sibling(path: Path, kind: str = "tmp") -> Path:
-    """``.NAME.KIND-PID`` beside ``path``: the leftover pattern quant.leftovers sweeps."""
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}"
+    """``.NAME.KIND-PID-START`` beside ``path``: the leftover pattern quant.leftovers sweeps."""
+    from .leftovers import process_tag
+
+    return path.parent / f".{path.name}.{kind}-{process_tag()}"
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
