@@ -107,7 +107,7 @@ class Model:
 
         n = physical_cores() if not threads else int(threads)
         if n < 1:
-            raise UsageError(f"--threads must be at least 1, got {n}")
+            raise UsageError(f"--threads must be 0 (all physical cores) or more, got {threads}")
         self.threads = min(n, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(self.threads)
 

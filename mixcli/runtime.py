@@ -75,6 +75,13 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
         return pull_model(entry, notify=notify)
 
+    if threads is not None and threads < 0:  # 0 (like no flag) means all physical cores, everywhere
+        raise UsageError(f"--threads must be 0 (all physical cores) or more, got {threads}")
+    budget = None
+    if max_memory is not None:  # checked before anything opens; '' is a mistake, not "no budget"
+        from .memsize import parse_size
+
+        budget = parse_size(max_memory)
     if act is not None or os.environ.get("MIXCLI_ACT"):
         select_activation_mode(act, "--act" if act is not None else "$MIXCLI_ACT")
     from quant.leftovers import sweep
@@ -83,18 +90,13 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     sweep(models_dir(), notify)  # what a killed convert or pull left in the store (quant.leftovers)
     path = resolve_model(model_arg, pull=_pull, notify=notify)
-    budget = None
-    if max_memory:
-        from .memsize import parse_size
+    if budget is not None and mmap is False:
+        from .store import model_bytes
 
-        budget = parse_size(max_memory)
-        if mmap is False:
-            from .store import model_bytes
-
-            size = model_bytes(path)
-            if size > budget:
-                raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
-                                 f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
+        size = model_bytes(path)
+        if size > budget:
+            raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
+                             f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
     store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget,
                            verify=verify, notify=notify)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
