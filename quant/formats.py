@@ -333,8 +333,9 @@ class FormatError(ValueError):
 
 
 CONFIG_LIMIT = 1 << 24  # no dimension of a model we can run comes near this; kernels index with int32
-# config field -> (kind, lower bound); "int": a JSON integer in [lower, CONFIG_LIMIT], "float": finite > lower
-CONFIG_RULES: dict[str, tuple[str, float]] = {
+# config field -> (kind, lower bound[, upper bound]); "int": a JSON integer in [lower, CONFIG_LIMIT],
+# "float": a number in (lower, upper] (float32 must hold rope_theta's powers; eps is a small epsilon)
+CONFIG_RULES: dict[str, tuple] = {
     "hidden_size": ("int", 1),  # D
     "intermediate_size": ("int", 1),  # F
     "num_hidden_layers": ("int", 1),  # L
@@ -345,8 +346,8 @@ CONFIG_RULES: dict[str, tuple[str, float]] = {
     "max_position_embeddings": ("int", 1),
     "num_local_experts": ("int", 1),  # E
     "num_experts_per_tok": ("int", 1),  # K
-    "rms_norm_eps": ("float", 0.0),
-    "rope_theta": ("float", 0.0),
+    "rms_norm_eps": ("float", 0.0, 1.0),
+    "rope_theta": ("float", 0.0, 1e30),
 }
 
 
@@ -399,12 +400,12 @@ def check_config(c: Any) -> SimpleNamespace:
         raise FormatError(f"config is {type(c).__name__}, not an object")
     if c.get("architecture") not in SUPPORTED_ARCHITECTURES:
         raise FormatError(f"config.architecture is {c.get('architecture')!r}, expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
-    for key, (kind, low) in CONFIG_RULES.items():
+    for key, (kind, low, *high) in CONFIG_RULES.items():
         v = c.get(key)
         if kind == "int" and not (_is_int(v) and low <= v <= CONFIG_LIMIT):
             raise FormatError(f"config.{key} is {v!r}, expected an integer in {int(low)}..{CONFIG_LIMIT}")
-        if kind == "float" and not (_is_num(v) and v > low):
-            raise FormatError(f"config.{key} is {v!r}, expected a finite number > {low:g}")
+        if kind == "float" and not (_is_num(v) and low < v <= high[0]):
+            raise FormatError(f"config.{key} is {v!r}, expected a number > {low:g} and <= {high[0]:g}")
     if not isinstance(c.get("tie_word_embeddings"), bool):
         raise FormatError(f"config.tie_word_embeddings is {c.get('tie_word_embeddings')!r}, expected true or false")
     cfg = SimpleNamespace(**{k: c[k] for k in (*CONFIG_RULES, "architecture", "tie_word_embeddings")})
