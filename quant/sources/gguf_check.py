@@ -70,8 +70,10 @@ class _Walker:
 
     def string(self, what: str) -> str:
         n = self.take("Q", f"{what} length")
-        start = self.pos
-        self.skip(n, 1, f"{what} ({n} bytes)")
+        start, left = self.pos, len(self.buf) - self.pos
+        if n > left:
+            raise self.fail(f"{what} is {n} bytes long, but only {left} bytes remain")
+        self.pos += n
         raw = bytes(self.buf[start:self.pos])
         try:
             return raw.decode("utf-8")
