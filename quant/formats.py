@@ -519,7 +519,8 @@ def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]
     prev_end = offset
     for pname, (pshape, dtype) in expect.items():
         p = parts[pname]
-        if not isinstance(p, dict) or p.get("shape") != list(pshape) or p.get("dtype") != dtype:
+        if not isinstance(p, dict) or p.get("shape") != list(pshape) or p.get("dtype") != dtype \
+                or not all(_is_int(x) for x in p["shape"]):
             raise FormatError(f"{what} part {pname} is {p!r}, expected shape {list(pshape)} dtype {dtype}")
         poff = _int_field(p, "offset", f"{what} part {pname}")
         if poff % PART_ALIGN or poff < prev_end:

@@ -105,6 +105,8 @@ RULES = [
     (_set(WQ + "|sha256", "00"), "has sha256 '00'"),
     (_set(WQ + "|max_abs_err", float("inf")), "max_abs_err inf"),
     (_set(WQ + "|parts|d|shape", [4, 1024]), "part d is"),
+    (_set(WQ + "|parts|d|shape", [4.0, 32]), "part d is"),  # equal as numbers, not an integer shape
+    (_set(WQ + "|shape", [64.0, 64]), "tensor layers.0.attn.wq has shape [64.0, 64]"),
     (_set(WQ + "|parts|qs|offset", 8), "part qs is misplaced"),
     (_set("experts|layers.1.experts.3", DELETE), "expert regions do not match the config: missing layers.1.experts.3"),
     # an expert region not covering its parts (the loader would read another expert's bytes)
