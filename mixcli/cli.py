@@ -19,7 +19,13 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(130)
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when embedded with a handler of its own
+def _started_as_program() -> bool:
+    """`mixcli ...` or `python -m mixcli ...`, not an import by a program with its own Ctrl-C plans."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(argv0) == "mixcli" or argv0.endswith(os.path.join("mixcli", "__main__.py"))
+
+
+if _started_as_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from pathlib import Path  # noqa: E402
