@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import UsageError
+from .errors import ModelFormatError, UsageError
 from .experts import MappedExperts
 from .linear import Linear
 from .store import ModelStore, open_model_dir
@@ -283,7 +283,7 @@ class Model:
         outs = []
         for s in range(0, arr.size, self.batch):
             chunk = arr[s : s + self.batch]
-            outs.append(self._forward(chunk, want_all).copy() if want_all else self._forward(chunk, False))
+            outs.append(self._run(chunk, want_all).copy() if want_all else self._run(chunk, False))
             self.tokens.extend(int(t) for t in chunk)
         return np.concatenate(outs, axis=0) if want_all else outs[-1][0]
 
@@ -292,9 +292,20 @@ class Model:
         if not 0 <= int(token) < self.config.vocab_size:
             raise UsageError(f"token id {token} out of range 0..{self.config.vocab_size - 1}")
         self._check_room(1)
-        out = self._forward(np.array([int(token)], np.int64), False)
+        out = self._run(np.array([int(token)], np.int64), False)
         self.tokens.append(int(token))
         return out[0]
+
+    def _run(self, tokens: np.ndarray, want_all: bool) -> np.ndarray:
+        """``_forward``, with arithmetic that broke down (a kernel dividing by an overflowed norm:
+        weights far outside any trained range, e.g. a damaged GGUF imported as it was) as one error."""
+        try:
+            return self._forward(tokens, want_all)
+        except (ZeroDivisionError, FloatingPointError, OverflowError) as exc:
+            raise ModelFormatError(
+                f"{self.store.path}: the forward pass broke down ({type(exc).__name__}): the weights hold values "
+                "far outside any trained model's range", "run `mixcli verify`, or convert the model again from an intact source",
+            ) from None
 
     def logits(self, tokens) -> np.ndarray:
         """Next-token logits [T, V] float32 at every position of tokens, from an empty cache."""

@@ -105,7 +105,7 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             exact = ckpt.exact_parts(name) if EXACT_TYPES.get(ref.ggml_type) == base else None
             if exact is not None:
                 parts = exact[1] if base == qtype else interleave_rows(exact[1], base)
-                writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0)
+                writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0, label=ref.gguf_name)
             else:
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 

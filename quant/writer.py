@@ -316,8 +316,9 @@ class ModelWriter:
         return [(0, *first), (h, *second.result())]
 
     def add_tensor_parts(self, name: str, qtype: str, shape: tuple[int, ...], parts: dict[str, np.ndarray],
-                         max_abs_err: float | None = None) -> dict[str, Any]:
-        """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d)."""
+                         max_abs_err: float | None = None, label: str | None = None) -> dict[str, Any]:
+        """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d); NaN or inf
+        in a float part is refused as at quantization. ``label`` names the tensor in errors."""
         shape = tuple(int(s) for s in shape)
         offset, layout, nbytes = self._start_tensor(name, qtype, shape)
         if set(parts) != set(layout):
@@ -327,6 +328,12 @@ class ModelWriter:
             arr = np.asarray(parts[p])
             if list(arr.shape) != spec["shape"] or arr.dtype != np.dtype(spec["dtype"]):
                 raise ValueError(f"tensor {name} part {p}: {arr.shape} {arr.dtype}, expected {spec['shape']} {spec['dtype']}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # weights, scales, mins: copied, not quantized
+                raise CheckpointError(
+                    f"tensor {label or name} has {int((~np.isfinite(arr)).sum())} NaN or inf value(s) in its "
+                    f"{'weights' if p == 'w' else 'block scales' if p == 'd' else 'block offsets'}",
+                    "the file is corrupt or from a diverged training run; download it again or use another one",
+                )
             self._pad_to(spec["offset"], hasher)
             self._emit(arr, hasher)
         return self._record(name, qtype, shape, offset, layout, nbytes, hasher, max_abs_err)

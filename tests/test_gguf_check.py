@@ -110,3 +110,30 @@ def test_metadata_that_would_divide_by_zero_is_never_written(tmp_path, seed):
     bad = bytearray(data)
     bad[at:at + 4] = struct.pack("<f", 0.0)
     refused(tmp_path, bytes(bad), "rms_norm_eps must be a number > 0")
+
+
+def test_nan_in_a_copied_tensor_is_refused(tmp_path):
+    """Exactly copied blocks are checked like quantized ones: a NaN norm weight never gets written."""
+    from babymodels import BABY_DEFAULTS, random_weights
+    from test_gguf_import import write_gguf
+
+    cfg = {**BABY_DEFAULTS["llama"], "tie_word_embeddings": True}
+    weights = random_weights(cfg)
+    weights["model.layers.1.post_attention_layernorm.weight"][5] = float("nan")
+    src = write_gguf(tmp_path / "nan.gguf", cfg, weights)
+    with pytest.raises(CheckpointError, match=r"tensor blk\.1\.ffn_norm\.weight has 1 NaN or inf value\(s\) in its weights"):
+        convert_gguf(src, tmp_path / "out" / "model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("llama.attention.head_count", 0, "metadata llama.attention.head_count is 0, expected 1.."),  # d // h
+    ("llama.block_count", 1000, "llama.block_count is 1000, but"),  # a name list of more layers than tensors
+    ("llama.expert_count", 2**31 - 1, "llama.expert_count is 2147483647, which the expert tensors do not hold"),
+])
+def test_counts_that_would_divide_by_zero_or_explode(seed, tmp_path, key, value, fragment):
+    path, data, reader = seed
+    at = reader.fields[key].offset + 8 + len(key) + 4  # the u32 value
+    bad = bytearray(data)
+    bad[at:at + 4] = struct.pack("<I", value)
+    refused(tmp_path, bytes(bad), fragment)

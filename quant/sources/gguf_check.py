@@ -20,7 +20,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from quant.formats import FormatError
+from quant.formats import CONFIG_LIMIT, FormatError
 
 HINT = "download the .gguf file again (it is damaged or incomplete)"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -46,12 +46,18 @@ _KEYS = {
 }
 
 
+# metadata that sizes the model: 1..CONFIG_LIMIT (a 0 here divided by zero in the reader's arithmetic)
+_POSITIVE = ("{arch}.embedding_length", "{arch}.block_count", "{arch}.feed_forward_length",
+             "{arch}.attention.head_count", "{arch}.attention.head_count_kv", "{arch}.attention.key_length",
+             "{arch}.context_length", "{arch}.rope.dimension_count", "{arch}.vocab_size")
+
+
 class _Walker:
     def __init__(self, path: Path, buf, order: str):
         self.path, self.buf, self.order, self.pos = path, buf, order, 0
 
     def fail(self, what: str) -> FormatError:
-        return FormatError(f"{self.path} is not a valid GGUF file: {what}", HINT)
+        return FormatError(f"{self.path} is not a valid GGUF file: {_printable(what)}", HINT)
 
     def take(self, code: str, what: str):
         size = struct.calcsize(code)
@@ -106,6 +112,19 @@ class _Walker:
         return (etype, count)
 
 
+def _printable(text: str, limit: int = 300) -> str:
+    """Control characters escaped (a damaged name must not break the one-line message), cut to ``limit``."""
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def _name(w: "_Walker", raw: str, what: str) -> str:
+    """A key or tensor name: printable text (names are ASCII identifiers in every GGUF we read)."""
+    if not raw.isprintable() or not raw:
+        raise w.fail(f"{what} {_printable(raw, 60)!r} is not a printable name")
+    return raw
+
+
 def _kind_ok(kind: str, vtype: int, v) -> bool:
     if kind.endswith("[]"):
         if vtype != 9:
@@ -148,7 +167,7 @@ def _check(path: Path, buf) -> None:
     w.pos -= n_kv * 13
     meta: dict[str, tuple[int, object]] = {}
     for i in range(n_kv):
-        key = w.string(f"key {i}")
+        key = _name(w, w.string(f"key {i}"), f"key {i}")
         vtype = w.take("I", f"type of {key}")
         meta[key] = (vtype, w.value(vtype, key))
     arch = meta.get("general.architecture", (8, ""))[1]
@@ -159,6 +178,10 @@ def _check(path: Path, buf) -> None:
             vtype, v = meta[key]
             shown = v if vtype != 9 else f"array of type {v[0]}"
             raise w.fail(f"metadata {key} is {shown!r} (value type {vtype}), expected {kind.replace('[]', ' array')}")
+    for pattern in _POSITIVE:
+        key = pattern.format(arch=arch)
+        if key in meta and not 0 < meta[key][1] <= CONFIG_LIMIT:
+            raise w.fail(f"metadata {key} is {meta[key][1]}, expected 1..{CONFIG_LIMIT}")
     align = meta.get("general.alignment", (4, 32))[1]
     if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
         raise w.fail(f"general.alignment is {align!r}, expected a power of two")
@@ -166,7 +189,7 @@ def _check(path: Path, buf) -> None:
     w.pos -= n_tensors * 24
     tensors = []
     for i in range(n_tensors):
-        name = w.string(f"tensor {i} name")
+        name = _name(w, w.string(f"tensor {i} name"), f"tensor {i} name")
         n_dims = w.take("I", f"tensor {name} dimension count")
         if not 1 <= n_dims <= MAX_DIMS:
             raise w.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 1..{MAX_DIMS})")
@@ -175,6 +198,15 @@ def _check(path: Path, buf) -> None:
         tensors.append((name, ne, ttype, offset))
     data_start = -(-w.pos // align) * align
     _check_tensors(w, tensors, data_start, align)
+    # the reader builds name lists of layers x experts: bound both by the tensors that hold them
+    layers = meta.get(f"{arch}.block_count", (4, 0))[1]
+    if layers * 4 > len(tensors):
+        raise w.fail(f"metadata {arch}.block_count is {layers}, but {len(tensors)} tensors cannot hold that many layers")
+    experts = meta.get(f"{arch}.expert_count", (4, 0))[1]
+    stacked = {ne[2] for name, ne, _, _ in tensors if name.endswith("_exps.weight") and len(ne) == 3}
+    if experts > 1 and (stacked != {experts} if stacked else experts * 3 > len(tensors)):
+        raise w.fail(f"metadata {arch}.expert_count is {experts}, which the expert tensors do not hold "
+                     f"({'stacked by ' + str(sorted(stacked)) if stacked else str(len(tensors)) + ' tensors'})")
 
 
 def _check_tensors(w: _Walker, tensors: list, data_start: int, align: int) -> None:
