@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from quant.atomic import write_atomic
+
 from .errors import MixcliError
 from .api import stream_generate
 from .generate import GenerationResponse, GenerationStats
@@ -267,10 +269,10 @@ class ChatSession:
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path).expanduser()
         data = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
-        try:
-            p.write_text(data, encoding="utf-8")
+        try:  # a temporary beside it, fsynced, renamed over it: a full disk keeps the previous save whole
+            write_atomic(p, data.encode("utf-8"))
         except OSError as exc:
-            raise ChatError(f"cannot write {p}: {exc.strerror or exc}") from None
+            raise ChatError(f"cannot write {p}: {exc.strerror or exc}", "the previous file, if any, is unchanged") from None
         return p
 
     def load(self, path: str | os.PathLike) -> int:

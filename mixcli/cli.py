@@ -7,14 +7,33 @@ commands so ``mixcli --help`` and the first token come quickly.
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MixcliError
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while the imports run (before main() restores Python's handler): no traceback."""
+    sys.stderr.write("error: interrupted\n")
+    os._exit(130)
+
+
+def _started_as_program() -> bool:
+    """`mixcli ...` or `python -m mixcli ...`, not an import by a program with its own Ctrl-C plans."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(argv0) == "mixcli" or argv0.endswith(os.path.join("mixcli", "__main__.py"))
+
+
+if _started_as_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, MixcliError  # noqa: E402
 
 # numba colours its own error messages through colorama.init(), whose exit hook then writes ESC[0m
 # after the last line on a terminal (even with NO_COLOR): mixcli's output ends where its text ends
@@ -60,6 +79,9 @@ def _register() -> None:
     from .commands.serve import serve_command
 
     app.command("serve")(serve_command)
+    from .commands.verify import verify_command
+
+    app.command("verify")(verify_command)
     try:
         from .commands.chat import chat_command
     except ImportError:
@@ -104,24 +126,27 @@ def _click_exceptions() -> tuple[type, ...]:
     return tuple(found)
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """A MixcliError, or quant's FormatError (checked without importing quant: --help stays quick)."""
+    fmt = sys.modules.get("quant.formats")
+    return isinstance(exc, MixcliError) or (fmt is not None and isinstance(exc, fmt.FormatError))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn known failures into one line and an exit code."""
     global _DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line
-    _register()
-    _reflow_help()
     try:
+        _register()
+        _reflow_help()
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is KeyboardInterrupt
         rv = app(args=args, standalone_mode=False, prog_name="mixcli")
         code = rv if isinstance(rv, int) else 0
         if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a quiet return of 130
             _err("interrupted")
-    except MixcliError as exc:
-        if _DEBUG:
-            raise
-        _err(str(exc))
-        code = exc.exit_code
     except typer.Abort:
         _err("interrupted")
         code = EXIT_INTERRUPTED
@@ -144,8 +169,48 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"{exc.format_message()} (see '{where}')")
     except BrokenPipeError:
         code = 0  # `mixcli generate ... | head`: the reader left, which is not an error
-    sys.stdout.flush() if not sys.stdout.closed else None
+        _silence_stdout()
+    except SystemExit as exc:
+        if type(sys.stdout).__name__ != "PacifyFlushWrapper":
+            raise
+        # click met EPIPE on stdout, wrapped the streams and exits 1; a closed pipe is no error here
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        _silence_stdout()
+        code = 0 if exc.code == 1 else exc.code
+    except OSError as exc:  # a full disk or an I/O error under stdout, or anything else the OS refused
+        if _DEBUG:
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG) and exc.filename is None:
+            _err(f"cannot write the output: {exc.strerror} (free space on the disk that stdout goes to, or write elsewhere)")
+            _silence_stdout()
+        else:
+            _err(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        code = EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a MixcliError, or quant's FormatError (a damaged model)
+        if _DEBUG or not _is_user_error(exc):
+            raise
+        _err(str(exc))
+        code = exc.exit_code
+    try:
+        sys.stdout.flush() if not sys.stdout.closed else None
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as exc:
+        _err(f"cannot write the output: {exc.strerror}")
+        _silence_stdout()
+        code = code or EXIT_ERROR
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered cannot
+    fail again at exit (Python's own advice for a closed pipe)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
 
 
 def entry() -> None:

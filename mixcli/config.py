@@ -111,6 +111,10 @@ class ModelConfig:
             problems.append("head_dim must be even for rotary embeddings")
         if self.num_experts_per_tok > self.num_local_experts:
             problems.append("num_experts_per_tok exceeds num_local_experts")
+        for name, high in (("rms_norm_eps", 1.0), ("rope_theta", 1e30)):  # quant.formats.CONFIG_RULES's bounds
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= high):
+                problems.append(f"{name} must be a number > 0 and <= {high:g}, got {v}")
         if self.rope_scaling not in (None, {}) and (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type")) not in ("default", None):
             problems.append(f"rope_scaling {self.rope_scaling} is not supported")
         if problems:

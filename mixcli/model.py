@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import UsageError
+from .errors import ModelFormatError, UsageError
 from .experts import MappedExperts
 from .linear import Linear
 from .store import ModelStore, open_model_dir
@@ -115,7 +115,7 @@ class Model:
 
         n = physical_cores() if not threads else int(threads)
         if n < 1:
-            raise UsageError(f"--threads must be at least 1, got {n}")
+            raise UsageError(f"--threads must be 0 (all physical cores) or more, got {threads}")
         self.threads = min(n, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(self.threads)
 
@@ -291,7 +291,7 @@ class Model:
         outs = []
         for s in range(0, arr.size, self.batch):
             chunk = arr[s : s + self.batch]
-            outs.append(self._forward(chunk, want_all).copy() if want_all else self._forward(chunk, False))
+            outs.append(self._run(chunk, want_all).copy() if want_all else self._run(chunk, False))
             self.tokens.extend(int(t) for t in chunk)
         return np.concatenate(outs, axis=0) if want_all else outs[-1][0]
 
@@ -300,9 +300,20 @@ class Model:
         if not 0 <= int(token) < self.config.vocab_size:
             raise UsageError(f"token id {token} out of range 0..{self.config.vocab_size - 1}")
         self._check_room(1)
-        out = self._forward(np.array([int(token)], np.int64), False)
+        out = self._run(np.array([int(token)], np.int64), False)
         self.tokens.append(int(token))
         return out[0]
+
+    def _run(self, tokens: np.ndarray, want_all: bool) -> np.ndarray:
+        """``_forward``, with arithmetic that broke down (a kernel dividing by an overflowed norm:
+        weights far outside any trained range, e.g. a damaged GGUF imported as it was) as one error."""
+        try:
+            return self._forward(tokens, want_all)
+        except (ZeroDivisionError, FloatingPointError, OverflowError) as exc:
+            raise ModelFormatError(
+                f"{self.store.path}: the forward pass broke down ({type(exc).__name__}): the weights hold values "
+                "far outside any trained model's range", "run `mixcli verify`, or convert the model again from an intact source",
+            ) from None
 
     def logits(self, tokens) -> np.ndarray:
         """Next-token logits [T, V] float32 at every position of tokens, from an empty cache."""
@@ -311,11 +322,12 @@ class Model:
 
 
 def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto",
-         isa: str | None = None, act: str | None = None, **kw) -> Model:
+         isa: str | None = None, act: str | None = None, verify: bool = True, **kw) -> Model:
     """Open a converted model directory and build the runtime model. ``load``: "memory" reads the
     weights into memory (faster decode), "mmap" maps them (instant start, less memory), "auto"
     reads when the model fits comfortably in available memory (``store.resolve_load_mode``).
-    ``isa``, ``act``: the kernel tier and activation mode (see ``mixcli.kernels.select``)."""
+    ``isa``, ``act``: the kernel tier and activation mode (see ``mixcli.kernels.select``).
+    ``verify``: check the tensors' sha256 when the files changed since they last passed."""
     if "kernels" not in kw:
         kw["kernels"] = _kernel_module(isa, act)
-    return Model(open_model_dir(path, load=load), ctx=ctx, threads=threads, **kw)
+    return Model(open_model_dir(path, load=load, verify=verify), ctx=ctx, threads=threads, **kw)

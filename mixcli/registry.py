@@ -81,7 +81,8 @@ def load_registry(path: Path = REGISTRY_FILE) -> Registry:
 def local_models(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         return []
-    return sorted(p for p in models_dir.iterdir() if (p / formats.MANIFEST_NAME).is_file())
+    # hidden entries are temporaries (.NAME.partial-..., .NAME.old-...; quant.leftovers), never models
+    return sorted(p for p in models_dir.iterdir() if not p.name.startswith(".") and (p / formats.MANIFEST_NAME).is_file())
 
 
 def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:

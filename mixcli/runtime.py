@@ -76,9 +76,9 @@ def attach_text(model, path) -> None:
 
 def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                  max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                 notify=None) -> Runtime:
+                 notify=None, verify: bool = True) -> Runtime:
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
-                                     act=act, notify=notify)
+                                     act=act, notify=notify, verify=verify)
     attach_text(model, path)
     tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
     return Runtime(path, model, tok, model.chat_template, model.add_bos)
@@ -86,12 +86,13 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                        max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                       notify=None):
+                       notify=None, verify: bool = True):
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
     with a --max-memory budget as the limit when one is given). ``act``: the activation
     arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked with $MIXCLI_ISA
-    before the model is opened so a typo costs no load time."""
+    before the model is opened so a typo costs no load time. ``verify``: check the tensors' sha256
+    when the files changed since they last passed (``store.verify_model``)."""
     from .model import Model
     from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
@@ -109,20 +110,28 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         from .progress import compile_notice
 
         on_first_compile(lambda: compile_notice(COMPILE_NOTICE))
-    path = resolve_model(model_arg, pull=_pull, notify=notify)
+    if threads is not None and threads < 0:  # 0 (like no flag) means all physical cores, everywhere
+        raise UsageError(f"--threads must be 0 (all physical cores) or more, got {threads}")
     budget = None
-    if max_memory:
+    if max_memory is not None:  # checked before anything opens; '' is a mistake, not "no budget"
         from .memsize import parse_size
 
         budget = parse_size(max_memory)
-        if mmap is False:
-            from .store import model_bytes
+    from quant.leftovers import sweep
 
-            size = model_bytes(path)
-            if size > budget:
-                raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
-                                 f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
-    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget)
+    from .store_paths import models_dir
+
+    sweep(models_dir(), notify)  # what a killed convert or pull left in the store (quant.leftovers)
+    path = resolve_model(model_arg, pull=_pull, notify=notify)
+    if budget is not None and mmap is False:
+        from .store import model_bytes
+
+        size = model_bytes(path)
+        if size > budget:
+            raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
+                             f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
+    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget,
+                           verify=verify, notify=notify)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")

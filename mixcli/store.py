@@ -182,84 +182,68 @@ def model_bytes(path: str | Path) -> int:
         raise _bad(Path(path), f"manifest.json is incomplete ({exc})") from None
 
 
-def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = None) -> ModelStore:
-    """Validate a converted model (see the manifest rules at the end of quant/formats.py) and map
-    or read its data files (``load``: "mmap", "memory" or "auto", see ``resolve_load_mode``)."""
+def _file_size(path: Path, name: str) -> int | None:
+    try:
+        return (path / name).stat().st_size if (path / name).is_file() else None
+    except OSError:
+        return None
+
+
+def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = None, verify: bool = True,
+                   notify=None) -> ModelStore:
+    """Validate a converted model (``quant.formats.check_manifest``: nothing reaches a kernel
+    unchecked), map or read its data files (``load``: "mmap", "memory" or "auto", see
+    ``resolve_load_mode``) and, with ``verify``, check every tensor's sha256 unless the files are
+    unchanged since they last passed (``quant.integrity``). ``notify`` hears about a long check."""
     path = Path(path)
     manifest = read_manifest(path)
     try:
-        config = ModelConfig.from_dict(manifest["config"])
-        files = {f["name"]: int(f["size"]) for f in manifest["files"]}
-        table = manifest["tensors"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(path, f"manifest.json is incomplete ({exc})") from None
+        formats.check_manifest(manifest, lambda name: _file_size(path, name))
+    except formats.FormatError as exc:
+        raise ModelFormatError(f"{path} is not a usable converted model: {exc.message}", exc.hint) from None
+    config = ModelConfig.from_dict(manifest["config"])
+    files = {f["name"]: f["size"] for f in manifest["files"]}
+    table = manifest["tensors"]
 
     mode = resolve_load_mode(load, sum(files.values()), budget)
     maps: dict[str, np.ndarray] = {}
     for name, size in files.items():
-        if not formats.DATA_FILE_RE.match(name):
-            raise _bad(path, f"data file name {name!r} is not allowed (it could leave the model directory)")
-        fpath = path / name
-        if not fpath.is_file():
-            raise _bad(path, f"data file {name} is missing")
-        actual = fpath.stat().st_size
-        if actual != size:
-            raise _bad(path, f"data file {name} is {actual} bytes, the manifest says {size} (truncated?)")
-        if size == 0:
-            maps[name] = np.zeros(0, dtype=np.uint8)
-            continue
-        maps[name] = _read_file(fpath, size) if mode == "memory" else _map_file(fpath)
+        maps[name] = np.zeros(0, dtype=np.uint8) if size == 0 else (
+            _read_file(path / name, size) if mode == "memory" else _map_file(path / name))
+    if verify:
+        verify_model(path, manifest, maps, notify)
 
     tensors: dict[str, QTensor] = {}
-    for name, t in table.items():
-        try:
-            if t["type"] not in formats.QUANT_TYPES:
-                raise ModelFormatError(
-                    f"{path}: tensor {name} has storage type {t['type']!r}, which this mixcli does not know",
-                    "upgrade mixcli (a newer one converted this model), or convert the model again with this one",
-                )
-            qtype = formats.QUANT_TYPES[t["type"]]
-            shape = tuple(int(s) for s in t["shape"])
-            fname = t["file"]
-            if fname not in maps:
-                raise _bad(path, f"tensor {name} names an unknown data file {fname!r}")
-            if t["offset"] % formats.TENSOR_ALIGN:
-                raise _bad(path, f"tensor {name} is not page-aligned")
-            n, k = (shape if len(shape) == 2 else (0, shape[0]))
-            if qtype.rows > 1 and (len(shape) != 2 or n % qtype.rows):
-                raise _bad(path, f"tensor {name} of type {qtype.name} needs a multiple of {qtype.rows} rows, has shape {list(shape)}")
-            expected = qtype.part_shapes(n, k)
-            if set(expected) != set(t["parts"]):
-                raise _bad(path, f"tensor {name} has parts {sorted(t['parts'])}, type {qtype.name} needs {sorted(expected)}")
-            parts = {}
-            buf = maps[fname]
-            for pname, (pshape, pdtype) in expected.items():
-                p = t["parts"][pname]
-                dt = np.dtype(pdtype)
-                if tuple(p["shape"]) != tuple(pshape) or np.dtype(p["dtype"]) != dt:
-                    raise _bad(path, f"tensor {name} part {pname} has shape {p['shape']}, expected {list(pshape)}")
-                off = int(p["offset"])
-                nb = int(np.prod(pshape)) * dt.itemsize
-                if off % formats.PART_ALIGN or off < 0 or off + nb > buf.size:
-                    raise _bad(path, f"tensor {name} part {pname} lies outside its data file")
-                parts[pname] = buf[off : off + nb].view(dt).reshape(pshape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _bad(path, f"tensor {name} entry is malformed ({exc})") from None
-        tensors[name] = QTensor(name, qtype.name, shape, parts, fname, int(t["offset"]), int(t["nbytes"]))
-
-    want = formats.tensor_names(
-        config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings
-    )
-    missing = [n for n in want if n not in tensors]
-    if missing:
-        raise _bad(path, f"{len(missing)} tensors missing, e.g. {missing[0]}")
-
-    experts: dict[tuple[int, int], ExpertRegion] = {}
-    for layer in range(config.num_hidden_layers):
-        for e in range(config.num_local_experts):
-            key = formats.expert_region_name(layer, e)
-            r = manifest.get("experts", {}).get(key)
-            if r is None:
-                raise _bad(path, f"expert region {key} is missing")
-            experts[(layer, e)] = ExpertRegion(r["file"], int(r["offset"]), int(r["nbytes"]))
+    for name, t in table.items():  # every field below was checked by check_manifest
+        buf, parts = maps[t["file"]], {}
+        for pname, p in t["parts"].items():
+            dt = np.dtype(p["dtype"])
+            nb = int(np.prod(p["shape"])) * dt.itemsize
+            parts[pname] = buf[p["offset"] : p["offset"] + nb].view(dt).reshape(p["shape"])
+        tensors[name] = QTensor(name, t["type"], tuple(t["shape"]), parts, t["file"], t["offset"], t["nbytes"])
+    experts = {(layer, e): ExpertRegion(**manifest["experts"][formats.expert_region_name(layer, e)])
+               for layer in range(config.num_hidden_layers) for e in range(config.num_local_experts)}
     return ModelStore(path, manifest, config, tensors, experts, maps, load=mode)
+
+
+VERIFY_NOTICE_BYTES = 1 << 30  # say so on stderr when a check will read more than this
+
+
+def verify_model(path: Path, manifest: dict, maps: dict[str, np.ndarray], notify=None, *, force: bool = False) -> None:
+    """Hash every tensor unless the stamp says the files are unchanged since they last passed
+    (``force``: hash anyway); refuse the model naming the first damaged tensor; stamp it on success."""
+    from quant import integrity
+
+    if not force and integrity.stamp_matches(path, manifest):
+        return
+    total = sum(int(f["size"]) for f in manifest["files"])
+    if notify is not None and total >= VERIFY_NOTICE_BYTES:
+        notify(f"checking the sha256 of {format_size(total)} of weights in {path.name} (once after a change; "
+               "--no-verify skips it)")
+    bad = integrity.verify_tensors(manifest, maps.__getitem__)
+    if bad:
+        integrity.remove_stamp(path)
+        more = f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else ""
+        raise ModelFormatError(f"{path}: tensor {bad[0]} fails its sha256 check (the data file is damaged{more})",
+                               "run `mixcli verify` for the full list; convert or pull the model again")
+    integrity.write_stamp(path, manifest)

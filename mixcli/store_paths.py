@@ -13,7 +13,12 @@ def model_home() -> Path:
     """The root of mixcli's store: $MIXCLI_HOME, else $XDG_CACHE_HOME/mixcli, else ~/.cache/mixcli."""
     home = os.environ.get("MIXCLI_HOME")
     if home:
-        return Path(home).expanduser()
+        path = Path(home).expanduser()
+        if path.exists() and not path.is_dir():
+            from .errors import UsageError
+
+            raise UsageError(f"MIXCLI_HOME={home} is not a directory", "point MIXCLI_HOME at a directory, or unset it")
+        return path
     cache = os.environ.get("XDG_CACHE_HOME")
     if cache and Path(cache).is_absolute():  # the XDG spec says to ignore a relative value
         return Path(cache) / "mixcli"

@@ -5,24 +5,29 @@ the current one is quantized and a writer thread writes and hashes the last; so 
 few chunks however large the checkpoint, and disk and CPU work at the same time.
 
 All-or-nothing: everything is written into a hidden temporary directory beside the output
-(``.<name>.partial-<pid>``) and renamed into place only when complete. Any exception, Ctrl-C
-included, removes the temporary directory; with ``force`` an existing output is replaced only
-after the new one is complete. A crash that skips Python's cleanup (SIGKILL, power loss) can
-leave a ``.partial-`` directory, never something that looks like a model.
+(``.<name>.partial-<pid>-<start>``) and renamed into place only when complete. Any exception,
+Ctrl-C included, removes the temporary directory; with ``force`` an existing output is replaced
+only after the new one is complete. A crash that skips Python's cleanup (SIGKILL, power loss) can
+leave a ``.partial-`` directory, never something that looks like a model, and the next run into
+that directory removes it (``quant.leftovers``). One conversion per output at a time: a second
+refuses while the first holds the output's lock (``quant.locks``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mixcli.errors import EXIT_INTERRUPTED, CheckpointError, MixcliError, UsageError
-from . import q4
+from . import locks, q4
+from .leftovers import process_tag, sweep
 from .formats import (
     QK,
     QUANT_PRESETS,
@@ -225,16 +230,17 @@ def convert_checkpoint(
     src, out = Path(src), Path(out)
     if quant not in QUANT_PRESETS:
         raise UsageError(f"unknown quantization {quant!r}", f"choose one of {', '.join(QUANT_PRESETS)}")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
-        if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-            raise UsageError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
-    ckpt = open_hf_checkpoint(src)
-    with ckpt:
-        ckpt.warm()  # the disk starts now; the quantizer (numba) loads meanwhile
-        need = planned_bytes(ckpt, quant)
-        manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, src, progress))
+    with output_lock(out):
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
+            if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
+                raise UsageError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
+        ckpt = open_hf_checkpoint(src)
+        with ckpt:
+            ckpt.warm()  # the disk starts now; the quantizer (numba) loads meanwhile
+            need = planned_bytes(ckpt, quant)
+            manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, src, progress))
     stats = manifest["stats"]
     on_disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return ConvertSummary(
@@ -256,13 +262,14 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
     verifies, so an interrupted, failed or disk-full conversion never leaves a directory that
     looks like a model. Returns what ``write`` returned (the manifest)."""
     created: list[Path] = []  # parent directories we made, removed again on failure
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.partial-{process_tag()}"
     try:
         parent = out.parent
         while not parent.exists():
             created.append(parent)
             parent = parent.parent
         out.parent.mkdir(parents=True, exist_ok=True)
+        sweep(out.parent, notify=_stderr)  # what a killed conversion left here (quant.leftovers)
         free = _free_bytes(out.parent)
         if free < need:
             raise CheckpointError(
@@ -275,7 +282,7 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
 
         verify_model_dir(tmp, check_sha=False)
         if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{process_tag()}"
             os.replace(out, old)
             try:
                 os.replace(tmp, out)
@@ -298,8 +305,33 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
         raise
     return manifest
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock (quant.locks) while checking and writing it: a second convert or pull to
+    the same output refuses at once instead of racing the first to the final rename. Parent
+    directories made for the lock go again if the conversion fails."""
+    created = [p for p in out.parents if not p.exists()]
+    try:
+        with locks.exclusive(out):
+            yield
+    except locks.Busy as exc:
+        raise MixcliError(f"another mixcli (process {exc.holder}) is writing {out} right now",
+                          "wait for it to finish, or choose another -o") from None
+    except BaseException:
+        _remove_empty_dirs(created)
+        raise
+
+
 def _cleanup(tmp: Path, created: list[Path]) -> None:
     _remove(tmp)
+    _remove_empty_dirs(created)
+
+
+def _remove_empty_dirs(created: list[Path]) -> None:
     for d in created:  # innermost first; only if still empty
         try:
             d.rmdir()

@@ -71,8 +71,11 @@ NB = K / 32 blocks per row, NS = ceil(NB / 8) q4_k super-blocks per row.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -80,6 +83,7 @@ FORMAT_NAME = "mixcli-q"
 FORMAT_VERSION = 2  # 2: the row-tiled "r16" types (1 had row-major blocks only)
 READABLE_VERSIONS = (1, 2)  # a version-1 model is a version-2 model without r16 tensors
 MANIFEST_NAME = "manifest.json"
+STAMP_NAME = ".verified.json"  # files as they were when every sha256 last matched (quant.integrity)
 DATA_FILE_PATTERN = "weights-{:05d}.bin"
 DATA_FILE_RE = re.compile(r"^weights-\d{5}\.bin$")
 TENSOR_ALIGN = 4096  # every tensor starts on a page: map, madvise and prefetch it alone
@@ -296,10 +300,14 @@ def expert_region_name(layer: int, expert: int) -> str:
 #   "stats": {"params": P, "bytes": B, "bits_per_weight": b, "seconds": s, "max_abs_err": e}
 # }
 #
-# Rules the reader checks: format and version match; every file name matches DATA_FILE_RE (so no
-# path can leave the model directory); files exist with the recorded size; every part lies inside
-# its file, has the shape its type implies, and starts at a multiple of PART_ALIGN; every tensor
-# starts at a multiple of TENSOR_ALIGN; an expert region covers exactly its w1, w3, w2 in order.
+# Rules ``check_manifest`` enforces (the writer's verification and the loader share it): format and
+# version match; the config's fields have their types and ranges (CONFIG_RULES, CONFIG_LIMIT); every
+# file name matches DATA_FILE_RE (so no path can leave the model directory); files exist with the
+# recorded size; the tensor table holds exactly the tensors the config implies, each of the shape the
+# config implies (``expected_shape``) and a storage type this reader knows; every part lies inside
+# its tensor and its file, has the shape its type implies, and starts at a multiple of PART_ALIGN;
+# every tensor starts at a multiple of TENSOR_ALIGN; an expert region covers exactly its w1, w3, w2
+# in order; every sha256 is 64 hex digits; every number is finite.
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -307,3 +315,233 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The one manifest check
+# ---------------------------------------------------------------------------------------------
+class FormatError(ValueError):
+    """A converted model breaks a rule of this format. quant's own error type (quant never imports
+    mixcli); the CLI prints it as one line, ``message (hint)``, and exits 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = "convert the model again with `mixcli convert`"):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+CONFIG_LIMIT = 1 << 24  # no dimension of a model we can run comes near this; kernels index with int32
+# config field -> (kind, lower bound[, upper bound]); "int": a JSON integer in [lower, CONFIG_LIMIT],
+# "float": a number in (lower, upper] (float32 must hold rope_theta's powers; eps is a small epsilon)
+CONFIG_RULES: dict[str, tuple] = {
+    "hidden_size": ("int", 1),  # D
+    "intermediate_size": ("int", 1),  # F
+    "num_hidden_layers": ("int", 1),  # L
+    "num_attention_heads": ("int", 1),  # H
+    "num_key_value_heads": ("int", 1),  # KVH
+    "head_dim": ("int", 2),  # HD
+    "vocab_size": ("int", 1),  # V
+    "max_position_embeddings": ("int", 1),
+    "num_local_experts": ("int", 1),  # E
+    "num_experts_per_tok": ("int", 1),  # K
+    "rms_norm_eps": ("float", 0.0, 1.0),
+    "rope_theta": ("float", 0.0, 1e30),
+}
+
+
+def expected_shape(cfg: Any, name: str) -> tuple[int, ...]:
+    """The shape a model config implies for a canonical tensor name (HF layout: [out, in]).
+    ``cfg`` has the config's fields as attributes (mixcli's ModelConfig, or a namespace)."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    leaf = name.rsplit(".", 1)[-1]
+    if name in ("tok_embeddings", "output"):
+        return (v, d)  # [V, D]
+    if leaf in ("norm", "attn_norm", "ffn_norm"):
+        return (d,)  # [D]
+    return {
+        "wq": (q, d),  # [H*HD, D]
+        "wk": (kv, d),  # [KVH*HD, D]
+        "wv": (kv, d),
+        "wo": (d, q),  # [D, H*HD]
+        "gate": (cfg.num_local_experts, d),  # [E, D]
+        "w1": (f, d),  # [F, D]
+        "w3": (f, d),
+        "w2": (d, f),  # [D, F]
+    }[leaf]
+
+
+def tensor_set_difference(want: list[str], have: Any) -> tuple[list[str], list[str]]:
+    """(missing, extra): the names of ``want`` not in ``have``, in order, and those of ``have``
+    not in ``want``, sorted. Every reader and the manifest check ask this one question."""
+    have_set, want_set = set(have), set(want)
+    return [n for n in want if n not in have_set], sorted(have_set - want_set)
+
+
+def tensor_count(n_layers: int, n_experts: int, moe: bool, tied: bool) -> int:
+    """len(tensor_names(...)), without building the list (a hostile config may say 10**12 layers)."""
+    return 2 + (not tied) + n_layers * (6 + moe + 3 * n_experts)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_config(c: Any) -> SimpleNamespace:
+    """A manifest's "config" -> a namespace of its checked fields; FormatError names the first
+    field that breaks a rule, and its value."""
+    if not isinstance(c, dict):
+        raise FormatError(f"config is {type(c).__name__}, not an object")
+    if c.get("architecture") not in SUPPORTED_ARCHITECTURES:
+        raise FormatError(f"config.architecture is {c.get('architecture')!r}, expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+    for key, (kind, low, *high) in CONFIG_RULES.items():
+        v = c.get(key)
+        if kind == "int" and not (_is_int(v) and low <= v <= CONFIG_LIMIT):
+            raise FormatError(f"config.{key} is {v!r}, expected an integer in {int(low)}..{CONFIG_LIMIT}")
+        if kind == "float" and not (_is_num(v) and low < v <= high[0]):
+            raise FormatError(f"config.{key} is {v!r}, expected a number > {low:g} and <= {high[0]:g}")
+    if not isinstance(c.get("tie_word_embeddings"), bool):
+        raise FormatError(f"config.tie_word_embeddings is {c.get('tie_word_embeddings')!r}, expected true or false")
+    cfg = SimpleNamespace(**{k: c[k] for k in (*CONFIG_RULES, "architecture", "tie_word_embeddings")})
+    if cfg.head_dim % 2:
+        raise FormatError(f"config.head_dim is {cfg.head_dim}, rotary embeddings need an even head_dim")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise FormatError(f"config.num_key_value_heads is {cfg.num_key_value_heads}, which does not divide "
+                          f"num_attention_heads {cfg.num_attention_heads}")
+    if cfg.num_experts_per_tok > cfg.num_local_experts:
+        raise FormatError(f"config.num_experts_per_tok is {cfg.num_experts_per_tok}, more than num_local_experts "
+                          f"{cfg.num_local_experts}")
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = c.get(key)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and not (_is_int(i) and 0 <= i < cfg.vocab_size):
+                raise FormatError(f"config.{key} is {ids!r}, expected token ids in 0..{cfg.vocab_size - 1} or null")
+    scaling = c.get("rope_scaling")
+    if scaling not in (None, {}) and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in ("default", None)):
+        raise FormatError(f"config.rope_scaling is {scaling!r}, which this mixcli does not support")
+    cfg.moe = cfg.num_local_experts > 1
+    return cfg
+
+
+def _int_field(entry: dict, key: str, what: str, low: int = 0) -> int:
+    v = entry.get(key)
+    if not _is_int(v) or v < low:
+        raise FormatError(f"{what} has {key} {v!r}, expected an integer >= {low}")
+    return v
+
+
+def check_manifest(m: Any, file_size: Callable[[str], int | None]) -> SimpleNamespace:
+    """Check a parsed manifest against every rule of the schema above; return its config (see
+    ``check_config``). ``file_size(name)`` gives a data file's size on disk, None when it is
+    missing; it is asked only about names that match DATA_FILE_RE. Raises FormatError naming the
+    field and its value. Pure apart from ``file_size``: the writer's verification and the loader
+    both call it, so there is one definition of a valid model."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise FormatError(f"format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT_NAME!r}")
+    if m.get("version") not in READABLE_VERSIONS:
+        raise FormatError(f"format version {m.get('version')!r}, this mixcli reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}", "convert the model again with this mixcli")
+    for key, kind in (("config", dict), ("quant", dict), ("source", dict), ("files", list), ("tensors", dict),
+                      ("experts", dict), ("stats", dict)):
+        if not isinstance(m.get(key), kind):
+            raise FormatError(f"manifest field {key!r} is {type(m.get(key)).__name__}, expected {kind.__name__}")
+    if not (m.get("tokenizer") is None or isinstance(m["tokenizer"], dict)):
+        raise FormatError("manifest field 'tokenizer' is neither an object nor null")
+    cfg = check_config(m["config"])
+
+    sizes: dict[str, int] = {}
+    for f in m["files"]:
+        name = f.get("name") if isinstance(f, dict) else None
+        if not isinstance(name, str) or not DATA_FILE_RE.match(name) or name in sizes:
+            raise FormatError(f"data file name {name!r} is not allowed (it must be unique and match weights-NNNNN.bin)")
+        size = _int_field(f, "size", f"data file {name}")
+        actual = file_size(name)
+        if actual is None:
+            raise FormatError(f"data file {name} is missing")
+        if actual != size:
+            raise FormatError(f"data file {name} is {actual} bytes, the manifest says {size} (truncated?)")
+        sizes[name] = size
+
+    tensors = m["tensors"]
+    n_want = tensor_count(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
+    if n_want != len(tensors):
+        raise FormatError(f"the config implies {n_want} tensors (num_hidden_layers {cfg.num_hidden_layers}, "
+                          f"num_local_experts {cfg.num_local_experts}), the tensor table holds {len(tensors)}")
+    want = tensor_names(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
+    missing, extra = tensor_set_difference(want, tensors)
+    if missing or extra:
+        raise FormatError(f"tensor table does not match the config: it lacks {missing[0]}" if missing
+                          else f"tensor table does not match the config: it has no place for {extra[0]}")
+    for name in want:
+        _check_tensor(name, tensors[name], cfg, sizes)
+    _check_experts(m["experts"], tensors, cfg, sizes)
+    return cfg
+
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]) -> None:
+    what = f"tensor {name}"
+    if not isinstance(t, dict):
+        raise FormatError(f"{what} entry is {type(t).__name__}, not an object")
+    qt = QUANT_TYPES.get(t.get("type")) if isinstance(t.get("type"), str) else None
+    if qt is None:
+        raise FormatError(f"{what} has storage type {t.get('type')!r}, which this mixcli does not know",
+                          "upgrade mixcli (a newer one converted this model), or convert the model again with this one")
+    shape, want = t.get("shape"), expected_shape(cfg, name)
+    if not isinstance(shape, list) or tuple(shape) != want or not all(_is_int(s) for s in shape):
+        raise FormatError(f"{what} has shape {shape!r}, the config implies {list(want)}")
+    n, k = (shape[0], shape[1]) if len(shape) == 2 else (0, shape[0])
+    if k % qt.block or (qt.rows > 1 and (not n or n % qt.rows)):
+        raise FormatError(f"{what} of shape {shape} cannot be stored as {qt.name}")
+    fname = t.get("file")
+    if not isinstance(fname, str) or fname not in sizes:
+        raise FormatError(f"{what} lies in data file {fname!r}, which the manifest does not list")
+    offset, nbytes = _int_field(t, "offset", what), _int_field(t, "nbytes", what)
+    if offset % TENSOR_ALIGN:
+        raise FormatError(f"{what} starts at {offset}, not a multiple of {TENSOR_ALIGN}")
+    if offset + nbytes > sizes[fname]:
+        raise FormatError(f"{what} (bytes {offset}..{offset + nbytes}) runs past the end of {fname} ({sizes[fname]} bytes)")
+    if not isinstance(t.get("sha256"), str) or not _SHA_RE.match(t["sha256"]):
+        raise FormatError(f"{what} has sha256 {t.get('sha256')!r}, expected 64 hex digits")
+    if t.get("max_abs_err") is not None and not _is_num(t["max_abs_err"]):
+        raise FormatError(f"{what} has max_abs_err {t['max_abs_err']!r}, expected a finite number")
+    parts, expect = t.get("parts"), qt.part_shapes(n, k)
+    if not isinstance(parts, dict) or list(parts) != list(expect):
+        raise FormatError(f"{what} has parts {list(parts) if isinstance(parts, dict) else parts!r}, {qt.name} needs {list(expect)}")
+    prev_end = offset
+    for pname, (pshape, dtype) in expect.items():
+        p = parts[pname]
+        if not isinstance(p, dict) or p.get("shape") != list(pshape) or p.get("dtype") != dtype \
+                or not all(_is_int(x) for x in p["shape"]):
+            raise FormatError(f"{what} part {pname} is {p!r}, expected shape {list(pshape)} dtype {dtype}")
+        poff = _int_field(p, "offset", f"{what} part {pname}")
+        if poff % PART_ALIGN or poff < prev_end:
+            raise FormatError(f"{what} part {pname} is misplaced (offset {poff})")
+        prev_end = poff + math.prod(pshape) * np.dtype(dtype).itemsize
+    if prev_end > offset + nbytes:
+        raise FormatError(f"{what}'s parts overrun its {nbytes} bytes")
+
+
+def _check_experts(regions: dict, tensors: dict, cfg: SimpleNamespace, sizes: dict[str, int]) -> None:
+    want = [expert_region_name(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
+    missing, extra = tensor_set_difference(want, regions)
+    if missing or extra:
+        raise FormatError(f"expert regions do not match the config: {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
+    for rname in want:
+        r = regions[rname]
+        if not isinstance(r, dict) or not isinstance(r.get("file"), str) or r["file"] not in sizes:
+            raise FormatError(f"expert region {rname} is malformed or lies in an unlisted file")
+        offset, nbytes = _int_field(r, "offset", f"expert region {rname}"), _int_field(r, "nbytes", f"expert region {rname}")
+        w1, w3, w2 = (tensors[f"{rname}.{w}"] for w in ("w1", "w3", "w2"))
+        if {w1["file"], w3["file"], w2["file"]} != {r["file"]} or offset != w1["offset"] \
+                or not w1["offset"] < w3["offset"] < w2["offset"] or offset + nbytes != w2["offset"] + w2["nbytes"] \
+                or w1["offset"] + w1["nbytes"] > w3["offset"] or w3["offset"] + w3["nbytes"] > w2["offset"]:
+            raise FormatError(f"expert region {rname} (offset {offset}, {nbytes} bytes) does not cover exactly its w1, w3, w2 in order")

@@ -32,6 +32,7 @@ from .convert import (
     ConvertSummary,
     Progress,
     install_model_dir,
+    output_lock,
     storage_type,
 )
 from .formats import QK, QUANT_PRESETS, base_type, interleave_rows, role_of, row_tiled
@@ -104,7 +105,7 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             exact = ckpt.exact_parts(name) if EXACT_TYPES.get(ref.ggml_type) == base else None
             if exact is not None:
                 parts = exact[1] if base == qtype else interleave_rows(exact[1], base)
-                writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0)
+                writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0, label=ref.gguf_name)
             else:
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 
@@ -141,17 +142,18 @@ def convert_gguf(
     src, out = Path(src_file), Path(out_dir)
     if quant not in QUANT_CHOICES:
         raise UsageError(f"unknown quantization {quant!r} for a GGUF", f"choose one of {', '.join(QUANT_CHOICES)}")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
-        if src.exists() and out.resolve() in src.resolve().parents:
-            raise UsageError(f"output {out} contains the source file {src}", "choose an output outside its directory")
-    ckpt = open_gguf(src)
-    types = plan_types(ckpt, quant)
-    need = planned_bytes(ckpt, types)
-    source_bytes = ckpt.total_bytes
-    with ckpt:
-        manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress))
+    with output_lock(out):
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
+            if src.exists() and out.resolve() in src.resolve().parents:
+                raise UsageError(f"output {out} contains the source file {src}", "choose an output outside its directory")
+        ckpt = open_gguf(src)
+        types = plan_types(ckpt, quant)
+        need = planned_bytes(ckpt, types)
+        source_bytes = ckpt.total_bytes
+        with ckpt:
+            manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress))
     stats = manifest["stats"]
     return ConvertSummary(
         out=out,

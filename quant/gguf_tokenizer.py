@@ -174,14 +174,23 @@ def write_tokenizer(ckpt: Any, out_dir: Path) -> dict[str, Any] | None:
         return None
     tokens = [str(t) for t in tokens]
     meta = ckpt.metadata
-    tok = build_tokenizer(
-        meta,
-        tokens,
-        ckpt.field("tokenizer.ggml.token_type"),
-        ckpt.field("tokenizer.ggml.merges"),
-        ckpt.field("tokenizer.ggml.scores"),
-    )
-    tok.save(str(Path(out_dir) / "tokenizer.json"))
+    try:
+        tok = build_tokenizer(
+            meta,
+            tokens,
+            ckpt.field("tokenizer.ggml.token_type"),
+            ckpt.field("tokenizer.ggml.merges"),
+            ckpt.field("tokenizer.ggml.scores"),
+        )
+        tok.save(str(Path(out_dir) / "tokenizer.json"))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # tokenizers raises TypeError, ValueError, its own Exception on bad vocabularies
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"the GGUF's tokenizer (tokenizer.ggml.tokens, merges, scores, token_type) is malformed: {detail}",
+            "download the .gguf file again (it is damaged or incomplete)",
+        ) from None
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")

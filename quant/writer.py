@@ -8,8 +8,8 @@ GIL), so the disk, sha256 and the quantizer run at the same time; it also starts
 as it goes (``WRITEBACK_STEP``), so the closing fsync has almost nothing left to wait for. With 4+
 cores a second thread quantizes half of each chunk (``QUANT_THREADS``).
 
-``verify_model_dir`` checks a directory against every rule of the manifest schema in
-``quant.formats``, so the runtime's reader and the tests share one definition of "valid".
+``verify_model_dir`` checks a directory with ``quant.formats.check_manifest``, the same check
+the runtime's loader makes, plus every tensor's sha256 (``quant.integrity``).
 
 Dimension letters: N rows, K columns (reduction axis), NB = K / 32 blocks per row.
 """
@@ -21,7 +21,6 @@ import json
 import mmap
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import asdict, is_dataclass
@@ -30,27 +29,27 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mixcli.errors import CheckpointError, ModelFormatError
+from mixcli.errors import CheckpointError
 from . import fastquant, q4
 from .floats import to_float32
 from .formats import (
     DATA_FILE_PATTERN,
-    DATA_FILE_RE,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     PART_ALIGN,
     QK,
     QUANT_TYPES,
-    READABLE_VERSIONS,
     ROW_TILE,
     TENSOR_ALIGN,
+    FormatError,
     align,
     base_type,
-    interleave_rows,
+    check_manifest,
     expert_region_name,
-    tensor_names,
+    interleave_rows,
 )
+from .integrity import verify_tensors, write_stamp
 
 FILE_LIMIT = 16 << 30  # start a new data file past this size (an expert region never splits)
 # Weights per row chunk (the quantizer works a row at a time, so this is no cache size): 8 MB of
@@ -317,8 +316,9 @@ class ModelWriter:
         return [(0, *first), (h, *second.result())]
 
     def add_tensor_parts(self, name: str, qtype: str, shape: tuple[int, ...], parts: dict[str, np.ndarray],
-                         max_abs_err: float | None = None) -> dict[str, Any]:
-        """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d)."""
+                         max_abs_err: float | None = None, label: str | None = None) -> dict[str, Any]:
+        """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d); NaN or inf
+        in a float part is refused as at quantization. ``label`` names the tensor in errors."""
         shape = tuple(int(s) for s in shape)
         offset, layout, nbytes = self._start_tensor(name, qtype, shape)
         if set(parts) != set(layout):
@@ -328,6 +328,12 @@ class ModelWriter:
             arr = np.asarray(parts[p])
             if list(arr.shape) != spec["shape"] or arr.dtype != np.dtype(spec["dtype"]):
                 raise ValueError(f"tensor {name} part {p}: {arr.shape} {arr.dtype}, expected {spec['shape']} {spec['dtype']}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # weights, scales, mins: copied, not quantized
+                raise CheckpointError(
+                    f"tensor {label or name} has {int((~np.isfinite(arr)).sum())} NaN or inf value(s) in its "
+                    f"{'weights' if p == 'w' else 'block scales' if p == 'd' else 'block offsets'}",
+                    "the file is corrupt or from a diverged training run; download it again or use another one",
+                )
             self._pad_to(spec["offset"], hasher)
             self._emit(arr, hasher)
         return self._record(name, qtype, shape, offset, layout, nbytes, hasher, max_abs_err)
@@ -413,6 +419,7 @@ class ModelWriter:
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
+        write_stamp(self.out_dir, manifest)  # the hashes are of the bytes just written: no need to re-read them
         return manifest
 
     def abort(self) -> None:
@@ -442,113 +449,38 @@ def _nonfinite_error(name: str, x: np.ndarray, row0: int) -> CheckpointError:
 # ------------------------------------------------------------------------------------------------
 # Checking a converted directory
 # ------------------------------------------------------------------------------------------------
-_EXPERT_RE = re.compile(r"^layers\.(\d+)\.experts\.(\d+)$")
-
-
-def _bad(model_dir: Path, what: str) -> ModelFormatError:
-    return ModelFormatError(f"{model_dir} is not a valid mixcli model: {what}", "convert the model again with `mixcli convert`")
-
-
 def verify_model_dir(model_dir: str | Path, check_sha: bool = True) -> dict[str, Any]:
-    """Check a converted model directory against the manifest rules; return the manifest."""
-    from mixcli.config import ModelConfig
-    from quant.sources.hf import expected_shape
-
+    """Check a converted model directory against every manifest rule (``formats.check_manifest``)
+    and, with ``check_sha``, every tensor's sha256; return the manifest. Raises FormatError."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
-        raise ModelFormatError(f"{model_dir} has no {MANIFEST_NAME}", "convert a checkpoint with `mixcli convert` first")
+        raise FormatError(f"{model_dir} has no {MANIFEST_NAME}", "convert a checkpoint with `mixcli convert` first")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
+        check_manifest(m, lambda name: _size_or_none(model_dir / name))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad(model_dir, f"{MANIFEST_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise _bad(model_dir, f"format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT_NAME!r}")
-    if m.get("version") not in READABLE_VERSIONS:
-        raise ModelFormatError(
-            f"{model_dir} has format version {m.get('version')}, this mixcli reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}",
-            "convert the model again with this mixcli",
-        )
-    for key in ("config", "quant", "tokenizer", "source", "files", "tensors", "experts", "stats"):
-        if key not in m:
-            raise _bad(model_dir, f"manifest lacks {key!r}")
-    sizes: dict[str, int] = {}
-    for f in m["files"]:
-        name = f.get("name", "")
-        if not DATA_FILE_RE.match(name):
-            raise _bad(model_dir, f"data file name {name!r} is not allowed")
-        p = model_dir / name
-        if not p.is_file():
-            raise _bad(model_dir, f"data file {name} is missing")
-        if p.stat().st_size != f.get("size"):
-            raise _bad(model_dir, f"data file {name} is {p.stat().st_size} bytes, manifest says {f.get('size')}")
-        sizes[name] = f["size"]
-    try:
-        cfg = ModelConfig.from_dict(m["config"])
-    except TypeError as exc:
-        raise _bad(model_dir, f"config is incomplete ({exc})") from None
-    want = tensor_names(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
-    tensors = m["tensors"]
-    if set(tensors) != set(want):
-        missing = sorted(set(want) - set(tensors)) or sorted(set(tensors) - set(want))
-        raise _bad(model_dir, f"tensor table does not match the config (first difference: {missing[0]})")
-    for name in want:
-        t = tensors[name]
-        qt = QUANT_TYPES.get(t.get("type"))
-        if qt is None:
-            raise _bad(model_dir, f"tensor {name} has unknown type {t.get('type')!r}")
-        shape = tuple(t["shape"])
-        if shape != expected_shape(cfg, name):
-            raise _bad(model_dir, f"tensor {name} has shape {list(shape)}, config implies {list(expected_shape(cfg, name))}")
-        if t["file"] not in sizes:
-            raise _bad(model_dir, f"tensor {name} lies in unlisted file {t['file']!r}")
-        if t["offset"] % TENSOR_ALIGN:
-            raise _bad(model_dir, f"tensor {name} starts at {t['offset']}, not a multiple of {TENSOR_ALIGN}")
-        if t["offset"] + t["nbytes"] > sizes[t["file"]]:
-            raise _bad(model_dir, f"tensor {name} runs past the end of {t['file']}")
-        n, k = (shape[0], shape[1]) if len(shape) == 2 else (0, shape[0])
-        if k % qt.block:
-            raise _bad(model_dir, f"tensor {name}: K={k} does not fit {qt.name} blocks")
-        parts = t.get("parts", {})
-        expect = qt.part_shapes(n, k)
-        if list(parts) != list(expect):
-            raise _bad(model_dir, f"tensor {name} has parts {list(parts)}, {qt.name} needs {list(expect)}")
-        prev_end = t["offset"]
-        for pname, (pshape, dtype) in expect.items():
-            p = parts[pname]
-            if list(p["shape"]) != list(pshape) or p["dtype"] != dtype:
-                raise _bad(model_dir, f"tensor {name} part {pname} is {p['shape']} {p['dtype']}, expected {list(pshape)} {dtype}")
-            if p["offset"] % PART_ALIGN or p["offset"] < prev_end:
-                raise _bad(model_dir, f"tensor {name} part {pname} is misplaced (offset {p['offset']})")
-            prev_end = p["offset"] + int(np.prod(pshape)) * np.dtype(dtype).itemsize
-        if prev_end > t["offset"] + t["nbytes"]:
-            raise _bad(model_dir, f"tensor {name}'s parts overrun its {t['nbytes']} bytes")
-    regions = m["experts"]
-    want_regions = {expert_region_name(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)}
-    if set(regions) != want_regions:
-        raise _bad(model_dir, "expert regions do not match the config")
-    for rname, r in regions.items():
-        w1, w3, w2 = (tensors[f"{rname}.{w}"] for w in ("w1", "w3", "w2"))
-        if {w1["file"], w3["file"], w2["file"], r["file"]} != {r["file"]} or r["offset"] != w1["offset"] \
-                or not w1["offset"] < w3["offset"] < w2["offset"] \
-                or r["offset"] + r["nbytes"] != w2["offset"] + w2["nbytes"]:
-            raise _bad(model_dir, f"expert region {rname} does not cover exactly its w1, w3, w2 in order")
+        raise FormatError(f"{model_dir} is not a valid mixcli model: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    except FormatError as exc:
+        raise FormatError(f"{model_dir} is not a valid mixcli model: {exc.message}", exc.hint) from None
     if check_sha:
-        for f in m["files"]:
-            with open(model_dir / f["name"], "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f["size"] else None
-            try:
-                for name, t in tensors.items():
-                    if t["file"] == f["name"]:
-                        with memoryview(mm) as mv, mv[t["offset"]:t["offset"] + t["nbytes"]] as view:
-                            digest = hashlib.sha256(view).hexdigest()
-                        if digest != t["sha256"]:
-                            raise _bad(model_dir, f"tensor {name} fails its sha256 check (the file is damaged)")
-            finally:
-                if mm is not None:
-                    mm.close()
+        bad = verify_tensors(m, lambda name: _map_read_only(model_dir / name))
+        if bad:
+            raise FormatError(f"{model_dir} is not a valid mixcli model: tensor {bad[0]} fails its sha256 check "
+                              f"(the file is damaged{f'; {len(bad) - 1} more tensors too' if len(bad) > 1 else ''})")
     return m
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def _map_read_only(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        return np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)  # [size]
 
 
 def read_tensor_parts(model_dir: str | Path, manifest: dict[str, Any], name: str) -> dict[str, np.ndarray]:

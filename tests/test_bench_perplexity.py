@@ -120,7 +120,7 @@ def test_bench_tg_one_token(baby, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--reps", "0"], "--reps"),
     (["-t", "one,two"], "--threads"),
-    (["-t", "0"], "--threads"),
+    (["-t", "-1"], "--threads"),  # 0 means all physical cores, as on generate and chat
     (["--pp", "-1"], "--pp"),
 ])
 def test_bench_bad_usage(baby, capsys, args, needle):

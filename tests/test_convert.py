@@ -272,7 +272,7 @@ def test_add_tensor_parts_writes_given_blocks(tmp_path):
 
 
 def test_verify_model_dir_catches_damage(tmp_path):
-    from mixcli.errors import ModelFormatError
+    from quant.formats import FormatError as ModelFormatError  # quant's own error type
 
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     out = tmp_path / "out"

@@ -16,9 +16,11 @@ def _threads_list(spec: str) -> list[int]:
         out = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--threads takes a comma-separated list of counts, got {spec!r}") from None
-    if not out or min(out) < 1:
-        raise UsageError(f"--threads needs counts >= 1, got {spec!r}")
-    return out
+    if not out or min(out) < 0:
+        raise UsageError(f"--threads needs counts >= 0 (0: all physical cores), got {spec!r}")
+    from ..model import physical_cores
+
+    return [n or physical_cores() for n in out]
 
 
 def bench_command(
@@ -26,7 +28,7 @@ def bench_command(
     pp: Annotated[int, typer.Option("--pp", "-p", help="Prompt tokens per prompt-processing test (0: skip).")] = 512,
     tg: Annotated[int, typer.Option("--tg", "-n", help="Tokens per generation test (0: skip).")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
-    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2.")] = "",
+    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2 (0: all physical cores).")] = "",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
@@ -78,7 +80,7 @@ def perplexity_command(
     file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default: physical cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")] = None,
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):

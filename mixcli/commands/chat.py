@@ -17,6 +17,7 @@ from .generate import (
     SeedOpt,
     TempOpt,
     ThreadsOpt,
+    VerifyOpt,
     TopKOpt,
     TopPOpt,
     sampler_config,
@@ -40,6 +41,7 @@ def chat_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    verify: VerifyOpt = True,
 ):
     """Chat with a model in the terminal.
 
@@ -54,7 +56,8 @@ def chat_command(
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = say_stderr
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
+                      verify=verify)
     session = ChatSession(rt, make_sampler(cfg), system=system, max_tokens=max_tokens, stop=stop or ())
     if load:
         session.load(load)

@@ -15,7 +15,7 @@ ModelArg = Annotated[
     typer.Argument(help="Converted model directory or registry name (default: the default model)."),
 ]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context size in tokens (default 4096, at most the model's).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default: physical cores).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")]
 MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
@@ -34,6 +34,11 @@ ActOpt = Annotated[
                  "processing, but small models' answers can change), f32 (exact, slow). Also $MIXCLI_ACT."),
 ]
 
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify/--no-verify", help="Check each tensor's sha256 when the model's files changed since "
+                 "they last passed (once; `mixcli verify` checks on demand). --no-verify skips it."),
+]
 
 # sampling flags, shared with `mixcli chat`
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
@@ -47,7 +52,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly
 def read_prompt(prompt: str) -> str:
     """The --prompt value, or all of stdin for '-'."""
     if prompt != "-":
-        return prompt
+        return utf8_text(prompt, "--prompt")
     if sys.stdin is None or sys.stdin.closed:
         raise UsageError("--prompt - reads stdin, but stdin is closed", "pipe text in or pass --prompt TEXT")
     try:
@@ -58,6 +63,17 @@ def read_prompt(prompt: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"stdin is not UTF-8 (byte {exc.start})", "convert the input to UTF-8, e.g. with iconv") from None
+
+
+def utf8_text(value: str, flag: str) -> str:
+    """A text argument as given; one that was not UTF-8 on the command line (Python keeps such
+    bytes as surrogates) is a usage error, not a traceback in the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{flag} is not valid UTF-8 (character {exc.start})",
+                         "pass UTF-8 text, or convert it first, e.g. with iconv") from None
+    return value
 
 
 def sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -92,6 +108,7 @@ def generate_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    verify: VerifyOpt = True,
 ):
     """Generate text from a prompt; only the text goes to stdout.
 
@@ -108,8 +125,12 @@ def generate_command(
     if not text.strip():
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = say_stderr
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
+                      verify=verify)
     use_chat = (rt.template is not None) if chat is None else chat
+    for flag, value in [("--system", system), *(("--stop", x) for x in stop or ())]:
+        if value:
+            utf8_text(value, flag)
     if system and not use_chat:
         raise UsageError("--system needs chat mode", "drop --raw, or put the system text in the prompt")
     if use_chat:

@@ -32,7 +32,8 @@ import numpy as np
 
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
-from quant.formats import QK, tensor_names
+from quant.formats import QK, FormatError, expected_shape, tensor_names, tensor_set_difference
+from quant.sources.gguf_check import check_gguf_header
 
 SUPPORTED_GGUF_ARCHS = ("llama",)  # Llama, Mistral and Mixtral GGUFs all say "llama"
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
@@ -260,6 +261,10 @@ class GGUFCheckpoint:
 def _open_reader(path: Path) -> Any:
     import gguf
 
+    try:  # counts and lengths against the file size, before the reader trusts them
+        check_gguf_header(path)
+    except FormatError as exc:
+        raise CheckpointError(exc.message, exc.hint) from None
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...: all mean "bad file"
@@ -416,16 +421,13 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 heads = config.num_key_value_heads
             found[cname] = GGUFTensorRef(gname, index, ttype, shape, expert, heads)
 
-    from quant.sources.hf import expected_shape
-
     names = tensor_names(config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings)
-    missing = [n for n in names if n not in found]
+    missing, extra = tensor_set_difference(names, found)
     if missing:
         raise CheckpointError(
             f"{path.name} lacks {len(missing)} tensor(s) its metadata implies, first {missing[0]}",
             "use an unmodified, complete llama.cpp GGUF",
         )
-    extra = sorted(set(found) - set(names))
     if extra:
         raise CheckpointError(
             f"tensor {found[extra[0]].gguf_name} does not fit the GGUF metadata (it implies no {extra[0]})",

@@ -34,7 +34,7 @@ import numpy as np
 
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
-from quant.formats import tensor_names
+from quant.formats import expected_shape, tensor_names, tensor_set_difference  # noqa: F401 (expected_shape: re-exported)
 from quant.floats import to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -102,27 +102,6 @@ def canonical_name(hf_name: str) -> str | None:
     if e:
         return f"layers.{layer}.experts.{e.group(1)}.{e.group(2)}"
     return None
-
-
-def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """The shape config.json implies for a canonical tensor name (HF layout: [out, in])."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    leaf = name.rsplit(".", 1)[-1]
-    if name in ("tok_embeddings", "output"):
-        return (v, d)  # [V, D]
-    if leaf in ("norm", "attn_norm", "ffn_norm"):
-        return (d,)  # [D]
-    return {
-        "wq": (q, d),  # [H*HD, D]
-        "wk": (kv, d),  # [KVH*HD, D]
-        "wv": (kv, d),
-        "wo": (d, q),  # [D, H*HD]
-        "gate": (cfg.num_local_experts, d),  # [E, D]
-        "w1": (f, d),  # [F, D]
-        "w3": (f, d),
-        "w2": (d, f),  # [D, F]
-    }[leaf]
 
 
 def _read_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -447,13 +426,12 @@ def open_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
             found[name] = TensorInfo(hf_name, file, DTYPES[entry["dtype"]][0], tuple(int(s) for s in entry["shape"]), data_start + b, e - b)
 
     names = tensor_names(config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings)
-    missing = [n for n in names if n not in found]
+    missing, extra = tensor_set_difference(names, found)
     if missing:
         raise CheckpointError(
             f"checkpoint {path} lacks {len(missing)} tensor(s) the config implies, first {missing[0]}",
             "download every shard, and the config.json of the same model",
         )
-    extra = sorted(set(found) - set(names))
     if extra:
         t = found[extra[0]]
         raise CheckpointError(f"tensor {t.hf_name} does not fit config.json (it implies no {extra[0]})", "use the config.json that came with these weights")
