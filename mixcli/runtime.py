@@ -69,10 +69,10 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     from .store import open_model_dir
 
-    def _pull(entry):
-        from .pull import pull_model
+    def _pull(target):
+        from .pull import offer_pull
 
-        return pull_model(entry, notify=notify)
+        return offer_pull(target, notify=notify)
 
     if act is not None or os.environ.get("MIXCLI_ACT"):
         select_activation_mode(act, "--act" if act is not None else "$MIXCLI_ACT")
