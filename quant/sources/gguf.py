@@ -39,6 +39,7 @@ import numpy as np
 from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
 from quant.formats import QK, tensor_names
+from quant.q4 import unpack_k_scales
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # Llama, Mistral and Mixtral GGUFs all say "llama"
@@ -48,12 +49,21 @@ DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
 EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
 Q4_K_BYTES = 144  # one GGUF Q4_K super-block: d, dmin (fp16), 12 bytes of codes, 128 bytes of nibbles
 
+# GGUF K-quants our format holds bit for bit once their kernels exist (quant.formats.PENDING_TYPES):
+# split_blocks imports them; the converter still re-quantizes them to q8_0 until then.
+PENDING_EXACT_TYPES = {"Q6_K": "q6_k", "Q5_K": "q5_k"}
+
 # Bytes of one GGUF block, in order: (field, byte offset, byte length) for the exact block types
 _BLOCK_FIELDS = {
     "Q4_0": (("d", 0, 2), ("qs", 2, 16)),  # 18 bytes: fp16 d, 16 bytes of nibbles
     "Q4_1": (("d", 0, 2), ("m", 2, 2), ("qs", 4, 16)),  # 20 bytes: fp16 d, fp16 m, nibbles
     "Q8_0": (("d", 0, 2), ("qs", 2, 32)),  # 34 bytes: fp16 d, 32 int8
+    # super-blocks of 256 weights (ggml's block_q6_K, block_q5_K)
+    "Q6_K": (("ql", 0, 128), ("qh", 128, 64), ("sc", 192, 16), ("d", 208, 2)),  # 210 bytes
+    "Q5_K": (("d", 0, 2), ("m", 2, 2), ("s", 4, 12), ("qh", 16, 32), ("qs", 48, 128)),  # 176 bytes
 }
+_BLOCK_WEIGHTS = {"Q6_K": 256, "Q5_K": 256}  # weights per block where not QK
+_FIELD_DTYPES = {"d": "<f2", "m": "<f2", "sc": "i1"}  # the rest are bytes (Q8_0's qs: int8)
 
 _TOP = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
 _LAYER = {
@@ -97,20 +107,18 @@ def reverse_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def split_blocks(data: np.ndarray, ggml_type: str, k: int) -> dict[str, np.ndarray]:
-    """GGUF rows of interleaved blocks [N, NB * block_bytes] uint8 -> our parts (copies):
-    qs [N, K/2] u1 (q4) or [N, K] i1 (q8_0), d [N, NB] <f2, m [N, NB] <f2 (q4_1)."""
+    """GGUF rows of interleaved blocks [N, NB * block_bytes] uint8 -> our parts (copies, no bit
+    changed): qs [N, K/2] u1 (q4) or [N, K] i1 (q8_0), d [N, NB] <f2, m [N, NB] <f2 (q4_1);
+    for Q6_K / Q5_K the parts of quant.formats.PENDING_TYPES (NB = K / 256 super-blocks)."""
     fields = _BLOCK_FIELDS[ggml_type]
-    n, nb = data.shape[0], k // QK
+    n, nb = data.shape[0], k // _BLOCK_WEIGHTS.get(ggml_type, QK)
     bpb = sum(f[2] for f in fields)
     blocks = np.ascontiguousarray(data).reshape(n, nb, bpb)  # [N, NB, block bytes]
     parts: dict[str, np.ndarray] = {}
     for field, off, length in fields:
-        raw = np.ascontiguousarray(blocks[:, :, off:off + length])  # [N, NB, length]
-        if field == "qs":
-            qs = raw.reshape(n, nb * length)
-            parts["qs"] = qs.view(np.int8) if ggml_type == "Q8_0" else qs  # [N, K] i1 or [N, K/2] u1
-        else:
-            parts[field] = raw.reshape(n, nb * length).view("<f2")  # [N, NB]
+        raw = np.ascontiguousarray(blocks[:, :, off:off + length]).reshape(n, nb * length)  # [N, NB * length]
+        dtype = "i1" if (ggml_type, field) == ("Q8_0", "qs") else _FIELD_DTYPES.get(field, "u1")
+        parts[field] = raw.view(dtype)  # d, m: [N, NB] <f2
     return parts
 
 
@@ -119,10 +127,8 @@ def split_q4_k(data: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
     qs [N, K/2], s [N, 2*NB], d, m [N, NS] with D = 64 d, Dm = 64 dmin (a power of two: exact in
     fp16). None when some 64 d or 64 dmin is not a finite fp16 (the caller re-quantizes).
 
-    The 6-bit codes of the 8 sub-blocks are packed in 12 bytes (llama.cpp ``get_scale_min_k4``):
-    bytes 0-3 hold sc 0-3 in their low 6 bits, bytes 4-7 mn 0-3; bytes 8-11 hold the low 4 bits
-    of sc 4-7 (low nibble) and mn 4-7 (high nibble), whose top 2 bits sit in the top 2 bits of
-    bytes 0-3 (sc) and 4-7 (mn). The nibbles come per 64 weights as 32 bytes, weights 0-31 in the
+    The 6-bit codes of the 8 sub-blocks are packed in 12 bytes (``quant.q4.unpack_k_scales``).
+    The nibbles come per 64 weights as 32 bytes, weights 0-31 in the
     low nibbles and 32-63 in the high; ours are per 32 weights, byte j = w[j] | w[j+16] << 4."""
     n, ns = data.shape[0], k // 256
     blocks = np.ascontiguousarray(data).reshape(n, ns, Q4_K_BYTES)  # [N, NS, 144]
@@ -131,9 +137,7 @@ def split_q4_k(data: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
         big = sup * np.float16(64.0)  # exact unless it overflows
     if not np.isfinite(big).all():
         return None
-    a, b, c = blocks[:, :, 4:8], blocks[:, :, 8:12], blocks[:, :, 12:16]  # [N, NS, 4] each
-    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=2)  # [N, NS, 8]
-    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=2)
+    sc, mn = unpack_k_scales(blocks[:, :, 4:16])  # [N, NS, 8] each
     nib = blocks[:, :, 16:].reshape(n, ns, 4, 1, 32)  # per 64 weights: 32 bytes
     w = np.concatenate([nib & 0x0F, nib >> 4], axis=3).reshape(n, ns * 8, 32)  # [N, NB, 32] values 0..15
     return {
