@@ -252,6 +252,18 @@ def _open_part(part: Path):
     return open(part, "ab")
 
 
+def _lock(fh, name: str) -> None:
+    """One writer per partial download: a second pull of the same file stops instead of
+    appending to it (the lock goes with the file descriptor, also when a process dies)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MixcliError(f"another process is downloading {name} into the same place (a second `mixcli pull`?)",
+                          "wait for it to finish, then run the command again") from None
+
+
 def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
@@ -286,6 +298,7 @@ def download(listing: RepoListing, name: str, dest: Path, notify: Notify | None 
         notify(f"resuming {name} at {format_size(have)} of {total}" if have else f"downloading {name} ({total})")
     try:
         with hub_errors(listing.repo, f"downloading {name} from"), _open_part(part) as fh:
+            _lock(fh, name)
             http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=size,
                      displayed_filename=Path(name).name)
     except OSError as exc:

@@ -262,6 +262,9 @@ def test_disk_full_while_downloading_keeps_the_part_and_resumes(hub, monkeypatch
         def tell(self):
             return self.fh.tell()
 
+        def fileno(self):
+            return self.fh.fileno()
+
         def seek(self, *a):
             return self.fh.seek(*a)
 
@@ -421,3 +424,20 @@ def test_a_missing_relative_path_is_not_taken_for_a_repo(hub, tmp_path, monkeypa
                                           r"for the Hugging Face repo models/mixtral-q4, run `mixcli pull"):
         resolve_model("models/mixtral-q4", pull=lambda target: pytest.fail("offered a pull"))
     assert hub.log == []
+
+
+def test_a_second_pull_of_the_same_file_stops_instead_of_appending(hub, sources):
+    import fcntl
+
+    from mixcli.pull import plan_hub
+
+    plan = plan_hub(hubmod.parse_ref("baby/mixtral-gguf:Q4_0"))
+    part = hubmod.part_path(plan.into / "baby-mixtral.Q4_0.gguf")
+    part.parent.mkdir(parents=True)
+    with open(part, "ab") as other:  # another pull holds it
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(MixcliError) as info:
+            pull("baby/mixtral-gguf:Q4_0")
+        assert "another process is downloading baby-mixtral.Q4_0.gguf" in _one_line(info)
+    assert part.stat().st_size == 0 and _store() == []
+    assert (pull("baby/mixtral-gguf:Q4_0") / "manifest.json").is_file()  # once it is gone
