@@ -342,6 +342,7 @@ def pull_hub(plan: HubPlan, *, force: bool = False, keep_source: bool = False, n
 
     if (plan.dest / formats.MANIFEST_NAME).is_file() and not force:
         return plan.dest
+    _drop_stale_parts(plan.into)
     check_space(plan)
     _say(notify, f"pulling {plan.describe()}")
     paths, ours = hub.fetch(plan.listing, plan.files, plan.into, notify)
@@ -367,6 +368,18 @@ def pull_hub(plan: HubPlan, *, force: bool = False, keep_source: bool = False, n
     else:
         _prune(plan.into)
     return plan.dest
+
+
+def _drop_stale_parts(into: Path) -> None:
+    """Partial downloads of the repo's earlier commits can never be resumed: delete them (kept
+    whole files of an earlier commit stay; --keep-source asked for them)."""
+    for old in into.parent.glob("*/**/*.part") if into.parent.is_dir() else []:
+        if into not in old.parents:
+            old.unlink(missing_ok=True)
+    if into.parent.is_dir():
+        for d in into.parent.iterdir():
+            if d != into and d.is_dir():
+                _prune(d)
 
 
 def _prune(into: Path) -> None:

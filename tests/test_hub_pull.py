@@ -441,3 +441,16 @@ def test_a_second_pull_of_the_same_file_stops_instead_of_appending(hub, sources)
         assert "another process is downloading baby-mixtral.Q4_0.gguf" in _one_line(info)
     assert part.stat().st_size == 0 and _store() == []
     assert (pull("baby/mixtral-gguf:Q4_0") / "manifest.json").is_file()  # once it is gone
+
+
+def test_partial_downloads_of_an_older_commit_are_dropped(hub, sources):
+    """A .part of a commit the repo has moved past cannot be resumed: the next pull deletes it."""
+    from mixcli.pull import plan_hub
+
+    old = plan_hub(hubmod.parse_ref("baby/mixtral-gguf:Q4_0")).into
+    stale = hubmod.part_path(old / "baby-mixtral.Q4_0.gguf")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 100)
+    hub.repos["baby/mixtral-gguf"].commit = "f" * 40  # a new commit on the Hub
+    pull("baby/mixtral-gguf:Q4_0")
+    assert not stale.exists() and not downloads_dir().exists()
