@@ -1,14 +1,19 @@
-"""Benchmark `mixcli convert` on a random-weight bf16 checkpoint of real Mixtral width.
+"""Benchmark `mixcli convert` on a random-weight checkpoint of real Mixtral width.
 
     python benchmarks/convert.py [--layers 1] [--quant q4_0] [--dir /tmp] [--repeat 1]
+    python benchmarks/convert.py --gguf [--layers 1] [--code DIR]
 
 Builds the checkpoint in a temporary directory (removed at the end): hidden 4096, expert FFN
-14336, 8 experts, 32/8 heads, vocab 32000, ``--layers`` layers, one safetensors shard per layer.
+14336, 8 experts, 32/8 heads, vocab 32000, ``--layers`` layers, one bf16 safetensors shard per
+layer; with ``--gguf`` a Q4_0 GGUF as llama.cpp lays one out (``synth.write_random_gguf``:
+stacked experts, random blocks) converted with ``--quant keep``.
 Then, with the source's pages dropped from the page cache each time (fsync + posix_fadvise
 DONTNEED), it times reading the source twice with ``cat`` and runs the conversion in a fresh
-subprocess, whose own ru_maxrss is its peak resident memory. Goals from the issue: peak RSS under
-2x the largest tensor, conversion faster than reading the source twice. ``--repeat N`` alternates
-the two timings N times on the same checkpoint and reports every run, with the 1-minute load
+subprocess, whose own VmHWM is its peak resident memory. Goals from the issues: peak RSS under
+2x the largest tensor (for a GGUF the largest tensor in the file, a stacked [E, N, K] expert
+tensor), conversion faster than reading the source twice. ``--code DIR`` converts with the mixcli
+in DIR instead (e.g. ``git archive OLDCOMMIT | tar -x -C DIR``), to compare with an older version.
+``--repeat N`` alternates the two timings N times on the same checkpoint and reports every run, with the 1-minute load
 average before each (generating the checkpoint raises it to ~1; well above, something else ran).
 Single runs vary by a second or more on the 2-core VM: besides other processes, a cold read of the
 3.2 GB source costs either ~0.45 s or ~2.3 s of kernel CPU copying out of the page cache (measured
@@ -45,16 +50,24 @@ from synth import drop_page_cache  # noqa: E402
 # "of which before the conversion starts" is the import time alone.
 CHILD = r"""
 import json, resource, sys, time
+def peak_kib():
+    # VmHWM: this process's own high-water mark. ru_maxrss is not: Linux carries it over from the
+    # parent through fork and exec, so a parent that held a big tensor would count here.
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from quant.convert import convert_checkpoint
+from {module} import {function} as convert
 imp = time.perf_counter() - t
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-s = convert_checkpoint({src!r}, {out!r}, quant={quant!r})
+rss0 = peak_kib()
+s = convert({src!r}, {out!r}, quant={quant!r})
 dt = time.perf_counter() - t
 print(json.dumps({{"seconds": dt, "import_seconds": imp, "params": s.params, "bytes": s.bytes_on_disk,
                   "bpw": s.bits_per_weight, "max_abs_err": s.max_abs_err, "rss_imports_kib": rss0,
-                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+                  "rss_kib": peak_kib()}}))
 """
 
 
@@ -122,8 +135,9 @@ def time_read_twice(files: list[Path]) -> float:
     return total
 
 
-def run_child(src: Path, out: Path, quant: str) -> dict:
-    code = CHILD.format(repo=str(REPO), src=str(src), out=str(out), quant=quant)
+def run_child(src: Path, out: Path, quant: str, code_dir: Path = REPO) -> dict:
+    module, function = ("quant.gguf_convert", "convert_gguf") if src.suffix == ".gguf" else ("quant.convert", "convert_checkpoint")
+    code = CHILD.format(repo=str(code_dir), src=str(src), out=str(out), quant=quant, module=module, function=function)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if r.returncode:
         sys.exit(f"conversion failed:\n{r.stderr}")
@@ -137,39 +151,61 @@ def main() -> None:
     ap.add_argument("--quant", default="q4_0")
     ap.add_argument("--dir", default=None, help="where to build the temporary checkpoint (default: system temp)")
     ap.add_argument("--repeat", type=int, default=1, help="time reading and converting this many times each")
+    ap.add_argument("--gguf", action="store_true", help="convert a Q4_0 GGUF (with --quant keep) instead")
+    ap.add_argument("--code", type=Path, default=REPO, help="the mixcli tree whose converter runs (default: this one)")
     args = ap.parse_args()
+    if args.gguf and args.quant == "q4_0":
+        args.quant = "keep"
 
     from babymodels import make_hf_checkpoint
 
     base = Path(tempfile.mkdtemp(prefix="mixcli-bench-", dir=args.dir))
     try:
-        warm = make_hf_checkpoint(base / "warm", "mixtral", dtype="bf16")
-        run_child(warm, base / "warm-out", args.quant)  # fills numba's kernel cache
+        if args.gguf:
+            from synth import write_random_gguf
 
-        src = base / "src"
+            warm = write_random_gguf(base / "warm.gguf", layers=1, vocab=512)
+            # (a 1-layer, small-vocab GGUF of full width: numba's kernels get compiled or loaded)
+        else:
+            warm = make_hf_checkpoint(base / "warm", "mixtral", dtype="bf16")
+        run_child(warm, base / "warm-out", args.quant, args.code)  # fills numba's kernel cache
+
         t = time.perf_counter()
-        make_checkpoint(src, args.layers, args.vocab)
+        if args.gguf:
+            src = write_random_gguf(base / "src.gguf", layers=args.layers, vocab=args.vocab)
+            files = [src]
+        else:
+            src = base / "src"
+            make_checkpoint(src, args.layers, args.vocab)
+            files = sorted(src.glob("*.safetensors"))
         gen = time.perf_counter() - t
-        files = sorted(src.glob("*.safetensors"))
         src_bytes = sum(f.stat().st_size for f in files)
-        from quant.sources.hf import open_hf_checkpoint
+        if args.gguf:
+            import gguf
 
-        with open_hf_checkpoint(src) as ck:
-            largest = max(ck.tensors.values(), key=lambda t: t.nbytes)
+            big = max(gguf.GGUFReader(src).tensors, key=lambda t: int(t.n_bytes))
+            largest = type("T", (), {"hf_name": big.name, "shape": [int(x) for x in big.shape[::-1]],
+                                     "nbytes": int(big.n_bytes)})
+        else:
+            from quant.sources.hf import open_hf_checkpoint
+
+            with open_hf_checkpoint(src) as ck:
+                largest = max(ck.tensors.values(), key=lambda t: t.nbytes)
         runs = []  # (load average, read twice s, conversion result)
         for _ in range(max(1, args.repeat)):
             shutil.rmtree(base / "out", ignore_errors=True)
             load = os.getloadavg()[0]
             read2 = time_read_twice(files)
             drop_page_cache(files)
-            runs.append((load, read2, run_child(src, base / "out", args.quant)))
+            runs.append((load, read2, run_child(src, base / "out", args.quant, args.code)))
         res = min((r[2] for r in runs), key=lambda r: r["seconds"])
         rss = max(r[2]["rss_kib"] for r in runs) * 1024
         met = sum(r[2]["seconds"] < r[1] for r in runs)
         rows = [
             ("layers / quant", f"{args.layers} / {args.quant}"),
             ("parameters", f"{res['params'] / 1e9:.3f} B"),
-            ("source size (bf16)", f"{src_bytes / 2**30:.2f} GiB"),
+            ("source size", f"{src_bytes / 2**30:.2f} GiB ({'Q4_0 GGUF' if args.gguf else 'bf16'})"),
+            ("converter", str(args.code)),
             ("output size", f"{res['bytes'] / 2**30:.2f} GiB ({res['bpw']:.2f} bits/weight)"),
             ("conversion time", " / ".join(f"{r[2]['seconds']:.2f}" for r in runs) + " s"),
             ("  of which imports before the conversion starts", " / ".join(f"{r[2]['import_seconds']:.2f}" for r in runs) + " s"),

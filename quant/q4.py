@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import QK, QUANT_TYPES, SUPER, base_type, deinterleave_rows, interleave_rows
+from .formats import PENDING_TYPES, QK, QUANT_TYPES, SUPER, base_type, deinterleave_rows, interleave_rows
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -111,6 +111,8 @@ def quantize(w: np.ndarray, qtype: str) -> dict[str, np.ndarray]:
 
 def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
     """Parts of ``qtype`` -> W [N, K] float32 (or [K] for a vector)."""
+    if qtype in PENDING_TYPES:
+        return _dequantize_k(parts, qtype)
     first = parts["w"] if "w" in parts else parts["qs"]
     if first.ndim == 1:
         return dequantize({k: v[None] for k, v in parts.items()}, qtype)[0]
@@ -133,6 +135,47 @@ def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
     if qtype == "q4_k":  # (D/64 * sc) * q - (Dm/64 * mn): every product exact in f32, one rounding
         dw, mw = q4_k_block_scales(parts)
         return (q * dw[:, :, None] - mw[:, :, None]).reshape(n, -1)
+    raise KeyError(f"unknown quant type {qtype!r}")
+
+
+def unpack_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q4_K / Q5_K's 12 bytes of packed 6-bit codes [..., 12] u1 -> (sc, mn) [..., 8] u1
+    (llama.cpp ``get_scale_min_k4``): bytes 0-3 hold sc 0-3 in their low 6 bits, bytes 4-7 mn
+    0-3; bytes 8-11 the low 4 bits of sc 4-7 (low nibble) and mn 4-7 (high nibble), whose top 2
+    bits sit in the top 2 bits of bytes 0-3 (sc) and 4-7 (mn)."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _dequantize_k(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
+    """q6_k / q5_k parts (GGUF's super-block fields, quant.formats) -> W [N, K] f32 (or [K]), in
+    the same float32 operations as ggml's reference, so bit for bit equal to gguf's."""
+    d = np.asarray(parts["d"])
+    if d.ndim == 1:
+        return _dequantize_k({k: np.asarray(v)[None] for k, v in parts.items()}, qtype)[0]
+    n, ns = d.shape
+    nsb = n * ns  # super-blocks of 256
+    d = d.reshape(nsb, 1).astype(np.float32)
+    if qtype == "q6_k":
+        scale = (d * np.asarray(parts["sc"]).reshape(nsb, 16).astype(np.float32)).reshape(nsb, 16, 1)
+        ql = np.asarray(parts["ql"]).reshape(nsb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        ql = (ql & np.uint8(0x0F)).reshape(nsb, 8, 32)
+        qh = np.asarray(parts["qh"]).reshape(nsb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        qh = (qh & np.uint8(0x03)).reshape(nsb, 8, 32)
+        q = ((ql | (qh << np.uint8(4))).astype(np.int8) - np.int8(32)).reshape(nsb, 16, 16).astype(np.float32)
+        return (scale * q).reshape(n, ns * 256)
+    if qtype == "q5_k":
+        sc, mn = unpack_k_scales(np.asarray(parts["s"]).reshape(nsb, 12))
+        scale = (d * sc.astype(np.float32)).reshape(nsb, 8, 1)
+        dmin = (np.asarray(parts["m"]).reshape(nsb, 1).astype(np.float32) * mn.astype(np.float32)).reshape(nsb, 8, 1)
+        ql = np.asarray(parts["qs"]).reshape(nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        ql = (ql & np.uint8(0x0F)).reshape(nsb, 8, 32)
+        qh = np.asarray(parts["qh"]).reshape(nsb, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        qh = (qh & np.uint8(0x01)).reshape(nsb, 8, 32)
+        q = (ql | (qh << np.uint8(4))).astype(np.float32)
+        return (scale * q - dmin).reshape(n, ns * 256)
     raise KeyError(f"unknown quant type {qtype!r}")
 
 

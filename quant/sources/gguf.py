@@ -17,6 +17,12 @@ type llama.cpp defines, K-quants included. What is ours, and why:
   128 bytes of nibbles) hold exactly what our q4_k holds with 8-bit codes: D = 64 d, Dm = 64 dmin
   (``split_q4_k``; a tensor whose 64 d overflows fp16 is re-quantized instead). The values, not
   the bytes, are what is kept: the codes are unpacked and the nibbles re-ordered.
+- Tensor bytes are read with ``pread`` into a buffer per tensor (an expert's slice of a stacked
+  tensor, or the rows a chunk needs), never through the reader's map: pages touched in a map
+  stay in our resident set until the map goes, which made a 26 GB conversion peak at 22 GB.
+  Read, used and dropped, a tensor costs memory only while it is converted.
+- A split GGUF (llama.cpp's ``gguf-split``: ``name-00001-of-00003.gguf`` ...) is opened as one:
+  the metadata comes from the first shard, the tensors from whichever shard holds them.
 
 Dimension letters: N output rows, K input columns, NB = K / 32 blocks per row, E experts.
 """
@@ -34,20 +40,31 @@ from mixcli.config import ModelConfig
 from mixcli.errors import CheckpointError
 from quant.formats import QK, FormatError, expected_shape, tensor_names, tensor_set_difference
 from quant.sources.gguf_check import check_gguf_header
+from quant.q4 import unpack_k_scales
 
-SUPPORTED_GGUF_ARCHS = ("llama",)  # Llama, Mistral and Mixtral GGUFs all say "llama"
+SUPPORTED_GGUF_ARCHS = ("llama",)
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # Llama, Mistral and Mixtral GGUFs all say "llama"
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
 
 # GGUF block types our format stores bit for bit: GGUF type name -> our type name
 EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
 Q4_K_BYTES = 144  # one GGUF Q4_K super-block: d, dmin (fp16), 12 bytes of codes, 128 bytes of nibbles
 
+# GGUF K-quants our format holds bit for bit once their kernels exist (quant.formats.PENDING_TYPES):
+# split_blocks imports them; the converter still re-quantizes them to q8_0 until then.
+PENDING_EXACT_TYPES = {"Q6_K": "q6_k", "Q5_K": "q5_k"}
+
 # Bytes of one GGUF block, in order: (field, byte offset, byte length) for the exact block types
 _BLOCK_FIELDS = {
     "Q4_0": (("d", 0, 2), ("qs", 2, 16)),  # 18 bytes: fp16 d, 16 bytes of nibbles
     "Q4_1": (("d", 0, 2), ("m", 2, 2), ("qs", 4, 16)),  # 20 bytes: fp16 d, fp16 m, nibbles
     "Q8_0": (("d", 0, 2), ("qs", 2, 32)),  # 34 bytes: fp16 d, 32 int8
+    # super-blocks of 256 weights (ggml's block_q6_K, block_q5_K)
+    "Q6_K": (("ql", 0, 128), ("qh", 128, 64), ("sc", 192, 16), ("d", 208, 2)),  # 210 bytes
+    "Q5_K": (("d", 0, 2), ("m", 2, 2), ("s", 4, 12), ("qh", 16, 32), ("qs", 48, 128)),  # 176 bytes
 }
+_BLOCK_WEIGHTS = {"Q6_K": 256, "Q5_K": 256}  # weights per block where not QK
+_FIELD_DTYPES = {"d": "<f2", "m": "<f2", "sc": "i1"}  # the rest are bytes (Q8_0's qs: int8)
 
 _TOP = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
 _LAYER = {
@@ -68,11 +85,12 @@ class GGUFTensorRef:
     """Where one canonical tensor lives in the GGUF."""
 
     gguf_name: str
-    index: int  # position in reader.tensors
+    index: int  # position in its shard's reader.tensors
     ggml_type: str  # e.g. "Q4_1"
     shape: tuple[int, ...]  # our logical shape: [N, K] or [K]
     expert: int | None  # slice of a stacked [E, N, ...] tensor, else None
     unpermute_heads: int | None  # heads whose rotary row permutation to undo (q/k), else None
+    shard: int = 0  # which file of a split GGUF holds it (0 for a single file)
 
 
 def reverse_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -90,20 +108,18 @@ def reverse_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def split_blocks(data: np.ndarray, ggml_type: str, k: int) -> dict[str, np.ndarray]:
-    """GGUF rows of interleaved blocks [N, NB * block_bytes] uint8 -> our parts (copies):
-    qs [N, K/2] u1 (q4) or [N, K] i1 (q8_0), d [N, NB] <f2, m [N, NB] <f2 (q4_1)."""
+    """GGUF rows of interleaved blocks [N, NB * block_bytes] uint8 -> our parts (copies, no bit
+    changed): qs [N, K/2] u1 (q4) or [N, K] i1 (q8_0), d [N, NB] <f2, m [N, NB] <f2 (q4_1);
+    for Q6_K / Q5_K the parts of quant.formats.PENDING_TYPES (NB = K / 256 super-blocks)."""
     fields = _BLOCK_FIELDS[ggml_type]
-    n, nb = data.shape[0], k // QK
+    n, nb = data.shape[0], k // _BLOCK_WEIGHTS.get(ggml_type, QK)
     bpb = sum(f[2] for f in fields)
     blocks = np.ascontiguousarray(data).reshape(n, nb, bpb)  # [N, NB, block bytes]
     parts: dict[str, np.ndarray] = {}
     for field, off, length in fields:
-        raw = np.ascontiguousarray(blocks[:, :, off:off + length])  # [N, NB, length]
-        if field == "qs":
-            qs = raw.reshape(n, nb * length)
-            parts["qs"] = qs.view(np.int8) if ggml_type == "Q8_0" else qs  # [N, K] i1 or [N, K/2] u1
-        else:
-            parts[field] = raw.reshape(n, nb * length).view("<f2")  # [N, NB]
+        raw = np.ascontiguousarray(blocks[:, :, off:off + length]).reshape(n, nb * length)  # [N, NB * length]
+        dtype = "i1" if (ggml_type, field) == ("Q8_0", "qs") else _FIELD_DTYPES.get(field, "u1")
+        parts[field] = raw.view(dtype)  # d, m: [N, NB] <f2
     return parts
 
 
@@ -112,10 +128,8 @@ def split_q4_k(data: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
     qs [N, K/2], s [N, 2*NB], d, m [N, NS] with D = 64 d, Dm = 64 dmin (a power of two: exact in
     fp16). None when some 64 d or 64 dmin is not a finite fp16 (the caller re-quantizes).
 
-    The 6-bit codes of the 8 sub-blocks are packed in 12 bytes (llama.cpp ``get_scale_min_k4``):
-    bytes 0-3 hold sc 0-3 in their low 6 bits, bytes 4-7 mn 0-3; bytes 8-11 hold the low 4 bits
-    of sc 4-7 (low nibble) and mn 4-7 (high nibble), whose top 2 bits sit in the top 2 bits of
-    bytes 0-3 (sc) and 4-7 (mn). The nibbles come per 64 weights as 32 bytes, weights 0-31 in the
+    The 6-bit codes of the 8 sub-blocks are packed in 12 bytes (``quant.q4.unpack_k_scales``).
+    The nibbles come per 64 weights as 32 bytes, weights 0-31 in the
     low nibbles and 32-63 in the high; ours are per 32 weights, byte j = w[j] | w[j+16] << 4."""
     n, ns = data.shape[0], k // 256
     blocks = np.ascontiguousarray(data).reshape(n, ns, Q4_K_BYTES)  # [N, NS, 144]
@@ -124,9 +138,7 @@ def split_q4_k(data: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
         big = sup * np.float16(64.0)  # exact unless it overflows
     if not np.isfinite(big).all():
         return None
-    a, b, c = blocks[:, :, 4:8], blocks[:, :, 8:12], blocks[:, :, 12:16]  # [N, NS, 4] each
-    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=2)  # [N, NS, 8]
-    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=2)
+    sc, mn = unpack_k_scales(blocks[:, :, 4:16])  # [N, NS, 8] each
     nib = blocks[:, :, 16:].reshape(n, ns, 4, 1, 32)  # per 64 weights: 32 bytes
     w = np.concatenate([nib & 0x0F, nib >> 4], axis=3).reshape(n, ns * 8, 32)  # [N, NB, 32] values 0..15
     return {
@@ -145,17 +157,19 @@ def _field_value(field: Any) -> Any:
 
 
 class GGUFCheckpoint:
-    """An opened, validated GGUF; tensors by canonical name."""
+    """An opened, validated GGUF (one file, or the shards of a split one); tensors by canonical name."""
 
-    def __init__(self, path: Path, reader: Any, metadata: dict[str, Any], hf_config: dict[str, Any],
+    def __init__(self, path: Path, readers: list[Any], metadata: dict[str, Any], hf_config: dict[str, Any],
                  config: ModelConfig, tensors: dict[str, GGUFTensorRef]):
         self.path = path
-        self.reader = reader
+        self.readers = readers  # one per shard; the first holds the metadata
+        self.reader = readers[0]
         self.metadata = metadata  # every key except the big token arrays, as Python values
         self.hf_config = hf_config
         self.config = config
         self.tensors = tensors  # canonical name -> GGUFTensorRef, in tensor_names order
         self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._fds = [os.open(r.data.filename, os.O_RDONLY) for r in readers]  # pread: see the module docstring
 
     # -- facts ------------------------------------------------------------------------------
     def field(self, key: str, default: Any = None) -> Any:
@@ -169,7 +183,7 @@ class GGUFCheckpoint:
     def nbytes(self, name: str) -> int:
         """Bytes the tensor (or its expert's slice) takes in the GGUF."""
         ref = self.tensors[name]
-        t = self.reader.tensors[ref.index]
+        t = self.readers[ref.shard].tensors[ref.index]
         return int(t.n_bytes) // (int(t.data.shape[0]) if ref.expert is not None else 1)
 
     @property
@@ -185,12 +199,30 @@ class GGUFCheckpoint:
         return max(by, key=by.get)
 
     # -- data -------------------------------------------------------------------------------
-    def _raw(self, name: str) -> np.ndarray:
-        """The stored array: [N, bytes] uint8 for block types, [N, K] float for F16/F32
-        (a vector is [K] or [bytes])."""
+    def _raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The stored array, read from the file into memory (never through the map): [N, bytes]
+        uint8 for block types, [N, K] float for F16/F32 (a vector is [K] or [bytes]); with
+        ``start``/``stop`` only those rows of a matrix."""
         ref = self.tensors[name]
-        data = self.reader.tensors[ref.index].data
-        return data[ref.expert] if ref.expert is not None else data
+        t = self.readers[ref.shard].tensors[ref.index]
+        shape, offset, nbytes = tuple(int(x) for x in t.data.shape), int(t.data_offset), int(t.n_bytes)
+        if ref.expert is not None:  # [E, N, ...]: one expert's slice
+            nbytes //= shape[0]
+            offset += ref.expert * nbytes
+            shape = shape[1:]
+        if start or stop is not None:
+            stop = shape[0] if stop is None else stop
+            row = nbytes // shape[0]
+            offset, nbytes, shape = offset + start * row, (stop - start) * row, (stop - start, *shape[1:])
+        buf = np.empty(nbytes, dtype=np.uint8)
+        done, fd = 0, self._fds[ref.shard]
+        with memoryview(buf) as view:
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path} ended inside tensor {ref.gguf_name}", DOWNLOAD_HINT)
+                done += n
+        return buf.view(t.data.dtype).reshape(shape)
 
     def _order(self, name: str) -> np.ndarray | None:
         ref = self.tensors[name]
@@ -230,11 +262,13 @@ class GGUFCheckpoint:
         import gguf
 
         ref = self.tensors[name]
-        raw = self._raw(name)
-        if len(ref.shape) == 1:
-            raw = raw.reshape(1, -1)
         order = self._order(name)
-        sel = raw[order[start:stop]] if order is not None else raw[start:stop]  # [rows, bytes or K]
+        if len(ref.shape) == 1:
+            sel = self._raw(name).reshape(1, -1)
+        elif order is not None:  # q/k: scattered rows, and small tensors: read whole, then pick
+            sel = self._raw(name)[order[start:stop]]
+        else:
+            sel = self._raw(name, start, stop)  # [rows, bytes or K]
         qtype = gguf.GGMLQuantizationType[ref.ggml_type]
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64):
             return np.asarray(sel, dtype=np.float32)
@@ -248,8 +282,12 @@ class GGUFCheckpoint:
         return self.rows(name, 0, n).reshape(ref.shape)
 
     def close(self) -> None:
-        """Drop our references to the map (numpy closes it once no view remains)."""
+        """Close our descriptors and drop the maps (numpy closes one once no view remains)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         self.reader = None
+        self.readers = []
 
     def __enter__(self) -> "GGUFCheckpoint":
         return self
@@ -364,7 +402,11 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise CheckpointError(f"GGUF file {path} does not exist", "check the path")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file", "pass the .gguf file itself")
-    reader = _open_reader(path)
+    paths = shard_paths(path)
+    readers = [_open_reader(p) for p in paths]
+    reader = readers[0]
+    if len(readers) > 1:
+        _check_shards(paths, readers)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
@@ -372,11 +414,16 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             f"GGUF architecture {arch or '(none given)'!s} is not supported",
             "mixcli reads llama-architecture GGUFs (Llama, Mistral, Mixtral)",
         )
-    by_name = {t.name: (i, t) for i, t in enumerate(reader.tensors)}
+    by_name: dict[str, tuple[int, int, Any]] = {}  # name -> (shard, index, tensor)
+    for shard, r in enumerate(readers):
+        for i, t in enumerate(r.tensors):
+            if t.name in by_name:
+                raise CheckpointError(f"tensor {t.name} appears twice in {path.name}'s shards", DOWNLOAD_HINT)
+            by_name[t.name] = (shard, i, t)
     if "token_embd.weight" not in by_name:
         raise CheckpointError(f"{path} has no token_embd.weight tensor", "use an unmodified llama.cpp GGUF")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(reader.tensors[by_name["token_embd.weight"][0]].shape[1])  # ne = [D, V]
+    n_vocab = int(by_name["token_embd.weight"][2].shape[1])  # ne = [D, V]
     if tokens is not None and len(tokens.data) > n_vocab:
         raise CheckpointError(
             f"GGUF tokenizer has {len(tokens.data)} tokens but the embedding only {n_vocab} rows", DOWNLOAD_HINT
@@ -390,7 +437,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     import gguf
 
     found: dict[str, GGUFTensorRef] = {}
-    for gname, (index, t) in by_name.items():
+    for gname, (shard, index, t) in by_name.items():
         targets = canonical_gguf_name(gname, config.num_local_experts)
         if targets is None:
             raise CheckpointError(
@@ -419,7 +466,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 heads = config.num_attention_heads
             elif cname.endswith("attn.wk"):
                 heads = config.num_key_value_heads
-            found[cname] = GGUFTensorRef(gname, index, ttype, shape, expert, heads)
+            found[cname] = GGUFTensorRef(gname, index, ttype, shape, expert, heads, shard)
 
     names = tensor_names(config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings)
     missing, extra = tensor_set_difference(names, found)
@@ -440,4 +487,48 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 f"tensor {ref.gguf_name} has shape {list(ref.shape)} but the GGUF metadata implies {list(want)}",
                 "use GGUF metadata and weights from the same model",
             )
-    return GGUFCheckpoint(path, reader, meta, hf, config, {n: found[n] for n in names})
+    return GGUFCheckpoint(paths[0], readers, meta, hf, config, {n: found[n] for n in names})
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """The files of the GGUF ``path`` names: itself, or every shard of a split GGUF (whichever
+    shard was named), in order; a missing shard is an error that names it."""
+    m = SHARD_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    if count < 1:
+        raise CheckpointError(f"{path.name} says it is one of {count} shards", DOWNLOAD_HINT)
+    ext = path.name[-5:]  # ".gguf" as spelled
+    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}{ext}") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path.name} is one of {count} shards of a split GGUF, and {missing[0]} is missing"
+            + (f" ({len(missing)} missing)" if len(missing) > 1 else ""),
+            f"download all {count} files into {path.parent}",
+        )
+    return paths
+
+
+def _check_shards(paths: list[Path], readers: list[Any]) -> None:
+    """Each shard says it is shard i of n (llama.cpp's split.* keys) and they agree on the total."""
+    total = None
+    for i, (p, r) in enumerate(zip(paths, readers)):
+        no, count = _field_int(r, "split.no"), _field_int(r, "split.count")
+        if no != i or count != len(paths):
+            raise CheckpointError(
+                f"{p.name} is not shard {i + 1} of {len(paths)} (its split metadata says "
+                f"{'none' if no is None else f'{no + 1} of {count}'})",
+                "download the shards again from one repo and revision",
+            )
+        total = _field_int(r, "split.tensors.count") if total is None else total
+    held = sum(len(r.tensors) for r in readers)
+    if total is not None and held != total:
+        raise CheckpointError(f"the {len(paths)} shards of {paths[0].name} hold {held} tensors, they say {total}",
+                              "download the shards again from one repo and revision")
+
+
+def _field_int(reader: Any, key: str) -> int | None:
+    f = reader.fields.get(key)
+    return None if f is None else int(_field_value(f))
