@@ -167,6 +167,7 @@ def load_registry(*a, **kw):
     e = dataclasses.replace(e, source={{**e.source, "wheel_sha256": {_sha(wheel)!r}, "file_sha256": {_sha(src)!r}}})
     return dataclasses.replace(reg, entries={{**reg.entries, e.name: e}})
 mixcli.registry.load_registry = load_registry
+mixcli.pull.load_registry = load_registry  # pull.py imports the name itself
 entry()
 """)
     return src, launcher, tmp

@@ -117,7 +117,7 @@ def pull_command(
         "How to convert a safetensors repo (q4_0, q4_1, q4_k, q8_0, f16; default: the registry's or q4_0). "
         "A GGUF keeps its blocks."))] = None,
 ):
-    """Fetch a registry or Hugging Face Hub model and convert it into the store."""
+    """Fetch a model (registry or Hub) and convert it."""
     from ..progress import say_stderr
     from ..pull import pull
 
