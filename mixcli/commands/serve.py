@@ -58,7 +58,7 @@ def serve_command(
     mmap: MmapOpt = None,
     act: ActOpt = None,
 ):
-    """Serve the OpenAI API (chat and completions, streaming) on 127.0.0.1:8080 until Ctrl-C."""
+    """Serve the OpenAI API on 127.0.0.1:8080 until Ctrl-C."""
     from ..engine import Engine
     from ..memsize import format_size
     from ..runtime import load_runtime
