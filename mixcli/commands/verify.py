@@ -17,7 +17,7 @@ from ..errors import ModelFormatError
 def verify_command(
     model: Annotated[Optional[str], typer.Argument(help="Converted model directory or registry name (default: the default model).")] = None,
 ):
-    """Check every rule of a converted model and the sha256 of every tensor; exit 1 on damage."""
+    """Check a converted model: every rule and every tensor sha256."""
     from rich.console import Console
     from rich.table import Table
 
