@@ -8,6 +8,11 @@ fast kernels apply (``KernelTable.act``), for tests that want to isolate it.
 
 Shapes use the dimension letters: N output rows, K input columns, NB = K / 32 blocks, T tokens,
 H / KVH heads, HD head dim, S cache positions, E experts.
+
+Each twin checks the bounds its numba counterpart assumes (row < N, pos0 + T <= S, KVH divides H,
+k <= E, matching lengths) and raises ``IndexError``/``ValueError`` where numpy would wrap a negative
+index, truncate a slice or broadcast silently: a test that drives a kernel out of range through
+its twin fails instead of reading past an array.
 """
 from __future__ import annotations
 
@@ -19,49 +24,75 @@ from quant.formats import QK
 ACT_INT8 = False
 
 
+def _require(ok: bool, what: str, exc: type[Exception] = ValueError) -> None:
+    """Raise (not assert: ``python -O`` must not drop it) when a kernel's bound does not hold."""
+    if not ok:
+        raise exc(f"kernel argument out of range: {what}")
+
+
+def _row(n: int, row) -> int:
+    row = int(row)
+    _require(0 <= row < n, f"row {row} of {n}", IndexError)
+    return row
+
+
 def _w(qtype: str, **parts) -> np.ndarray:
     return q4.dequantize(parts, qtype)  # [N, K] f32
 
 
-# ---- matrix-vector (decode) and matrix-matrix (prefill) ----------------------------------------
-def matvec_q4_0(qs, d, x, out):
-    out[:] = _w("q4_0", qs=qs, d=d) @ x
-
-
-def matvec_q4_1(qs, d, m, x, out):
-    out[:] = _w("q4_1", qs=qs, d=d, m=m) @ x
-
-
-def matvec_q8_0(qs, d, x, out):
-    out[:] = _w("q8_0", qs=qs, d=d) @ x
-
-
-def matvec_f16(w, x, out):
-    out[:] = np.asarray(w, np.float32) @ x
-
-
-def matvec_f32(w, x, out):
+def _mv(w: np.ndarray, x, out) -> None:
+    """out [N] = w [N, K] @ x [K], lengths checked."""
+    _require(np.shape(x) == (w.shape[1],), f"x {np.shape(x)} for K = {w.shape[1]}")
+    _require(np.shape(out) == (w.shape[0],), f"out {np.shape(out)} for N = {w.shape[0]}")
     out[:] = w @ x
 
 
+def _mm(w: np.ndarray, X, out) -> None:
+    """out [T, N] = X [T, K] @ w [N, K].T, shapes checked."""
+    _require(np.ndim(X) == 2 and np.shape(X)[1] == w.shape[1], f"X {np.shape(X)} for K = {w.shape[1]}")
+    _require(np.shape(out) == (np.shape(X)[0], w.shape[0]), f"out {np.shape(out)} for [T, N] = [{np.shape(X)[0]}, {w.shape[0]}]")
+    out[:] = X @ w.T
+
+
+# ---- matrix-vector (decode) and matrix-matrix (prefill) ----------------------------------------
+def matvec_q4_0(qs, d, x, out):
+    _mv(_w("q4_0", qs=qs, d=d), x, out)
+
+
+def matvec_q4_1(qs, d, m, x, out):
+    _mv(_w("q4_1", qs=qs, d=d, m=m), x, out)
+
+
+def matvec_q8_0(qs, d, x, out):
+    _mv(_w("q8_0", qs=qs, d=d), x, out)
+
+
+def matvec_f16(w, x, out):
+    _mv(np.asarray(w, np.float32), x, out)
+
+
+def matvec_f32(w, x, out):
+    _mv(w, x, out)
+
+
 def matmul_q4_0(qs, d, X, out):
-    out[:] = X @ _w("q4_0", qs=qs, d=d).T  # [T, N]
+    _mm(_w("q4_0", qs=qs, d=d), X, out)
 
 
 def matmul_q4_1(qs, d, m, X, out):
-    out[:] = X @ _w("q4_1", qs=qs, d=d, m=m).T
+    _mm(_w("q4_1", qs=qs, d=d, m=m), X, out)
 
 
 def matmul_q8_0(qs, d, X, out):
-    out[:] = X @ _w("q8_0", qs=qs, d=d).T
+    _mm(_w("q8_0", qs=qs, d=d), X, out)
 
 
 def matmul_f16(w, X, out):
-    out[:] = X @ np.asarray(w, np.float32).T
+    _mm(np.asarray(w, np.float32), X, out)
 
 
 def matmul_f32(w, X, out):
-    out[:] = X @ w.T
+    _mm(w, X, out)
 
 
 # the f32-activation kernels of the fast module have the same twins
@@ -71,27 +102,27 @@ matmul_q4_0_f32act, matmul_q4_1_f32act, matmul_q8_0_f32act = matmul_q4_0, matmul
 
 # row-tiled storage (quant.formats.interleave_rows): the same products, weights re-laid by numpy
 def matvec_q4_0r16(qs, d, x, out):
-    out[:] = _w("q4_0r16", qs=qs, d=d) @ x
+    _mv(_w("q4_0r16", qs=qs, d=d), x, out)
 
 
 def matvec_q4_1r16(qs, d, m, x, out):
-    out[:] = _w("q4_1r16", qs=qs, d=d, m=m) @ x
+    _mv(_w("q4_1r16", qs=qs, d=d, m=m), x, out)
 
 
 def matvec_q8_0r16(qs, d, x, out):
-    out[:] = _w("q8_0r16", qs=qs, d=d) @ x
+    _mv(_w("q8_0r16", qs=qs, d=d), x, out)
 
 
 def matmul_q4_0r16(qs, d, X, out):
-    out[:] = X @ _w("q4_0r16", qs=qs, d=d).T
+    _mm(_w("q4_0r16", qs=qs, d=d), X, out)
 
 
 def matmul_q4_1r16(qs, d, m, X, out):
-    out[:] = X @ _w("q4_1r16", qs=qs, d=d, m=m).T
+    _mm(_w("q4_1r16", qs=qs, d=d, m=m), X, out)
 
 
 def matmul_q8_0r16(qs, d, X, out):
-    out[:] = X @ _w("q8_0r16", qs=qs, d=d).T
+    _mm(_w("q8_0r16", qs=qs, d=d), X, out)
 
 
 matvec_q4_0r16_f32act, matvec_q4_1r16_f32act, matvec_q8_0r16_f32act = matvec_q4_0r16, matvec_q4_1r16, matvec_q8_0r16
@@ -100,19 +131,19 @@ matmul_q4_0r16_f32act, matmul_q4_1r16_f32act, matmul_q8_0r16_f32act = matmul_q4_
 
 # q4_k (quant.formats): parts qs, s, d, m, row-major or row-tiled
 def matvec_q4_k(qs, s, d, m, x, out):
-    out[:] = _w("q4_k", qs=qs, s=s, d=d, m=m) @ x
+    _mv(_w("q4_k", qs=qs, s=s, d=d, m=m), x, out)
 
 
 def matmul_q4_k(qs, s, d, m, X, out):
-    out[:] = X @ _w("q4_k", qs=qs, s=s, d=d, m=m).T
+    _mm(_w("q4_k", qs=qs, s=s, d=d, m=m), X, out)
 
 
 def matvec_q4_kr16(qs, s, d, m, x, out):
-    out[:] = _w("q4_kr16", qs=qs, s=s, d=d, m=m) @ x
+    _mv(_w("q4_kr16", qs=qs, s=s, d=d, m=m), x, out)
 
 
 def matmul_q4_kr16(qs, s, d, m, X, out):
-    out[:] = X @ _w("q4_kr16", qs=qs, s=s, d=d, m=m).T
+    _mm(_w("q4_kr16", qs=qs, s=s, d=d, m=m), X, out)
 
 
 matvec_q4_k_f32act, matmul_q4_k_f32act = matvec_q4_k, matmul_q4_k
@@ -165,19 +196,22 @@ def act_hat(x, levels):
 
 # ---- embedding rows -----------------------------------------------------------------------------
 def dequant_row_q4_0(qs, d, row, out):
+    row = _row(len(qs), row)
     out[:] = q4.dequantize({"qs": qs[row], "d": d[row]}, "q4_0")
 
 
 def dequant_row_q4_1(qs, d, m, row, out):
+    row = _row(len(qs), row)
     out[:] = q4.dequantize({"qs": qs[row], "d": d[row], "m": m[row]}, "q4_1")
 
 
 def dequant_row_q8_0(qs, d, row, out):
+    row = _row(len(qs), row)
     out[:] = q4.dequantize({"qs": qs[row], "d": d[row]}, "q8_0")
 
 
 def _tile_row(qtype: str, row: int, **parts) -> np.ndarray:
-    g, i = divmod(row, 16)  # the row's tile of a row-tiled matrix, and its place in it
+    g, i = divmod(_row(16 * len(next(iter(parts.values()))), row), 16)  # the row's tile, its place in it
     return _w(qtype, **{k: v[g : g + 1] for k, v in parts.items()})[i]
 
 
@@ -194,6 +228,7 @@ def dequant_row_q8_0r16(qs, d, row, out):
 
 
 def dequant_row_q4_k(qs, s, d, m, row, out):
+    row = _row(len(qs), row)
     out[:] = q4.dequantize({"qs": qs[row], "s": s[row], "d": d[row], "m": m[row]}, "q4_k")
 
 
@@ -202,22 +237,27 @@ def dequant_row_q4_kr16(qs, s, d, m, row, out):
 
 
 def dequant_row_f16(w, row, out):
-    out[:] = w[row]
+    out[:] = w[_row(len(w), row)]
 
 
 def dequant_row_f32(w, row, out):
-    out[:] = w[row]
+    out[:] = w[_row(len(w), row)]
 
 
 # ---- the rest of the layer ----------------------------------------------------------------------
 def rmsnorm(x, w, eps, out):
     """x [T, D] -> x * rsqrt(mean(x^2) + eps) * w, in f32 (HF's LlamaRMSNorm order)."""
+    _require(np.shape(w) == (np.shape(x)[-1],), f"norm weight {np.shape(w)} for D = {np.shape(x)[-1]}")
+    _require(np.shape(out) == np.shape(x), f"out {np.shape(out)} for x {np.shape(x)}")
     var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
     out[:] = (x / np.sqrt(var + np.float32(eps))) * w
 
 
 def rope_inplace(x, pos, inv_freq):
     """x [T, NH, HD] rotated in place; HF's rotate_half pairing (i with i + HD/2)."""
+    _require(x.ndim == 3 and x.shape[2] % 2 == 0, f"x {x.shape}: HD must be even")
+    _require(np.shape(inv_freq) == (x.shape[2] // 2,), f"inv_freq {np.shape(inv_freq)} for HD/2 = {x.shape[2] // 2}")
+    _require(np.shape(pos) == (x.shape[0],), f"pos {np.shape(pos)} for T = {x.shape[0]}")
     ang = pos.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, HD/2] f32
     cos = np.cos(ang)[:, None, :]
     sin = np.sin(ang)[:, None, :]
@@ -231,7 +271,12 @@ def rope_inplace(x, pos, inv_freq):
 def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     """Causal GQA attention; q [T, H, HD], caches [KVH, S, HD] float16, out [T, H, HD]."""
     T, H, HD = q.shape
-    grp = H // k_cache.shape[0]
+    KVH, S, _ = k_cache.shape
+    _require(v_cache.shape == k_cache.shape and k_cache.shape[2] == HD, f"caches {k_cache.shape} / {v_cache.shape} for HD = {HD}")
+    _require(KVH > 0 and H % KVH == 0, f"{KVH} KV heads do not divide {H} heads")
+    _require(0 <= pos0 and pos0 + T <= S, f"positions {pos0}..{pos0 + T} past the cache's {S}", IndexError)
+    _require(np.shape(out) == q.shape, f"out {np.shape(out)} for q {q.shape}")
+    grp = H // KVH
     n = pos0 + T
     k = np.asarray(k_cache[:, :n], np.float32)  # [KVH, n, HD]
     v = np.asarray(v_cache[:, :n], np.float32)
@@ -243,11 +288,14 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
 
 
 def silu_mul(a, b, out):
+    _require(np.shape(a) == np.shape(b) == np.shape(out), f"silu_mul shapes {np.shape(a)}, {np.shape(b)}, {np.shape(out)}")
     out[...] = a / (np.float32(1.0) + np.exp(-a)) * b
 
 
 def route_topk(logits, k, weights_out, idx_out):
     """Softmax over E in f32, the k largest (lower expert first among equals), renormalised."""
+    _require(0 < k <= logits.shape[1], f"top-{k} of {logits.shape[1]} experts")
+    _require(np.shape(idx_out) == (logits.shape[0], k) == np.shape(weights_out), f"outputs {np.shape(idx_out)} / {np.shape(weights_out)} for [T, k] = [{logits.shape[0]}, {k}]")
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)  # [T, E]
     idx = np.argsort(-p, axis=1, kind="stable")[:, :k]  # [T, K]
@@ -257,4 +305,5 @@ def route_topk(logits, k, weights_out, idx_out):
 
 
 def add_scaled(out, x, w):
+    _require(np.shape(out) == np.shape(x), f"add_scaled shapes {np.shape(out)}, {np.shape(x)}")
     out += np.float32(w) * x
