@@ -325,6 +325,20 @@ def test_taken_port_is_one_line_error_before_loading(baby):
     assert "Traceback" not in r.stderr
 
 
+def test_listening_beyond_loopback_without_a_key_warns(baby, server):
+    """Loopback is the default and says nothing; --host 0.0.0.0 without a key still serves, and says
+    on stderr that anyone who reaches the port can use the model."""
+    assert "warning" not in server.output() and f"on http://127.0.0.1:{server.port}/v1" in server.output()
+    srv = ServerProcess(baby, "--host", "0.0.0.0", "--parallel", "1", "--ctx", "256")
+    try:
+        assert srv.health()["status"] == "ok"
+        out = srv.output()
+        assert "warning: listening on 0.0.0.0 without --api-key" in out, out
+        assert f"on http://0.0.0.0:{srv.port}/v1" in out
+    finally:
+        assert srv.stop() == 0
+
+
 def test_only_loopback_counts_as_local():
     from mixcli.commands.serve import is_loopback
 
