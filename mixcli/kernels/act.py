@@ -108,41 +108,61 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return buf[: shape[0]] if buf.shape[0] != shape[0] else buf
 
 
+SMALL_T = 16  # scratch tuples of up to this many tokens are kept whole, per (T, K, L)
+
+
 def act(t: int, k: int, levels: int):
     """(xq [T*L, K] int8, xdx, xsq, xsum [T*L, NB] f32, xsqt [T, NB] f32) thread-local scratch.
-    Decode's (T = 1) tuples are kept per (K, L): a decode step makes several matvec calls per layer,
-    and five buffer lookups each were a noticeable share of a small model's token time."""
-    if t == 1:
-        one = getattr(_tls, "act1", None)
-        if one is None:
-            one = _tls.act1 = {}
-        hit = one.get((k, levels))
-        if hit is None:
-            hit = one[(k, levels)] = _act_new(1, k, levels)
-        return hit
-    return _act_new(t, k, levels)
+    Tuples for a few tokens (decode, several sequences decoded together) are kept per (T, K, L):
+    a step makes several matrix calls per layer, and the buffer lookups each were a noticeable
+    share of a small model's token time."""
+    if t > SMALL_T:
+        return _act_new(t, k, levels, scratch)
+    return _kept("act", (t, k, levels), lambda: _act_new(t, k, levels, _own))
 
 
-def _act_new(t: int, k: int, lv: int):
+def _kept(kind: str, key: tuple, make):
+    kept = getattr(_tls, kind, None)
+    if kept is None:
+        kept = {}
+        setattr(_tls, kind, kept)
+    hit = kept.get(key)
+    if hit is None:
+        hit = kept[key] = make()
+    return hit
+
+
+def _own(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A buffer of its own (a kept tuple must not hold a view of a shared buffer that grows)."""
+    return np.empty(shape, dtype)
+
+
+def _act_new(t: int, k: int, lv: int, alloc):
     nb = k // QK
     return (
-        scratch("xq", (t * lv, k), np.int8),
-        scratch("xdx", (t * lv, nb), np.float32),
-        scratch("xsq", (t * lv, nb), np.float32),
-        scratch("xsum", (t * lv, nb), np.float32),
-        scratch("xsqt", (t, nb), np.float32),
+        alloc("xq", (t * lv, k), np.int8),
+        alloc("xdx", (t * lv, nb), np.float32),
+        alloc("xsq", (t * lv, nb), np.float32),
+        alloc("xsum", (t * lv, nb), np.float32),
+        alloc("xsqt", (t, nb), np.float32),
     )
 
 
 def pact(t: int, k: int, levels: int):
     """``act`` scratch plus its packed form for ``tiles.make_ptile``: (..., xq32, xp, xp32, dxp,
     cp), with no groups (NG = 0) below PACK_MIN virtual tokens."""
-    a = act(t, k, levels)
+    if t > SMALL_T:
+        return _pact_new(t, k, levels, scratch)
+    return _kept("pact", (t, k, levels), lambda: _pact_new(t, k, levels, _own))
+
+
+def _pact_new(t: int, k: int, levels: int, alloc):
+    a = _act_new(t, k, levels, alloc)
     v, nb = t * levels, k // QK
     ng = (v + 15) // 16 if v >= PACK_MIN else 0
-    xp = scratch("xp", (ng, k * 16), np.int8)
+    xp = alloc("xp", (ng, k * 16), np.int8)
     return a + (a[0].view(np.int32), xp, xp.view(np.int32).reshape(ng, k // 4, 16),
-                scratch("dxp", (ng, nb, 16), np.float32), scratch("cp", (ng, nb, 16), np.float32))
+                alloc("dxp", (ng, nb, 16), np.float32), alloc("cp", (ng, nb, 16), np.float32))
 
 
 def rowbuf(k: int) -> np.ndarray:

@@ -396,10 +396,33 @@ def _group_fn():
     return cfunc(_GROUP_SIG, error_model="numpy", **_JIT)(_attend_group)
 
 
+@functools.lru_cache(maxsize=1)
+def _group_addr() -> np.uint64:
+    """The C function's address: what ``_attention`` takes. Passing the cfunc object itself made
+    numba type it on every call (~0.1 ms, a third of a small model's attention time)."""
+    return np.uint64(_group_fn().address)
+
+
+@intrinsic
+def _call_group(typingctx, fn, q_at, kc_at, vc_at, out_at, sc_at, H, HD, S, sc_cols, h0, grp, n, scale):
+    """Call the C function at address ``fn`` with _GROUP_SIG's arguments."""
+    sig = types.void(fn, q_at, kc_at, vc_at, out_at, sc_at, H, HD, S, sc_cols, h0, grp, n, scale)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [_i64] * 12 + [_f32])
+        target = builder.inttoptr(args[0], fnty.as_pointer())
+        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:13], signature.args[1:13])]
+        vals.append(context.cast(builder, args[13], signature.args[13], types.float32))
+        builder.call(target, vals)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(error_model="numpy", **_PJIT)
 def _attention(q, kc, vc, pos0, scale, out, scratch, group):
     # q, out [T, H, HD] f32; kc, vc [KVH, S, HD] uint16 (fp16 bits); scratch [>= H or >= T*H, >= pos0+T]
-    # (all C-contiguous); group: _attend_group, passed in so that this function stays cacheable
+    # (all C-contiguous); group: _attend_group's address, passed in so this function stays cacheable
     T, H, HD = q.shape
     KVH, S = kc.shape[0], kc.shape[1]
     grp = H // KVH
@@ -417,7 +440,7 @@ def _attention(q, kc, vc, pos0, scale, out, scratch, group):
         t1 = tp + 1 if pairs else T
         for t in range(t0, t1):
             row = t * H if pairs else 0
-            group(q[t].ctypes.data, kc[g].ctypes.data, vc[g].ctypes.data, out[t].ctypes.data,
+            _call_group(group, q[t].ctypes.data, kc[g].ctypes.data, vc[g].ctypes.data, out[t].ctypes.data,
                   scratch[row].ctypes.data, H, HD, S, scratch.shape[1], g * grp, grp, pos0 + t + 1, sc)
 
 
@@ -436,9 +459,9 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     kc, vc = _u16(k_cache), _u16(v_cache)
     # the group routine takes C-contiguous arrays by address; any other layout goes through copies
     if all(a.flags.c_contiguous for a in (q, kc, vc, out, scratch)):
-        _attention(q, kc, vc, pos0, scale, out, scratch, _group_fn())
+        _attention(q, kc, vc, pos0, scale, out, scratch, _group_addr())
     else:
         res = np.empty(out.shape, np.float32)
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), pos0, scale, res,
-                   np.ascontiguousarray(scratch), _group_fn())
+                   np.ascontiguousarray(scratch), _group_addr())
         out[...] = res

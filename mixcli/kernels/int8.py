@@ -134,25 +134,39 @@ def _mv_r16(tier, kind, L, tag):
 
 def _mm_r16(tier, kind, L, tag):
     itile = tiles.make_itile(tier, kind, L)
+    NT, NT2 = tier.few_tokens, max(1, tier.few_tokens // 2)  # tokens per multi-token decode tile
+    itile_nt = tiles.make_itile(tier, kind, L, tokens=NT)
+    itile_nt2 = tiles.make_itile(tier, kind, L, tokens=NT2)
+    PACK = tier.packed_prefill
     PR, PG = tier.p_rows, tier.p_groups
     ptile = tiles.make_ptile(tier, kind, PR, PG, L, tiled=True)
     coef = _coef(tier, kind)
 
     @_jit(tag)
     def mm(qs, d, m, X, xq, xdx, xsq, xsum, xsqt, xq32, xp, xp32, dxp, cp, out):
-        # X [T, K]; scratch as _mm_rowmajor; out [T, N]. A few tokens run the decode tile per token
-        # while the tile's weights are in cache; from act.PACK_MIN on, the lane-per-token tile.
+        # X [T, K]; scratch as _mm_rowmajor; out [T, N]. Where the tier packs (``packed_prefill``),
+        # from act.PACK_MIN virtual tokens on the lane-per-token tile; otherwise the decode tile NT
+        # tokens at a time, each block's weights unpacked once for all of them, a tile's 16 rows
+        # staying in cache while every token passes over them (then NT/2 tokens, then 1).
         quantize_act_levels(X, L, xq, xdx, xsq, xsum, xsqt)
         T, n = out.shape
         ng = xp.shape[0]
-        if ng > 0:
+        if PACK and ng > 0:
             pack_act(xq32, xdx, xsq, coef, xp32, dxp, cp)
             for g in prange((n + PR - 1) // PR):
                 for g0 in range(0, ng, PG):
                     ptile(qs, d, m, g * PR, n, xp, dxp, cp, g0, ng, out)
         else:
+            tn = T - T % NT
+            tn2 = tn + (T - tn) // NT2 * NT2
             for g in prange(qs.shape[0]):
-                for t in range(T):
+                for t in range(0, tn, NT):
+                    itile_nt(qs, d, m, g, xq[t * L : (t + NT) * L], xdx[t * L : (t + NT) * L], xsqt[t : t + NT],
+                             out[t : t + NT])
+                for t in range(tn, tn2, NT2):
+                    itile_nt2(qs, d, m, g, xq[t * L : (t + NT2) * L], xdx[t * L : (t + NT2) * L],
+                              xsqt[t : t + NT2], out[t : t + NT2])
+                for t in range(tn2, T):
                     itile(qs, d, m, g, xq[t * L : t * L + L], xdx[t * L : t * L + L], xsqt[t : t + 1], out[t])
 
     return mm

@@ -29,6 +29,10 @@ class Tier(ABC):
     rows, wide = 8, False
     mm, mm2 = (4, 2), (2, 2)  # (rows, tokens) per prefill tile, one / two activation levels
     p_rows, p_groups = 4, 1  # lane-per-token prefill tile (``tiles.make_ptile``)
+    # row-tiled prefill: the lane-per-token tile from act.PACK_MIN virtual tokens on (else the
+    # decode tile over ``few_tokens`` tokens at a time, as below PACK_MIN on every tier)
+    packed_prefill = True
+    few_tokens = 2
     q8_offset = 128.0  # Q8_0 weights made unsigned by + 128 (0: they stay signed, see q8_weights)
 
     @abstractmethod

@@ -364,14 +364,18 @@ def _tile_block_dots(tier, builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_s
     return f
 
 
-def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = None):
+def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = None, tokens: int = 1):
     """An intrinsic ``itile(qs, d, m, g, xq, xdx, xsqt, out)``: writes out[16*g : 16*g+16], the
     complete dot products (offset terms included) of tile g's 16 rows with the ``levels``-level
     int8 activations of one token: xq [L, K] int8, xdx [L, NB] f32, xsqt [1+, NB] f32 (row 0:
     sum over levels of xdx * sum(xq)). Per block: f = sum_l dot_l * dx_l - offset * xsqt,
-    acc += d_w * f (Q4_1: + m_w * xsqt), 16 rows per vector."""
+    acc += d_w * f (Q4_1: + m_w * xsqt), 16 rows per vector.
+
+    ``tokens`` = NT > 1: the same for NT tokens at once, each block's weights loaded and unpacked
+    once for all of them (a few sequences decoded together): xq [NT*L, K] (token j's levels in
+    rows j*L..j*L+L-1), xdx [NT*L, NB], xsqt [NT, NB], out [NT, N] f32 (rows may be strided)."""
     offset = _offset(tier, kind)
-    L = levels
+    L, NT = levels, tokens
     nline = 4 if kind != "q8_0" else 8  # 64-byte lines per (tile, block)
     prefetch = IT_PREFETCH[levels] if prefetch is None else prefetch
 
@@ -387,14 +391,18 @@ def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = 
             m_p, m_st, _ = _arr(context, builder, at[2], m_v)
             xq_p, xq_st, _ = _arr(context, builder, at[4], xq_v)
             xdx_p, xdx_st, _ = _arr(context, builder, at[5], xdx_v)
-            xs_p, _, _ = _arr(context, builder, at[6], xs_v)
-            out_p, _, _ = _arr(context, builder, at[7], out_v)
+            xs_p, xs_st, _ = _arr(context, builder, at[6], xs_v)
+            out_p, out_st, _ = _arr(context, builder, at[7], out_v)
             nb = builder.sdiv(d_sh[1], _c64(R))
             v16f = _vec(_f32, 16)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(NT)]
             gq = builder.mul(g_v, qs_st[0])
             gd = builder.mul(g_v, d_st[0])
             gm = builder.mul(g_v, m_st[0])
+            # token j's activation rows and sums (NT == 1: the arrays as given)
+            xq_t = [builder.gep(xq_p, [builder.mul(_c64(j * L), xq_st[0])]) for j in range(NT)]
+            xdx_t = [builder.gep(xdx_p, [builder.mul(_c64(j * L), xdx_st[0])]) for j in range(NT)]
+            xs_t = [builder.gep(xs_p, [builder.mul(_c64(j), xs_st[0])]) for j in range(NT)] if NT > 1 else [xs_p]
 
             def halves(p, off):  # 16 fp16 at p + off -> <16 x float>
                 h = _load(builder, p, off, _vec(_i16, 16))
@@ -404,18 +412,21 @@ def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = 
                 b = loop.index
                 qb = builder.add(gq, builder.mul(b, _c64(64 * nline)))
                 _prefetch_block(builder, qs_p, qb, prefetch, nline)
-                f = _tile_block_dots(tier, builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_st, b)
-                cs = _splat16(builder, _load(builder, xs_p, builder.mul(b, _c64(4)), _f32), v16f)
-                if offset:
-                    f = builder.fadd(f, builder.fmul(cs, ir.Constant(v16f, [-offset] * 16), flags=_FAST), flags=_FAST)
                 dw = halves(d_p, builder.add(gd, builder.mul(b, _c64(2 * R))))
-                a = builder.fadd(builder.load(acc), builder.fmul(f, dw, flags=_FAST), flags=_FAST)
-                if kind == "q4_1":
-                    mw = halves(m_p, builder.add(gm, builder.mul(b, _c64(2 * R))))
-                    a = builder.fadd(a, builder.fmul(mw, cs, flags=_FAST), flags=_FAST)
-                builder.store(a, acc)
-            optr = builder.bitcast(builder.gep(out_p, [builder.mul(g_v, _c64(4 * R))]), v16f.as_pointer())
-            builder.store(builder.load(acc), optr, align=4)
+                mw = halves(m_p, builder.add(gm, builder.mul(b, _c64(2 * R)))) if kind == "q4_1" else None
+                for j in range(NT):  # the weight loads repeat per token; LLVM keeps one copy of each
+                    f = _tile_block_dots(tier, builder, kind, L, qs_p, qb, xq_t[j], xq_st, xdx_t[j], xdx_st, b)
+                    cs = _splat16(builder, _load(builder, xs_t[j], builder.mul(b, _c64(4)), _f32), v16f)
+                    if offset:
+                        f = builder.fadd(f, builder.fmul(cs, ir.Constant(v16f, [-offset] * 16), flags=_FAST), flags=_FAST)
+                    a = builder.fadd(builder.load(accs[j]), builder.fmul(f, dw, flags=_FAST), flags=_FAST)
+                    if mw is not None:
+                        a = builder.fadd(a, builder.fmul(mw, cs, flags=_FAST), flags=_FAST)
+                    builder.store(a, accs[j])
+            for j in range(NT):
+                row = builder.mul(_c64(j), out_st[0]) if NT > 1 else _c64(0)
+                optr = builder.bitcast(builder.gep(out_p, [builder.add(row, builder.mul(g_v, _c64(4 * R)))]), v16f.as_pointer())
+                builder.store(builder.load(accs[j]), optr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen

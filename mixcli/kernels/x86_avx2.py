@@ -36,7 +36,17 @@ def _join(builder, pieces):
     return pieces[0] if len(pieces) == 1 else join_halves(builder, *pieces)
 
 
-class AvxVnni(Tier):
+class _Ymm(Tier):
+    """What the two 256-bit tiers share: row-tiled prefill runs the decode tile over 4 tokens at a
+    time (each block's weights unpacked once for the 4), which beat the lane-per-token tile at
+    every prompt length measured on AVX2 (benchmarks/RESULTS.md); AVX-VNNI follows AVX2 here
+    unmeasured, as it has the same 16 ymm registers."""
+
+    packed_prefill = False
+    few_tokens = 4
+
+
+class AvxVnni(_Ymm):
     name = "avxvnni"
 
     def dot(self, builder, acc, terms, umax, chains=1):
@@ -49,7 +59,7 @@ class AvxVnni(Tier):
         return chained(builder, acc, terms, chains, step)
 
 
-class Avx2(Tier):
+class Avx2(_Ymm):
     name = "avx2"
     q8_offset = 0.0
 
