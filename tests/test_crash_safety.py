@@ -4,7 +4,8 @@
   same directory removes it and says so (quant.leftovers), while a live process's is kept;
 - a second `convert -o SAME` refuses while the first runs (quant.locks); a second pull of the
   same model waits for the first and reuses its result;
-- `/save` refused by the filesystem part-way keeps the previous save whole (quant.atomic).
+- `/save` onto a full tmpfs (as root), or refused part-way by a file-size limit (any user), keeps
+  the previous save whole (quant.atomic).
 """
 from __future__ import annotations
 
@@ -113,6 +114,36 @@ def test_a_second_pull_waits_for_the_first_and_reuses_it(tmp_path, monkeypatch):
         (dest / "manifest.json").write_text("{}")  # what the first one installs
     t.join(30)
     assert result == {"path": dest}
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (the RLIMIT_FSIZE test below covers the same path without it): "
+                    f"{r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_save_onto_a_full_disk_keeps_the_previous_save(full_tmpfs):
+    from mixcli.chat import ChatError, ChatSession
+
+    rt = SimpleNamespace(template="{{ messages }}", name="baby", model=None)
+    s = ChatSession(rt, sampler=None)
+    s.messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    path = full_tmpfs / "chat.json"
+    s.save(path)
+    before = path.read_bytes()
+    with open(full_tmpfs / "filler", "wb") as fh:  # leave ~8 KB free
+        fh.write(bytes(56 << 10))
+    s.messages = [{"role": "user", "content": "x" * 40000}, {"role": "assistant", "content": "y" * 40000}]
+    with pytest.raises(ChatError, match=r"cannot write .*chat.json: No space left on device \(the previous file"):
+        s.save(path)
+    assert path.read_bytes() == before and json.loads(before)["messages"][0]["content"] == "hello"
+    assert sorted(x.name for x in full_tmpfs.iterdir()) == ["chat.json", "filler"]  # no temporary left
 
 
 SAVE_PAST_A_SIZE_LIMIT = """
