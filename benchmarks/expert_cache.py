@@ -23,8 +23,8 @@ Reported per run: decode tok/s, disk bytes read per token (/proc/self/io read_by
 page-fault reads of the mapping too), hit rate, next-layer guess accuracy, time stalled on expert
 reads, peak RSS, and the time per token the disk alone would need ((bytes read) / bandwidth). It
 also measures the ways of loading one expert cold (pread, O_DIRECT pread, madvise WILLNEED +
-touch, page faults through the map) and replays the recorded routing through LRU / LFU policies.
-The model directory is removed at the end unless --keep.
+touch, page faults through the map) and replays the recorded routing through the cache's policies
+(mixcli.expert_policy) and Belady's bound. The model directory is removed at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mixcli.config import ModelConfig  # noqa: E402
-from mixcli.expert_cache import DEFAULT_POLICY, next_use_score  # noqa: E402
+from mixcli.expert_policy import DEFAULT_POLICY, ReplacementPolicy, replay  # noqa: E402
 from mixcli.memsize import format_size, parse_size  # noqa: E402
 from quant import formats  # noqa: E402
 from synth import drop_page_cache  # noqa: E402
@@ -161,10 +161,9 @@ def child(args) -> None:
     provider.get = get
     model = Model(store, ctx=256, threads=args.threads, experts=provider)
     if args.skew:
-        for layer in model.layers:
-            layer.gate = np.ascontiguousarray(layer.gate * SKEW[:, None])  # [E, D]
-        if hasattr(provider, "attach"):
-            provider.attach(model)
+        for block in model.layers:
+            block.moe.gate = np.ascontiguousarray(block.moe.gate * SKEW[:, None])  # [E, D]
+        provider.attach(model)
     # tokens are drawn at random rather than sampled: greedy decoding of random weights settles on
     # one repeated token whose routing never changes, which would flatter any cache
     rng = np.random.default_rng(1)
@@ -273,46 +272,32 @@ def disk_bandwidth(model_dir: Path) -> float:
     return float(num) * {"GB/s": 1e9, "MB/s": 1e6, "kB/s": 1e3}.get(unit, 1.0)
 
 
-def replay(trace: list[tuple[int, int]], n_slots: int, policy: str, tokens_per_access: float,
-           half_life: float = 8.0, n_layers: int = 8) -> float:
-    """Hit rate of a policy on a recorded access sequence (no prefetch): lru, lfu, or opt
-    (Belady: evict the one used farthest in the future, the bound no policy beats)."""
-    held: set = set()
-    last: dict = {}
-    freq: dict = {}
+def replay_belady(trace: list[tuple[int, int]], n_slots: int) -> float:
+    """Hit rate of Belady's policy (evict the expert used farthest in the future: the bound no
+    policy beats) on a recorded access sequence, without prefetch."""
+    nxt_use = [0] * len(trace)
+    seen: dict = {}
+    for i in range(len(trace) - 1, -1, -1):
+        nxt_use[i] = seen.get(trace[i], 1 << 60)
+        seen[trace[i]] = i
+    held: dict = {}  # key -> index of its next use
     hits = 0
-    nxt_use = []
-    if policy == "opt":
-        pos: dict = {}
-        nxt_use = [0] * len(trace)
-        for i in range(len(trace) - 1, -1, -1):
-            nxt_use[i] = pos.get(trace[i], 1 << 60)
-            pos[trace[i]] = i
-        next_of: dict = {}
     for i, key in enumerate(trace):
-        clock = i * tokens_per_access
         if key in held:
             hits += 1
         elif len(held) >= n_slots:
-            if policy == "lru":
-                victim = min(held, key=lambda k: last[k])
-            elif policy == "lfu":
-                victim = min(held, key=lambda k: freq[k] * 0.5 ** ((clock - last[k]) / half_life))
-            elif policy == "next":
-                victim = min(held, key=lambda k: next_use_score(freq[k] * 0.5 ** ((clock - last[k]) / half_life),
-                                                                 k[0], key[0], n_layers, half_life))
-            else:
-                victim = max(held, key=lambda k: next_of[k])
-            held.discard(victim)
-            held.add(key)
-        else:
-            held.add(key)
-        if policy in ("lfu", "next"):
-            freq[key] = freq.get(key, 0.0) * 0.5 ** ((clock - last.get(key, clock)) / half_life) + 1.0
-        if policy == "opt":
-            next_of[key] = nxt_use[i]
-        last[key] = clock
+            del held[max(held, key=held.get)]
+        held[key] = nxt_use[i]
     return hits / max(len(trace), 1)
+
+
+def replay_policy(trace: list[tuple[int, int]], n_slots: int, policy: str, n_layers: int, k: int,
+                  half_life: float = 8.0) -> float:
+    """Hit rate of one of the cache's own policies (mixcli.expert_policy) on recorded decode
+    routing: trace holds each token's K experts per layer, layer by layer."""
+    routing = np.array([e for _, e in trace], np.int64).reshape(-1, n_layers, k)  # [N, L, K]
+    n_experts = int(routing.max()) + 1
+    return replay(routing, n_slots, ReplacementPolicy(policy, n_layers, n_experts, half_life)) / max(routing.size, 1)
 
 
 def run_child(args, mode: str, skew: bool, cg: Path | None) -> dict:
@@ -416,8 +401,9 @@ def main() -> None:
         if r["mode"] != "cache+pf":
             continue
         trace = [tuple(t) for t in r["trace"]]
-        line = ", ".join(f"{p}{'' if hl is None else f'(half-life {hl:g})'} {replay(trace, n_slots, p, 1 / (L * K), hl or 8.0):.0%}"
-                         for p, hl in (("lru", None), ("lfu", 2.0), ("lfu", 8.0), ("lfu", 32.0), ("opt", None)))
+        line = ", ".join(f"{p}{'' if hl is None else f'(half-life {hl:g})'} {replay_policy(trace, n_slots, p, L, K, hl or 8.0):.0%}"
+                         for p, hl in (("lru", None), ("lfu", 2.0), ("lfu", 8.0), ("lfu", 32.0), ("next", None)))
+        line += f", opt (Belady) {replay_belady(trace, n_slots):.0%}"
         print(f"  {'skewed' if r['skew'] else 'uniform'}: {line}")
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -5,9 +5,10 @@ Each of the P slots owns a KV cache and the tokens it holds. A step takes, for a
 slots, the tokens to append (one for a decoding sequence, a chunk of the prompt for one that is
 prefilling), concatenates them into one batch of T tokens and runs every weight matrix once over
 that batch (the model's ``matmul`` kernels), so dense weights are read once per step for all
-sequences. Attention runs per slot, over that slot's cache; the MoE layer groups the batch's
-tokens by routed expert exactly as prefill does (``Model._moe``). A slot's results depend on the
-other rows of the batch only through float rounding: the per-row arithmetic is the same.
+sequences. The blocks are the model's own (``Model.forward_blocks``): attention runs per slot,
+over that slot's cache (one ``SeqRows`` per slot), and the MoE layer groups the batch's tokens by
+routed expert exactly as prefill does. A slot's results depend on the other rows of the batch only
+through float rounding: the per-row arithmetic is the same.
 
 The weights and kernels are the ``Model``'s; its own single-sequence KV cache is not touched.
 """
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import UsageError
+from .model import RunState, SeqRows
 
 
 @dataclass
@@ -42,16 +44,15 @@ class BatchDecoder:
         self.model = model
         self.ctx = model.ctx if ctx is None else min(int(ctx), model.ctx)  # S per slot
         self.chunk = model.batch  # most prompt tokens of one slot per step
-        L, KVH, HD, H = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
+        L, KVH, HD = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         S = self.ctx
         # np.zeros maps pages lazily: a slot's cache costs memory only as far as it is filled
         self.k_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
         self.v_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
         self.slots = [Slot(i) for i in range(parallel)]
         self.max_tokens = parallel + self.chunk  # T: every slot decoding plus one prompt chunk
-        self._decode_scratch = np.zeros((H, S), np.float32)  # [H, S] attention scores, one token
         self._steps = 0
-        self._state = None
+        self._state: RunState | None = None  # [Tmax, ...], allocated at the first step
 
     @property
     def kv_bytes(self) -> int:
@@ -83,21 +84,14 @@ class BatchDecoder:
             self.slots[i].tokens = []
 
     # ---- the forward pass ------------------------------------------------------------------------
-    def _buffers(self):
-        if self._state is None:
-            st = self.model._buffers(self.max_tokens)  # [Tmax, ...] run state; we keep our own reference
-            self._state = dict(st)
-        return self._state
-
     def step(self, work: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
         """Append ``tokens`` to slot ``i`` for each (i, tokens) in ``work`` (each slot at most
         once, all tokens of all entries at most ``max_tokens``) in one forward pass; the
         next-token logits [V] after each entry's last token, in order (views, valid until the
         next step)."""
-        m, cfg, k = self.model, self.model.config, self.model.kernels
-        D, H, KVH, HD, V = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
-        segs = []  # (slot, start row, n, pos0)
-        toks = []
+        m, V = self.model, self.model.config.vocab_size
+        seqs: list[SeqRows] = []
+        toks: list[int] = []
         for i, ts in work:
             ts = [int(t) for t in ts]
             s = self.slots[i]
@@ -107,57 +101,22 @@ class BatchDecoder:
                 raise UsageError(f"{s.pos + len(ts)} tokens do not fit the context of {self.ctx}")
             if min(ts) < 0 or max(ts) >= V:
                 raise UsageError(f"token id out of range 0..{V - 1}")
-            segs.append((i, len(toks), len(ts), s.pos))
+            seqs.append(SeqRows(len(toks), len(ts), s.pos, self.k_cache[i], self.v_cache[i]))
             toks.extend(ts)
         T = len(toks)
         if T > self.max_tokens:
             raise ValueError(f"a step of {T} tokens exceeds {self.max_tokens}")
-        full = self._buffers()
-        st = {name: (a[:T] if isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == self.max_tokens else a)
-              for name, a in full.items()}
-        x, xb = st["x"], st["xb"]
-        pos = st["pos"]  # [T]
-        for i, r0, n, p0 in segs:
-            pos[r0:r0 + n] = np.arange(p0, p0 + n)
-        for t, tok in enumerate(toks):
-            m.tok_embeddings.row(tok, x[t])
-
-        for li, layer in enumerate(m.layers):
-            k.rmsnorm(x, layer.attn_norm, cfg.rms_norm_eps, xb)
-            q = layer.wq.matmul(xb, st["q"])
-            kk = layer.wk.matmul(xb, st["k"])
-            vv = layer.wv.matmul(xb, st["v"])
-            q3 = q.reshape(T, H, HD)  # [T, H, HD]
-            k3 = kk.reshape(T, KVH, HD)  # [T, KVH, HD]
-            v3 = vv.reshape(T, KVH, HD)  # [T, KVH, HD]
-            k.rope_inplace(q3, pos, m.inv_freq)
-            k.rope_inplace(k3, pos, m.inv_freq)
-            att = st["att"].reshape(T, H, HD)
-            for i, r0, n, p0 in segs:
-                kc, vc = self.k_cache[i, li], self.v_cache[i, li]  # [KVH, S, HD]
-                kc[:, p0:p0 + n, :] = k3[r0:r0 + n].transpose(1, 0, 2)
-                vc[:, p0:p0 + n, :] = v3[r0:r0 + n].transpose(1, 0, 2)
-                if n == 1:
-                    scratch = self._decode_scratch
-                else:  # a prompt chunk: scores of every query against the slot's window
-                    scratch = np.empty((n * H, p0 + n), np.float32)
-                k.attention(q3[r0:r0 + n], kc, vc, p0, m.scale, att[r0:r0 + n], scratch)
-            layer.wo.matmul(st["att"], st["xo"])
-            x += st["xo"]
-            k.rmsnorm(x, layer.ffn_norm, cfg.rms_norm_eps, xb)
-            m._moe(li, layer, xb, st)
-            x += st["moe"]
-
-        last = np.array([r0 + n - 1 for _, r0, n, _ in segs], np.int64)
-        xs = np.ascontiguousarray(x[last])  # [B, D]
-        xn = np.empty_like(xs)
-        k.rmsnorm(xs, m.norm, cfg.rms_norm_eps, xn)
-        logits = np.empty((len(segs), V), np.float32)  # [B, V]
-        m.output.matmul(xn, logits)
-        m.experts.stats.tokens += T
+        if self._state is None:
+            self._state = RunState.allocate(m.config, self.max_tokens, self.ctx)
+        st = self._state.rows(T)
+        for seq in seqs:
+            st.pos[seq.row0 : seq.row0 + seq.n] = np.arange(seq.pos0, seq.pos0 + seq.n)
+        x = m.forward_blocks(toks, st, seqs)
+        last = np.array([seq.row0 + seq.n - 1 for seq in seqs], np.int64)
+        logits = m.head(np.ascontiguousarray(x[last]), np.empty((len(seqs), V), np.float32))  # [B, V]
         self._steps += 1
-        for i, r0, n, _ in segs:
+        for (i, _), seq in zip(work, seqs):
             s = self.slots[i]
-            s.tokens.extend(toks[r0:r0 + n])
+            s.tokens.extend(toks[seq.row0 : seq.row0 + seq.n])
             s.last_used = self._steps
-        return [logits[b] for b in range(len(segs))]
+        return [logits[b] for b in range(len(seqs))]

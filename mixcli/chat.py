@@ -303,7 +303,7 @@ class ChatSession:
 
     def stats_lines(self) -> list[str]:
         """/stats: the last reply, the context, the session, the experts."""
-        from .ui import format_stats, kernel_label
+        from .ui import context_line, expert_share_line, format_stats
 
         m = self.model
         lines: list[str] = []
@@ -311,7 +311,7 @@ class ChatSession:
             lines += format_stats(m, self.last).splitlines()
         else:
             lines.append("no reply yet")
-            lines.append(f"context {m.pos}/{m.ctx} tokens | threads {m.threads} | kernels {kernel_label(m)}")
+            lines.append(context_line(m))
         t = self.totals
         n_turns = len(self.messages) // 2
         lines.append(
@@ -331,20 +331,6 @@ class ChatSession:
         if share:
             lines.append(share)
         return lines
-
-
-def expert_share_line(model) -> str | None:
-    """Each expert's share of the routed (token, expert) assignments, summed over layers."""
-    cfg = model.config
-    if not cfg.moe:
-        return None
-    counts = model.experts.stats.counts  # [L, E]
-    total = int(counts.sum())
-    if not total:
-        return None
-    per = counts.sum(axis=0) / total  # [E]
-    parts = " ".join(f"{e}:{p:.0%}" for e, p in enumerate(per))
-    return f"expert share of routed tokens (all layers): {parts}"
 
 
 class Repl:

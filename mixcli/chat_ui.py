@@ -73,14 +73,9 @@ class ChatUI:
             self._at_line_start = True
         if stats is None:
             return
-        m = session.model
-        why = {"interrupted": " · stopped (Ctrl-C)", "length": " · stopped: length limit"}.get(finish or "", "")
-        self._print(
-            self.out,
-            f"[{stats.completion_tokens} tok · {stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tokens} tok "
-            f"({stats.prefilled_tokens} new, {stats.prefill_tps:.0f} tok/s) · context {m.pos}/{m.ctx}{why}]",
-            "dim",
-        )
+        from .ui import answer_footer
+
+        self._print(self.out, answer_footer(session.model, stats, finish), "dim")
 
 
 def stdin_is_terminal() -> bool:

@@ -82,12 +82,9 @@ def _register() -> None:
     from .commands.verify import verify_command
 
     app.command("verify")(verify_command)
-    try:
-        from .commands.chat import chat_command
-    except ImportError:
-        pass
-    else:
-        app.command("chat")(chat_command)
+    from .commands.chat import chat_command  # a broken command module is a bug: fail loudly
+
+    app.command("chat")(chat_command)
 
 
 def _reflow_help() -> None:

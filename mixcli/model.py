@@ -1,24 +1,27 @@
-"""The forward pass: embeddings, attention with a fp16 KV cache, the MoE layer, the output head.
+"""The forward pass of a Mixtral-class model, to be read beside the paper.
 
-Kept apart as in llama2.c: the *weights* (``Linear`` views of the memory map, built once), the
-*run state* (buffers preallocated for a one-token decode step, so decoding allocates nothing of
-size D or larger), and the *KV cache*. A dense Llama/Mistral model runs through the same MoE code
-with one expert of weight 1.
+Kept apart as in llama2.c: the *weights* (``Linear`` views bound to their kernels once, at load),
+the *run state* (``RunState``, buffers preallocated per batch size, so a decode step allocates
+nothing of size D or larger) and the fp16 *KV cache*. Each ``Block`` is
+``x += attention(rmsnorm(x)); x += moe(rmsnorm(x))``; a dense Llama/Mistral model runs the same
+``MoELayer`` with one expert of weight 1. Where the MoE layer gets expert weights is its
+``ExpertProvider``'s business (experts.py), not the layer's.
 
-Prefill processes the prompt in batches of up to ``batch`` tokens: each matrix is read once per
-batch (matrix-matrix kernels), and in the MoE layer the batch's tokens are grouped by routed expert
-so every chosen expert's weights are read once per batch.
+Prefill runs the prompt in batches of up to ``batch`` tokens: each matrix is read once per batch,
+and the MoE layer groups the batch's tokens by routed expert, so each chosen expert is read once.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFormatError, UsageError
-from .experts import MappedExperts
+from .experts import ExpertProvider, ExpertWeights, MappedExperts
 from .linear import Linear
 from .store import ModelStore, open_model_dir
 
@@ -49,20 +52,192 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-class Layer:
-    """One transformer block's non-expert weights (the experts come from the provider)."""
+def _f32_vector(store: ModelStore, name: str) -> np.ndarray:
+    return np.ascontiguousarray(store.tensor(name).dequantize(), dtype=np.float32)
 
-    def __init__(self, store: ModelStore, i: int, kernels):
-        p = f"layers.{i}."
-        t = store.tensor
-        self.attn_norm = np.ascontiguousarray(t(p + "attn_norm").dequantize(), dtype=np.float32)  # [D]
-        self.ffn_norm = np.ascontiguousarray(t(p + "ffn_norm").dequantize(), dtype=np.float32)  # [D]
-        self.wq = Linear(t(p + "attn.wq"), kernels)  # [H*HD, D]
-        self.wk = Linear(t(p + "attn.wk"), kernels)  # [KVH*HD, D]
-        self.wv = Linear(t(p + "attn.wv"), kernels)  # [KVH*HD, D]
-        self.wo = Linear(t(p + "attn.wo"), kernels)  # [D, H*HD]
+
+@dataclass
+class RunState:
+    """The buffers of a forward pass over T tokens (llama2.c's RunState), allocated once per T."""
+
+    x: np.ndarray  # [T, D] residual stream
+    xb: np.ndarray  # [T, D] a sublayer's normed input
+    q: np.ndarray  # [T, H*HD]
+    k: np.ndarray  # [T, KVH*HD]
+    v: np.ndarray  # [T, KVH*HD]
+    att: np.ndarray  # [T, H*HD] attention heads' output, before wo
+    attn_out: np.ndarray  # [T, D] the attention sublayer's output
+    scores: np.ndarray  # [H, S] one token's attention scores (a prompt chunk allocates its own)
+    router_logits: np.ndarray  # [T, E]
+    route_weights: np.ndarray  # [T, K] f32 top-K softmax, renormalised
+    route_experts: np.ndarray  # [T, K] int32 chosen experts, most probable first
+    h1: np.ndarray  # [T, F] w1 x, then silu(w1 x) * (w3 x)
+    h3: np.ndarray  # [T, F] w3 x
+    expert_out: np.ndarray  # [T, D] one expert's output
+    moe_out: np.ndarray  # [T, D] the MoE sublayer's output
+    pos: np.ndarray  # [T] int64 each token's position
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, T: int, S: int) -> RunState:
+        D, H, KVH, HD, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        E, K = cfg.num_local_experts, cfg.num_experts_per_tok
+
+        def f32(*shape):
+            return np.zeros(shape, np.float32)
+
+        return cls(x=f32(T, D), xb=f32(T, D), q=f32(T, H * HD), k=f32(T, KVH * HD), v=f32(T, KVH * HD),
+                   att=f32(T, H * HD), attn_out=f32(T, D), scores=f32(H, S), router_logits=f32(T, E),
+                   route_weights=f32(T, K), route_experts=np.zeros((T, K), np.int32), h1=f32(T, F), h3=f32(T, F),
+                   expert_out=f32(T, D), moe_out=f32(T, D), pos=np.zeros(T, np.int64))
+
+    def rows(self, T: int) -> RunState:
+        """The first T rows of every per-token buffer (views): a smaller step in this state."""
+        return RunState(**{f.name: getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:T]
+                           for f in fields(self)})
+
+
+@dataclass
+class SeqRows:
+    """Rows row0..row0+n of a forward pass: one sequence's new tokens, at positions pos0.., with
+    the KV cache that holds its first pos0 positions."""
+
+    row0: int
+    n: int
+    pos0: int
+    k_cache: np.ndarray  # [L, KVH, S, HD] f16
+    v_cache: np.ndarray  # [L, KVH, S, HD] f16
+
+
+class Attention:
+    """Causal grouped-query self-attention with RoPE: H query heads share KVH kv heads."""
+
+    def __init__(self, store: ModelStore, layer: int, cfg: ModelConfig, kernels):
+        p = f"layers.{layer}.attn."
+        self.layer = layer
+        self.wq = Linear(store.tensor(p + "wq"), kernels)  # [H*HD, D]
+        self.wk = Linear(store.tensor(p + "wk"), kernels)  # [KVH*HD, D]
+        self.wv = Linear(store.tensor(p + "wv"), kernels)  # [KVH*HD, D]
+        self.wo = Linear(store.tensor(p + "wo"), kernels)  # [D, H*HD]
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        HD = self.head_dim
+        # RoPE frequencies computed as transformers does (float32 powers of theta)
+        exponents = np.arange(0, HD, 2, dtype=np.float32) / np.float32(HD)  # [HD/2]
+        self.inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)  # [HD/2]
+        self.scale = np.float32(1.0 / np.sqrt(HD))
+        self.kernels = kernels
+
+    def __call__(self, x: np.ndarray, st: RunState, seqs: Sequence[SeqRows]) -> np.ndarray:
+        """x [T, D] normed -> st.attn_out [T, D]; each sequence's rows attend over its own cache."""
+        T, H, KVH, HD = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        kernels = self.kernels
+        self.wq.matmul(x, st.q)
+        self.wk.matmul(x, st.k)
+        self.wv.matmul(x, st.v)
+        kernels.rope_inplace(st.q.reshape(T, H, HD), st.pos, self.inv_freq)
+        kernels.rope_inplace(st.k.reshape(T, KVH, HD), st.pos, self.inv_freq)
+        for seq in seqs:
+            self.attend(st, seq)
+        return self.wo.matmul(st.att, st.attn_out)
+
+    def attend(self, st: RunState, seq: SeqRows) -> None:
+        """Store seq's keys and values in its cache, then its queries' attention into st.att."""
+        n, p0, H, KVH, HD = seq.n, seq.pos0, self.n_heads, self.n_kv_heads, self.head_dim
+        rows = slice(seq.row0, seq.row0 + n)
+        kc, vc = seq.k_cache[self.layer], seq.v_cache[self.layer]  # [KVH, S, HD]
+        kc[:, p0 : p0 + n, :] = st.k[rows].reshape(n, KVH, HD).transpose(1, 0, 2)
+        vc[:, p0 : p0 + n, :] = st.v[rows].reshape(n, KVH, HD).transpose(1, 0, 2)
+        # one token: the preallocated scores; a prompt chunk: every query against the window
+        scores = st.scores if n == 1 else np.empty((n * H, p0 + n), np.float32)
+        self.kernels.attention(st.q[rows].reshape(n, H, HD), kc, vc, p0, self.scale,
+                               st.att[rows].reshape(n, H, HD), scores)
+
+
+class MoELayer:
+    """Mixtral's sparse mixture of experts: the router scores E experts per token, the top K are
+    kept with their softmax weights renormalised to sum 1, and the output is the weighted sum of
+    those experts' SwiGLU FFNs. A dense model: one expert (the MLP), weight 1, no router."""
+
+    def __init__(self, layer: int, gate: np.ndarray | None, top_k: int, experts: ExpertProvider, kernels):
+        self.layer = layer
+        self.gate = gate  # [E, D] f32 router weights; None for a dense model
+        self.top_k = top_k  # K
+        self.experts = experts
+        self.kernels = kernels
+
+    def __call__(self, x: np.ndarray, st: RunState) -> np.ndarray:
+        """x [T, D] normed -> st.moe_out [T, D]."""
+        out = st.moe_out
+        out[:] = 0.0
+        if self.gate is None:  # dense: the single expert takes every token with weight 1
+            self.expert_ffn(self.experts.get(self.layer, 0, x.shape[0]), x, st.h1, st.h3, out)
+            return out
+        self.route(x, st)
+        if x.shape[0] == 1:
+            self._run_one_token(x, st, out)
+        else:
+            self._run_grouped(x, st, out)
+        return out
+
+    def route(self, x: np.ndarray, st: RunState) -> None:
+        """Router logits, top K, renormalised weights into st.route_*; the provider is told."""
+        if x.shape[0] == 1:
+            self.kernels.matvec_f32(self.gate, x[0], st.router_logits[0])
+        else:
+            self.kernels.matmul_f32(self.gate, x, st.router_logits)  # [T, E]
+        self.kernels.route_topk(st.router_logits, self.top_k, st.route_weights, st.route_experts)
+        self.experts.on_route(self.layer, x, st.route_experts)
+
+    def _run_one_token(self, x: np.ndarray, st: RunState, out: np.ndarray) -> None:
+        for j in range(self.top_k):
+            w = self.experts.get(self.layer, int(st.route_experts[0, j]), 1)
+            self.expert_ffn(w, x, st.h1, st.h3, st.expert_out)
+            self.kernels.add_scaled(out[0], st.expert_out[0], st.route_weights[0, j])
+
+    def _run_grouped(self, x: np.ndarray, st: RunState, out: np.ndarray) -> None:
+        """Tokens grouped by expert, so each chosen expert's weights are read once per batch."""
+        K = self.top_k
+        flat = st.route_experts.ravel()  # [T*K]
+        order = np.argsort(flat, kind="stable")
+        chosen, starts = np.unique(flat[order], return_index=True)
+        ends = list(starts[1:]) + [len(order)]
+        for e, s0, s1 in zip(chosen, starts, ends):
+            sel = order[s0:s1]
+            toks = sel // K  # [Te] rows routed to e
+            weights = st.route_weights.ravel()[sel]  # [Te]
+            Te = len(toks)
+            w = self.experts.get(self.layer, int(e), Te)
+            ye = st.expert_out[:Te]
+            self.expert_ffn(w, np.ascontiguousarray(x[toks]), st.h1[:Te], st.h3[:Te], ye)
+            out[toks] += ye * weights[:, None]  # a token routes to an expert at most once: no duplicate rows
+
+    def expert_ffn(self, w: ExpertWeights, x: np.ndarray, h1: np.ndarray, h3: np.ndarray, y: np.ndarray) -> None:
+        """y [T, D] = w2( silu(w1 x) * (w3 x) ) for x [T, D] (SwiGLU)."""
+        w.w1.matmul(x, h1)
+        w.w3.matmul(x, h3)
+        self.kernels.silu_mul(h1, h3, h1)
+        w.w2.matmul(h1, y)
+
+
+class Block:
+    """One transformer block: x += attention(rmsnorm(x)); x += moe(rmsnorm(x))."""
+
+    def __init__(self, store: ModelStore, layer: int, cfg: ModelConfig, kernels, experts: ExpertProvider):
+        p = f"layers.{layer}."
+        self.attn_norm = _f32_vector(store, p + "attn_norm")  # [D]
+        self.attention = Attention(store, layer, cfg, kernels)
+        self.ffn_norm = _f32_vector(store, p + "ffn_norm")  # [D]
         gate = store.tensors.get(p + "moe.gate")
-        self.gate = None if gate is None else np.ascontiguousarray(gate.dequantize(), dtype=np.float32)  # [E, D]
+        gate = None if gate is None else np.ascontiguousarray(gate.dequantize(), dtype=np.float32)  # [E, D]
+        self.moe = MoELayer(layer, gate, cfg.num_experts_per_tok, experts, kernels)
+        self.eps = cfg.rms_norm_eps
+        self.kernels = kernels
+
+    def __call__(self, x: np.ndarray, st: RunState, seqs: Sequence[SeqRows]) -> None:
+        """x [T, D] in place."""
+        self.kernels.rmsnorm(x, self.attn_norm, self.eps, st.xb)
+        x += self.attention(st.xb, st, seqs)
+        self.kernels.rmsnorm(x, self.ffn_norm, self.eps, st.xb)
+        x += self.moe(st.xb, st)
 
 
 class Model:
@@ -76,11 +251,11 @@ class Model:
     path: Path | None = None
 
     def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
-                 batch: int = DEFAULT_BATCH, experts=None, kernels=None):
+                 batch: int = DEFAULT_BATCH, experts: ExpertProvider | None = None, kernels=None):
         cfg = store.config
         self.store = store
         self.config: ModelConfig = cfg
-        self.kernels = k = kernels if kernels is not None else _kernel_module()  # a kernels.KernelTable
+        self.kernels = kernels if kernels is not None else _kernel_module()  # a kernels.KernelTable
         max_ctx = cfg.max_position_embeddings
         ctx = DEFAULT_CTX if ctx is None else int(ctx)
         if ctx <= 0:
@@ -89,25 +264,34 @@ class Model:
         self.batch = max(1, int(batch))
         self.set_threads(threads)
 
-        self.layers = [Layer(store, i, k) for i in range(cfg.num_hidden_layers)]
-        self.tok_embeddings = Linear(store.tensor("tok_embeddings"), k)  # [V, D]
-        self.norm = np.ascontiguousarray(store.tensor("norm").dequantize(), dtype=np.float32)  # [D]
-        self.output = Linear(store.tensor("tok_embeddings" if cfg.tie_word_embeddings else "output"), k)  # [V, D]
-        self.experts = experts if experts is not None else MappedExperts(store, k)
-        attach = getattr(self.experts, "attach", None)
-        if attach is not None:  # a caching provider wants the router weights to predict with
-            attach(self)
+        provider = experts if experts is not None else MappedExperts(store, self.kernels)
+        self.layers = [Block(store, i, cfg, self.kernels, provider) for i in range(cfg.num_hidden_layers)]
+        self.tok_embeddings = Linear(store.tensor("tok_embeddings"), self.kernels)  # [V, D]
+        self.norm = _f32_vector(store, "norm")  # [D]
+        self.output = Linear(store.tensor("tok_embeddings" if cfg.tie_word_embeddings else "output"), self.kernels)  # [V, D]
+        self._experts = provider
+        provider.attach(self)  # a caching provider takes the router weights to predict with
 
-        D, H, KVH, HD = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        L, S = cfg.num_hidden_layers, self.ctx
+        KVH, HD, L, S = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers, self.ctx
         self.k_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
         self.v_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
         self.pos = 0  # tokens held in the cache
         self.tokens: list[int] = []  # the cached sequence
-        # inv_freq [HD/2] f32, computed as transformers does (float32 powers of theta)
-        self.inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, HD, 2, dtype=np.float32) / np.float32(HD)))).astype(np.float32)
-        self.scale = np.float32(1.0 / np.sqrt(HD))
-        self._state: dict[int, dict[str, np.ndarray]] = {}  # run-state buffers by batch size T
+        self._states: dict[int, RunState] = {}  # by batch size T
+        self._head_xn = np.zeros((1, cfg.hidden_size), np.float32)  # [1, D] the last token, normed
+        self._head_logits = np.zeros((1, cfg.vocab_size), np.float32)  # [1, V] its logits
+
+    @property
+    def experts(self) -> ExpertProvider:
+        """Where every MoE layer gets its experts; assigning one (a recorder wrapping the
+        provider, say) rewires every layer."""
+        return self._experts
+
+    @experts.setter
+    def experts(self, provider: ExpertProvider) -> None:
+        self._experts = provider
+        for block in self.layers:
+            block.moe.experts = provider
 
     # ---- housekeeping -------------------------------------------------------------------------
     def set_threads(self, threads: int | None) -> None:
@@ -129,142 +313,47 @@ class Model:
         self.pos = min(self.pos, max(0, n))
         self.tokens = self.tokens[: self.pos]
 
-    def _buffers(self, T: int) -> dict[str, np.ndarray]:
-        st = self._state.get(T)
-        if st is not None:
-            return st
-        cfg = self.config
-        D, H, KVH, HD, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-        E, K = cfg.num_local_experts, cfg.num_experts_per_tok
-        f32 = np.float32
-        st = {
-            "x": np.zeros((T, D), f32),  # [T, D] residual stream
-            "xb": np.zeros((T, D), f32),  # [T, D] normed input
-            "q": np.zeros((T, H * HD), f32),  # [T, H*HD]
-            "k": np.zeros((T, KVH * HD), f32),  # [T, KVH*HD]
-            "v": np.zeros((T, KVH * HD), f32),  # [T, KVH*HD]
-            "att": np.zeros((T, H * HD), f32),  # [T, H*HD] attention output
-            "att_scratch": np.zeros((T * H, self.ctx), f32) if T == 1 else None,  # scores, see _attention
-            "xo": np.zeros((T, D), f32),  # [T, D] projection output
-            "moe": np.zeros((T, D), f32),  # [T, D] MoE output
-            "router": np.zeros((T, E), f32),  # [T, E]
-            "rw": np.zeros((T, K), f32),  # [T, K] routing weights
-            "ri": np.zeros((T, K), np.int32),  # [T, K] routed experts
-            "h1": np.zeros((T, F), f32),  # [T, F]
-            "h3": np.zeros((T, F), f32),  # [T, F]
-            "y": np.zeros((T, D), f32),  # [T, D] one expert's output
-            "pos": np.zeros(T, np.int64),  # [T]
-        }
-        if T == 1:  # keep only the decode state and the latest prefill size
-            self._state = {1: st, **{t: s for t, s in self._state.items() if t == 1}}
-        else:
-            self._state = {t: s for t, s in self._state.items() if t == 1}
-            self._state[T] = st
+    def run_state(self, T: int) -> RunState:
+        """The buffers for a forward pass of T tokens: the decode state and the latest other size
+        are kept, so decoding and a repeated prefill size allocate nothing."""
+        st = self._states.get(T)
+        if st is None:
+            st = RunState.allocate(self.config, T, self.ctx)
+            self._states = {t: s for t, s in self._states.items() if t == 1}
+            self._states[T] = st
         return st
 
     # ---- the network ------------------------------------------------------------------------
-    def _forward(self, tokens: np.ndarray, want_all: bool) -> np.ndarray:
-        """Run tokens [T] at positions pos..pos+T-1, extend the cache; logits [T or 1, V]."""
-        cfg, k = self.config, self.kernels
-        T = len(tokens)
-        D, H, KVH, HD = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        st = self._buffers(T)
-        x, xb = st["x"], st["xb"]
-        pos0 = self.pos
-        st["pos"][:] = np.arange(pos0, pos0 + T)
+    def forward_blocks(self, tokens: Sequence[int], st: RunState, seqs: Sequence[SeqRows]) -> np.ndarray:
+        """Embed tokens [T] (positions already in st.pos) and run every block; x [T, D]."""
+        x = st.x
         for t, tok in enumerate(tokens):
             self.tok_embeddings.row(int(tok), x[t])
+        for block in self.layers:
+            block(x, st, seqs)
+        self.experts.stats.tokens += len(tokens)
+        return x
 
-        for li, layer in enumerate(self.layers):
-            # attention
-            k.rmsnorm(x, layer.attn_norm, cfg.rms_norm_eps, xb)
-            q = layer.wq.matmul(xb, st["q"])
-            kk = layer.wk.matmul(xb, st["k"])
-            vv = layer.wv.matmul(xb, st["v"])
-            q3 = q.reshape(T, H, HD)  # [T, H, HD]
-            k3 = kk.reshape(T, KVH, HD)  # [T, KVH, HD]
-            k.rope_inplace(q3, st["pos"], self.inv_freq)
-            k.rope_inplace(k3, st["pos"], self.inv_freq)
-            kc, vc = self.k_cache[li], self.v_cache[li]  # [KVH, S, HD]
-            kc[:, pos0 : pos0 + T, :] = k3.transpose(1, 0, 2)
-            vc[:, pos0 : pos0 + T, :] = vv.reshape(T, KVH, HD).transpose(1, 0, 2)
-            att = st["att"].reshape(T, H, HD)
-            self._attention(q3, kc, vc, pos0, att, st)
-            layer.wo.matmul(st["att"], st["xo"])
-            x += st["xo"]
-            # mixture of experts (a dense model: one expert, weight 1)
-            k.rmsnorm(x, layer.ffn_norm, cfg.rms_norm_eps, xb)
-            self._moe(li, layer, xb, st)
-            x += st["moe"]
-
-        if want_all:
-            xs = x
+    def head(self, x: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """Final norm and output projection: x [N, D] -> logits [N, V]; one row goes through
+        buffers kept for it (the result is then valid until the next one-row call)."""
+        if x.shape[0] == 1:
+            xn, logits = self._head_xn, (self._head_logits if logits is None else logits)
         else:
-            xs = x[T - 1 : T]
-        xn = np.empty_like(xs)
-        k.rmsnorm(xs, self.norm, cfg.rms_norm_eps, xn)
-        logits = np.empty((xs.shape[0], cfg.vocab_size), np.float32)  # [T or 1, V]
-        self.output.matmul(xn, logits)
+            xn = np.empty_like(x)
+            logits = np.empty((x.shape[0], self.config.vocab_size), np.float32) if logits is None else logits
+        self.kernels.rmsnorm(x, self.norm, self.config.rms_norm_eps, xn)
+        return self.output.matmul(xn, logits)
+
+    def _forward(self, tokens: np.ndarray, want_all: bool) -> np.ndarray:
+        """Run tokens [T] at positions pos..pos+T-1, extend the cache; logits [T or 1, V]."""
+        T, pos0 = len(tokens), self.pos
+        st = self.run_state(T)
+        st.pos[:] = np.arange(pos0, pos0 + T)
+        x = self.forward_blocks(tokens, st, (SeqRows(0, T, pos0, self.k_cache, self.v_cache),))
+        logits = self.head(x if want_all else x[T - 1 :])
         self.pos += T
-        self.experts.stats.tokens += T
         return logits
-
-    def _attention(self, q3, kc, vc, pos0, att, st) -> None:
-        T = q3.shape[0]
-        scratch = st["att_scratch"]
-        if scratch is None:  # prefill: scores for every query against the whole window
-            scratch = np.empty((T * self.config.num_attention_heads, pos0 + T), np.float32)
-        self.kernels.attention(q3, kc, vc, pos0, self.scale, att, scratch)
-
-    def _moe(self, li: int, layer: Layer, xb: np.ndarray, st) -> None:
-        cfg, k = self.config, self.kernels
-        T = xb.shape[0]
-        out = st["moe"]
-        out[:] = 0.0
-        if layer.gate is None:  # dense: the single expert takes every token with weight 1
-            w = self.experts.get(li, 0, T)
-            self._expert_ffn(w, xb, st["h1"], st["h3"], out)
-            return
-        if T > 1:
-            k.matmul_f32(layer.gate, xb, st["router"])  # [T, E]
-        else:
-            k.matvec_f32(layer.gate, xb[0], st["router"][0])
-        before = getattr(self.experts, "before_moe", None)
-        if before is not None:  # e.g. start prefetching layer li+1's predicted experts
-            before(li, xb, st["router"])
-        k.route_topk(st["router"], cfg.num_experts_per_tok, st["rw"], st["ri"])
-        ri, rw = st["ri"], st["rw"]  # [T, K]
-        if T == 1:
-            for j in range(cfg.num_experts_per_tok):
-                w = self.experts.get(li, int(ri[0, j]), 1)
-                y = st["y"]
-                self._expert_ffn(w, xb, st["h1"], st["h3"], y)
-                k.add_scaled(out[0], y[0], np.float32(rw[0, j]))
-            return
-        # prefill: group the batch's tokens by expert so each expert is read once per batch
-        flat_e = ri.ravel()  # [T*K]
-        order = np.argsort(flat_e, kind="stable")
-        experts, starts = np.unique(flat_e[order], return_index=True)
-        ends = list(starts[1:]) + [len(order)]
-        for e, s0, s1 in zip(experts, starts, ends):
-            sel = order[s0:s1]
-            toks = sel // cfg.num_experts_per_tok  # [Te] token rows routed to e
-            wts = rw.ravel()[sel]  # [Te]
-            Te = len(toks)
-            w = self.experts.get(li, int(e), Te)
-            xe = np.ascontiguousarray(xb[toks])  # [Te, D]
-            h1 = st["h1"][:Te]
-            h3 = st["h3"][:Te]
-            ye = st["y"][:Te]
-            self._expert_ffn(w, xe, h1, h3, ye)
-            out[toks] += ye * wts[:, None]  # a token routes to an expert at most once: no duplicate rows
-
-    def _expert_ffn(self, w, x: np.ndarray, h1: np.ndarray, h3: np.ndarray, y: np.ndarray) -> None:
-        """y [T, D] = w2( silu(w1 x) * (w3 x) ) for x [T, D] (SwiGLU)."""
-        w.w1.matmul(x, h1)
-        w.w3.matmul(x, h3)
-        self.kernels.silu_mul(h1, h3, h1)
-        w.w2.matmul(h1, y)
 
     # ---- public ----------------------------------------------------------------------------
     def _check_room(self, n: int) -> None:
@@ -293,7 +382,7 @@ class Model:
             chunk = arr[s : s + self.batch]
             outs.append(self._run(chunk, want_all).copy() if want_all else self._run(chunk, False))
             self.tokens.extend(int(t) for t in chunk)
-        return np.concatenate(outs, axis=0) if want_all else outs[-1][0]
+        return np.concatenate(outs, axis=0) if want_all else outs[-1][0].copy()  # decode reuses the row
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; its next-token logits [V] (a view, valid until the next call)."""

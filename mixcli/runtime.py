@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MixcliError, UsageError
 from .memsize import format_size
+
+if TYPE_CHECKING:  # the model module imports numba's kernels lazily; keep `mixcli --help` quick
+    from .model import Model
+    from .tokenizer import Tokenizer
 
 
 @dataclass
 class Runtime:
     path: Path
-    model: object  # mixcli.model.Model (which also carries the three below: attach_text)
-    tokenizer: object  # mixcli.tokenizer.Tokenizer
+    model: Model  # which also carries the three below (attach_text)
+    tokenizer: Tokenizer
     template: str | None  # Jinja chat template text, or None for a base model without one
     add_bos: bool
 
@@ -86,7 +91,7 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                        max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                       notify=None, verify: bool = True):
+                       notify=None, verify: bool = True) -> tuple[Model, Path]:
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
     with a --max-memory budget as the limit when one is given). ``act``: the activation

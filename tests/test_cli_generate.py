@@ -205,6 +205,20 @@ def test_typer_cli_runner(baby):
     assert bad.exit_code == EXIT_USAGE
 
 
+def test_a_command_module_that_fails_to_import_fails_loudly():
+    """A bug that breaks `import mixcli.commands.chat` must not quietly remove `mixcli chat`: the
+    CLI exits non-zero with the import error in a traceback (a bug, not a user error)."""
+    code = ("import sys; sys.modules['mixcli.commands.chat'] = None\n"  # the import now raises ImportError
+            "from mixcli.cli import main; sys.exit(main(['--help']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode != 0
+    assert "ModuleNotFoundError" in p.stderr and "mixcli.commands.chat" in p.stderr
+    ok = subprocess.run([sys.executable, "-m", "mixcli", "--help"], capture_output=True, text=True, timeout=120,
+                        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "COLUMNS": "200"})
+    assert ok.returncode == 0 and " chat " in ok.stdout  # the same line with the module intact lists chat
+
+
 def test_truncate_keeps_the_end_of_a_long_prompt(cli, baby):
     long = "hello world " * 200
     r = cli("inproc", *gen_args(baby, "--prompt", long, "--ctx", "64", "--truncate", "-n", "5", *GREEDY, "--json"))

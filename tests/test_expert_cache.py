@@ -12,9 +12,10 @@ import pytest
 
 import mixcli
 from babymodels import make_hf_checkpoint
-from mixcli import expert_cache
+from mixcli import expert_reader
 from mixcli.errors import MixcliError, UsageError
 from mixcli.expert_cache import ExpertCache, ExpertLoadError, make_expert_provider, memory_for_slots
+from mixcli.expert_policy import ReplacementPolicy, replay
 from mixcli.experts import MappedExperts
 from mixcli.memsize import parse_size
 from mixcli.model import Model
@@ -102,7 +103,7 @@ def test_cache_never_holds_more_than_its_budget(baby):
     model = Model(store, ctx=64, batch=4, experts=cache)
     _run(model, steps=12)
     nonexpert = sum(t.nbytes for n, t in store.tensors.items() if ".experts." not in n)
-    assert nonexpert + len(cache._arena) <= budget  # the slot mapping itself fits beside the pinned weights
+    assert nonexpert + cache.mapped_bytes <= budget  # the slot mapping itself fits beside the pinned weights
     assert max(seen) <= budget - nonexpert
     assert cache.cstats.peak_resident_bytes <= cache.capacity_bytes
     assert len(seen) == cache.cstats.requests
@@ -132,7 +133,7 @@ def _crafted(model, rng, targets):
     D = model.config.hidden_size
     u = rng.standard_normal(D).astype(np.float32)
     for i, t in targets.items():
-        model.layers[i].gate = np.ascontiguousarray(np.outer(t, u) / (u @ u), dtype=np.float32)
+        model.layers[i].moe.gate = np.ascontiguousarray(np.outer(t, u) / (u @ u), dtype=np.float32)
     w = rng.standard_normal((1, D)).astype(np.float32)
     w -= np.outer(w @ u, u) / (u @ u)
     return lambda s: np.ascontiguousarray(w + s * u[None, :], dtype=np.float32)  # [1, D]
@@ -150,8 +151,8 @@ def test_prefetch_guess_is_scored_right_or_wrong(baby, case):
     # in "norm-sign" layer 1's norm weight flips the sign of its input: the guess must follow
     model.layers[1].ffn_norm = np.full(D, -1.0 if case == "norm-sign" else 1.0, np.float32)
     cache.attach(model)  # re-read the crafted gates and norms
-    st = model._buffers(1)
-    model._moe(0, model.layers[0], x(1.0), st)
+    st = model.run_state(1)
+    model.layers[0].moe(x(1.0), st)
     assert cache.wait_idle(30)
     before = cache.cstats.guess_hits
     misses = cache.cstats.misses
@@ -159,7 +160,7 @@ def test_prefetch_guess_is_scored_right_or_wrong(baby, case):
     # (wrong: -t1 picks 0, 1), or the input its sign-flipping norm produces (norm-sign: 0, 1,
     # which only the norm-corrected guess foresees)
     x1 = {"right": x(1.0), "wrong": x(-1.0), "norm-sign": x(-1.0)}[case]
-    model._moe(1, model.layers[1], x1, st)
+    model.layers[1].moe(x1, st)
     c = cache.cstats
     assert c.predicted == 2
     if case == "right":
@@ -178,7 +179,7 @@ def test_prefetch_guess_is_scored_right_or_wrong(baby, case):
 @pytest.mark.parametrize("failure", ["oserror", "bug"])
 def test_loader_thread_failure_is_a_clear_error_not_a_hang(baby, monkeypatch, failure):
     model, cache = _cached(baby, 5, prefetch=True)
-    real = expert_cache.pread_into
+    real = expert_reader.pread_into
 
     def flaky(fd, buf, offset):
         if threading.current_thread().name == "mixcli-expert-loader":
@@ -187,7 +188,7 @@ def test_loader_thread_failure_is_a_clear_error_not_a_hang(baby, monkeypatch, fa
             raise RuntimeError("loader bug")
         return real(fd, buf, offset)
 
-    monkeypatch.setattr(expert_cache, "pread_into", flaky)
+    monkeypatch.setattr(expert_reader, "pread_into", flaky)
     _, err = _timeout_call(lambda: _run(model, steps=4))
     assert isinstance(err, ExpertLoadError) and isinstance(err, MixcliError)
     if failure == "oserror":
@@ -203,54 +204,35 @@ def test_vanished_data_file_during_a_synchronous_read(baby, monkeypatch):
     def gone(fd, buf, offset):
         raise OSError(errno.ENOENT, "No such file or directory")
 
-    monkeypatch.setattr(expert_cache, "pread_into", gone)
+    monkeypatch.setattr(expert_reader, "pread_into", gone)
     _, err = _timeout_call(lambda: model.logits(PROMPT[:3]))
     assert isinstance(err, ExpertLoadError) and "No such file or directory" in str(err)
 
 
 def test_truncated_read_is_reported(baby, monkeypatch):
     model, cache = _cached(baby, 3, prefetch=False)
-    monkeypatch.setattr(expert_cache, "pread_into", lambda fd, buf, offset: 0)  # end of file
+    monkeypatch.setattr(expert_reader, "pread_into", lambda fd, buf, offset: 0)  # end of file
     with pytest.raises(ExpertLoadError, match="truncated"):
         model.logits(PROMPT[:3])
 
 
-def test_lfu_keeps_a_hot_expert_that_lru_would_evict(baby):
-    """One expert used every step, three one-off experts in between, three slots. LRU evicts the
-    hot one every time (the stream is as long as the pool). LFU loses it once too (after one use
-    it counts no more than a one-off), but from its second use on it outscores every one-off."""
-    hits = {}
-    for policy in ("lfu", "lru"):
-        store = open_model_dir(baby)
-        cache = ExpertCache(store, None, memory_for_slots(store, 3), prefetch=False, policy=policy)
-        cold = [(layer, e) for layer in range(LAYERS) for e in range(1, EXPERTS)]
-        for step in range(8):
-            cache.get(0, 0, 1)
-            cache._tick(1)
-            for key in cold[step * 3 : step * 3 + 3]:
-                cache.get(*key, 1)
-        hits[policy] = cache.cstats.hits
-    assert hits["lfu"] == 6  # every use of (0, 0) after the second
-    assert hits["lru"] == 0
+@pytest.mark.parametrize("policy", ["next", "lfu", "lru"])
+def test_the_cache_evicts_as_its_policy_replays(baby, policy):
+    """The cache's hits on a decode equal a replay of the same routing through the pure policy
+    (expert_policy.replay): the cache takes its eviction order from the policy and nowhere else."""
+    from mixcli.commands.experts import RouterRecorder
 
-
-def test_next_use_policy_survives_a_cycle_longer_than_the_pool(baby):
-    """Every token routes the same two experts per layer: 8 experts cycle through 5 slots. LRU and
-    LFU (all counts equal, so oldest first) evict each expert just before its next use; the
-    next-use policy evicts the one whose layer comes round last, as Belady would, and keeps
-    four of the eight every token."""
-    hits = {}
-    for policy in ("next", "lfu", "lru"):
-        store = open_model_dir(baby)
-        cache = ExpertCache(store, None, memory_for_slots(store, 5), prefetch=False, policy=policy)
-        for step in range(6):
-            cache._tick(1)
-            for layer in range(LAYERS):
-                for e in (0, 1):
-                    cache.get(layer, e, 1)
-        hits[policy] = cache.cstats.hits
-    assert hits["lru"] == 0 and hits["lfu"] == 0
-    assert hits["next"] >= 3 * 5  # at least 3 of 8 per token once the pool is warm
+    model, cache = _cached(baby, 5, prefetch=False, policy=policy)
+    rec = RouterRecorder(cache, LAYERS, 2)
+    model.experts = rec
+    tok = 1
+    for _ in range(12):
+        tok = int(model.decode(tok).argmax())
+    routing = np.stack(rec.choices("prompt"), axis=1)  # [N, L, K]
+    assert routing.shape == (12, LAYERS, 2)
+    want = replay(routing, cache.n_slots, ReplacementPolicy(policy, LAYERS, EXPERTS))
+    c = cache.cstats
+    assert c.hits == want and c.misses == routing.size - want and c.evictions > 0
 
 
 @pytest.mark.parametrize("text,want", [("12GB", 12 * 2**30), ("1.5GiB", 3 * 2**29), ("800M", 800 * 2**20),

@@ -140,6 +140,21 @@ def test_bench_cli_reports_the_load_mode(tmp_path_factory, capsys):
     assert code == 0 and json.loads(capsys.readouterr().out)["results"]
 
 
+def test_bench_under_a_budget_reports_the_expert_cache(tmp_path_factory, capsys):
+    """bench with --max-memory prints the cache's counters (ui.cache_report, as --stats does):
+    its slots, policy and hits; without a budget there is no cache to report."""
+    from mixcli.cli import main
+    from mixcli.expert_cache import memory_for_slots
+
+    model = babyruntime.baby_chat_model(tmp_path_factory.getbasetemp() / "babyruntime")
+    budget = str(memory_for_slots(open_model_dir(model), 2))
+    code = main(["bench", str(model), "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1", "--max-memory", budget])
+    out = capsys.readouterr().out
+    assert code == 0 and "expert cache: 2 slots" in out and "policy next + prefetch" in out and "hits " in out, out
+    code = main(["bench", str(model), "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1"])
+    assert code == 0 and "expert cache" not in capsys.readouterr().out
+
+
 def test_unknown_storage_type_is_named(baby, tmp_path):
     """A model written by a newer mixcli (a storage type we do not know) is refused with the type's
     name and what to do, not a bare 'malformed entry'."""

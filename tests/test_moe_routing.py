@@ -18,6 +18,12 @@ class RecordingExperts:
         self.stats = inner.stats
         self.calls: list[tuple[int, int, int]] = []
 
+    def attach(self, model):
+        self.inner.attach(model)
+
+    def on_route(self, layer, x, experts):
+        self.inner.on_route(layer, x, experts)
+
     def get(self, layer, expert, n_tokens):
         self.calls.append((layer, expert, n_tokens))
         return self.inner.get(layer, expert, n_tokens)
@@ -54,10 +60,9 @@ def test_forced_router_reads_and_combines_exactly_the_chosen_experts(baby, T):
     u = rng.standard_normal(D).astype(np.float32)
     xb = xb - np.outer(xb @ u, u) / (u @ u)  # every token orthogonal to u ...
     xb += u[None, :]  # ... plus exactly u, so gate @ x = target when gate = outer(target, u)/|u|^2
-    model.layers[0].gate = np.ascontiguousarray(np.outer(target, u) / (u @ u), dtype=np.float32)
-    st = model._buffers(T)
-    model._moe(0, model.layers[0], xb, st)
-    got = st["moe"].copy()
+    moe = model.layers[0].moe
+    moe.gate = np.ascontiguousarray(np.outer(target, u) / (u @ u), dtype=np.float32)
+    got = moe(xb, model.run_state(T)).copy()  # [T, D]
 
     assert sorted({e for (_, e, _) in rec.calls}) == [1, 3]
     assert all(n == T for (_, _, n) in rec.calls) and len(rec.calls) == 2
@@ -75,3 +80,24 @@ def test_decode_touches_only_two_experts_per_layer(baby):
     assert (touched.sum(axis=1) == model.config.num_experts_per_tok).all()
     region = model.store.experts[(0, 0)].nbytes
     assert model.experts.stats.bytes_read == region * model.config.num_hidden_layers * model.config.num_experts_per_tok
+
+
+def test_every_provider_implements_the_protocol(baby):
+    """The plain mapping, the expert cache and the `mixcli experts` recorder all offer the hooks
+    the MoE layer calls (``ExpertProvider``); a provider missing ``on_route`` is not one."""
+    from mixcli.commands.experts import RouterRecorder
+    from mixcli.expert_cache import ExpertCache, memory_for_slots
+    from mixcli.experts import ExpertProvider
+
+    model = mixcli.load(baby, ctx=64)
+    cache = ExpertCache(model.store, None, memory_for_slots(model.store, 2), prefetch=False)
+    for p in (model.experts, cache, RouterRecorder(cache, 2, 2), RecordingExperts(model.experts)):
+        assert isinstance(p, ExpertProvider), type(p).__name__
+
+    class GetOnly:
+        stats = model.experts.stats
+
+        def get(self, layer, expert, n_tokens):
+            return model.experts.get(layer, expert, n_tokens)
+
+    assert not isinstance(GetOnly(), ExpertProvider)

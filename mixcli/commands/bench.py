@@ -73,6 +73,11 @@ def bench_command(
     con = Console()
     con.print(title, markup=False, highlight=False)  # a line of its own: a table's title is folded to its width
     con.print(t)
+    from ..ui import cache_report
+
+    cache = cache_report(m)  # with --max-memory: what the expert cache did over the whole run
+    if cache:
+        con.print(cache, markup=False, highlight=False, soft_wrap=True)
 
 
 def perplexity_command(

@@ -17,8 +17,8 @@ from .generate import CtxOpt, ModelArg, ThreadsOpt, read_prompt
 
 
 class RouterRecorder:
-    """Wraps the model's expert provider and records each token's top-K experts per layer (from
-    the router logits the model passes to ``before_moe``), split by phase."""
+    """An ``ExpertProvider`` around the model's own: records each token's top-K experts per layer
+    as the router chose them (``on_route``), split by phase, and passes every call on."""
 
     def __init__(self, inner, n_layers: int, k: int):
         self.inner = inner
@@ -28,19 +28,16 @@ class RouterRecorder:
         self.records: dict[str, list[list[np.ndarray]]] = {}  # phase -> layer -> [[T, K] int]
         self.n_layers = n_layers
 
+    def attach(self, model) -> None:
+        self.inner.attach(model)
+
+    def on_route(self, layer, x, experts):
+        rec = self.records.setdefault(self.phase, [[] for _ in range(self.n_layers)])
+        rec[layer].append(experts.copy())  # [T, K]
+        self.inner.on_route(layer, x, experts)
+
     def get(self, layer, expert, n_tokens):
         return self.inner.get(layer, expert, n_tokens)
-
-    def before_moe(self, layer, xb, router_logits):
-        top = np.argsort(-router_logits, axis=1, kind="stable")[:, : self.k]  # [T, K]
-        rec = self.records.setdefault(self.phase, [[] for _ in range(self.n_layers)])
-        rec[layer].append(top.copy())
-        inner = getattr(self.inner, "before_moe", None)
-        if inner is not None:
-            inner(layer, xb, router_logits)
-
-    def __getattr__(self, name):  # cache_stats and friends of a caching provider
-        return getattr(self.inner, name)
 
     def choices(self, phase: str) -> list[np.ndarray]:
         """Per layer: [T, K] experts chosen for each token of the phase (in token order)."""
