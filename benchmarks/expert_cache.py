@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixcli.config import ModelConfig  # noqa: E402
+from quant.config import ModelConfig  # noqa: E402
 from mixcli.expert_cache import DEFAULT_POLICY, next_use_score  # noqa: E402
 from mixcli.memsize import format_size, parse_size  # noqa: E402
 from quant import formats  # noqa: E402

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixcli.config import ModelConfig  # noqa: E402
+from quant.config import ModelConfig  # noqa: E402
 from quant import formats  # noqa: E402
 from quant.writer import ModelWriter  # noqa: E402
 

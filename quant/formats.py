@@ -98,6 +98,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import FormatError as FormatError  # re-exported beside check_manifest, which raises it
+
 FORMAT_NAME = "mixcli-q"
 FORMAT_VERSION = 2  # 2: the row-tiled "r16" types (1 had row-major blocks only)
 READABLE_VERSIONS = (1, 2)  # a version-1 model is a version-2 model without r16 tensors
@@ -353,18 +355,6 @@ TOKENIZER_FILES = (
 # ---------------------------------------------------------------------------------------------
 # The one manifest check
 # ---------------------------------------------------------------------------------------------
-class FormatError(ValueError):
-    """A converted model breaks a rule of this format. quant's own error type (quant never imports
-    mixcli); the CLI prints it as one line, ``message (hint)``, and exits 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = "convert the model again with `mixcli convert`"):
-        self.message = message
-        self.hint = hint
-        super().__init__(f"{message} ({hint})" if hint else message)
-
-
 CONFIG_LIMIT = 1 << 24  # no dimension of a model we can run comes near this; kernels index with int32
 # config field -> (kind, lower bound[, upper bound]); "int": a JSON integer in [lower, CONFIG_LIMIT],
 # "float": a number in (lower, upper] (float32 must hold rope_theta's powers; eps is a small epsilon)

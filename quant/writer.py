@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mixcli.errors import CheckpointError
 from . import fastquant, q4
+from .errors import CheckpointError
 from .floats import to_float32
 from .formats import (
     DATA_FILE_PATTERN,

@@ -3,8 +3,8 @@ model directory.
 
 Thin: flags in, ``quant.convert.convert_checkpoint`` (or ``quant.gguf_convert.convert_gguf`` for a
 ``.gguf`` file) does the work, mixcli.progress shows it on stderr (the bar every pull shares:
-source bytes and tensors done) and a summary table goes to stdout at the end. Errors
-are ``MixcliError``s that the app turns into one line and an exit code.
+source bytes and tensors done) and a summary table goes to stdout at the end. Errors are
+quant's (``quant.errors``) or ``MixcliError``s; the app turns either into one line and an exit code.
 """
 from __future__ import annotations
 

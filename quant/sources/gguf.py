@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from mixcli.config import ModelConfig
-from mixcli.errors import CheckpointError
-from quant.formats import QK, FormatError, expected_shape, tensor_names, tensor_set_difference
+from quant.config import ModelConfig
+from quant.errors import CheckpointError, FormatError
+from quant.formats import QK, expected_shape, tensor_names, tensor_set_difference
 from quant.sources.gguf_check import check_gguf_header
 from quant.q4 import unpack_k_scales
 

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from mixcli.config import ModelConfig
-from mixcli.errors import CheckpointError
-from quant.formats import expected_shape, tensor_names, tensor_set_difference  # noqa: F401 (expected_shape: re-exported)
+from quant.config import ModelConfig
+from quant.errors import CheckpointError
 from quant.floats import to_float32
+from quant.formats import expected_shape, tensor_names, tensor_set_difference
+from quant.memory import available_memory
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -340,8 +341,6 @@ class HFCheckpoint:
     def warm(self) -> None:
         """Start pulling the checkpoint into the page cache, front to back, until ``plan`` (or
         ``close``) is called: for the time between opening and the quantizer being ready."""
-        from mixcli.memsize import available_memory
-
         if self._warmer is None:
             avail = available_memory()
             limit = WARM_LIMIT if avail is None else min(WARM_LIMIT, avail // 4)
