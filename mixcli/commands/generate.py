@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
+from ..sampling import SamplerConfig
+from ..store import AUTO_MAX_BYTES, AUTO_MEMORY_FRACTION
 
 ModelArg = Annotated[
     Optional[str],
@@ -23,8 +25,8 @@ MaxMemoryOpt = Annotated[
 MmapOpt = Annotated[
     Optional[bool],
     typer.Option("--mmap/--no-mmap", help="Map the weights (instant start, less resident memory) or read them into "
-                 "memory (faster decode, slower start). Default: read a model of up to 4 GiB that fits in 60% of "
-                 "the available memory."),
+                 "memory (faster decode, slower start). Default: read a model of up to "
+                 f"{AUTO_MAX_BYTES / 2**30:g} GiB that fits in {AUTO_MEMORY_FRACTION:.0%} of the available memory."),
 ]
 
 ActOpt = Annotated[
@@ -40,12 +42,13 @@ VerifyOpt = Annotated[
                  "they last passed (once; `mixcli verify` checks on demand). --no-verify skips it."),
 ]
 
-# sampling flags, shared with `mixcli chat`
-TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 is off (the default).")]
+# sampling flags, shared with `mixcli chat`; defaults are SamplerConfig's (llama.cpp's)
+_S = SamplerConfig()
+TempOpt = Annotated[Optional[float], typer.Option("--temp", help=f"Temperature; 0 is greedy (default {_S.temperature:g}).")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help=f"Keep the k most likely tokens (0: all; default {_S.top_k}).")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help=f"Nucleus sampling mass in (0, 1] (default {_S.top_p:g}).")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help=f"Drop tokens below min_p x the top probability (default {_S.min_p:g}).")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help=f"1 is off (default {_S.repeat_penalty:g}).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly reproducible sampling.")]
 
 

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from quant.formats import DEFAULT_QUANT, QUANT_PRESETS
 
 
 def _dir_size(path) -> int:
@@ -114,8 +115,8 @@ def pull_command(
         "Keep the downloaded files (under $MIXCLI_HOME/downloads) after converting; files found in the "
         "Hugging Face cache are always kept."))] = False,
     quant: Annotated[Optional[str], typer.Option("--quant", help=(
-        "How to convert a safetensors repo (q4_0, q4_1, q4_k, q8_0, f16; default: the registry's or q4_0). "
-        "A GGUF keeps its blocks."))] = None,
+        f"How to convert a safetensors repo ({', '.join(QUANT_PRESETS)}; default: the registry's or "
+        f"{DEFAULT_QUANT}). A GGUF keeps its blocks."))] = None,
 ):
     """Fetch a model (registry or Hub) and convert it."""
     from ..progress import say_stderr
