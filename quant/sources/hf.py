@@ -6,8 +6,8 @@ every shard's structure (overlapping or uncovered data regions, bad dtypes). Wha
 - the safetensors numpy API cannot return bf16 (numpy has no bf16 dtype), and Mixtral ships bf16;
 - its errors do not say which file is truncated by how much, which the user needs to fix it;
 - reading speed. Memory-mapping the shards was the first design, but page faults on a cold map
-  read at 0.7-1.0 GB/s on this machine type while ``pread`` in row chunks reads at ``cat``
-  speed (~1.7 GB/s), and a thread can read the next chunks while the quantizer works (see
+  read well below ``cat`` speed while ``pread`` in row chunks reaches it (benchmarks/RESULTS.md,
+  "The converter"), and a thread can read the next chunks while the quantizer works (see
   ``HFCheckpoint.plan``). Each chunk buffer is dropped once quantized, so resident memory stays
   at a few chunks however large the checkpoint.
 
@@ -51,7 +51,7 @@ READAHEAD_CHUNKS = 8
 # paced at WARM_RATE so it does not queue far more than the disk reads in that time.
 WARM_LIMIT = 2 << 30
 WARM_STEP = 8 << 20
-WARM_RATE = 2e9  # bytes/s: about this VM's cold sequential read speed
+WARM_RATE = 2e9  # bytes/s: about the 2-core target VM's cold sequential read speed
 
 # safetensors dtype -> (our name, numpy dtype of the stored bits)
 DTYPES = {"BF16": ("bf16", np.dtype("<u2")), "F16": ("f16", np.dtype("<f2")), "F32": ("f32", np.dtype("<f4"))}
