@@ -15,8 +15,8 @@ over batched steps instead of the model's single KV cache.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import UsageError
 from .generate import GenerationResponse

@@ -13,8 +13,8 @@ The weights and kernels are the ``Model``'s; its own single-sequence KV cache is
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class BatchDecoder:
         next-token logits [V] after each entry's last token, in order (views, valid until the
         next step)."""
         m, cfg, k = self.model, self.model.config, self.model.kernels
-        D, H, KVH, HD, V = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+        H, KVH, HD, V = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
         segs = []  # (slot, start row, n, pos0)
         toks = []
         for i, ts in work:
@@ -117,7 +117,7 @@ class BatchDecoder:
               for name, a in full.items()}
         x, xb = st["x"], st["xb"]
         pos = st["pos"]  # [T]
-        for i, r0, n, p0 in segs:
+        for _slot, r0, n, p0 in segs:
             pos[r0:r0 + n] = np.arange(p0, p0 + n)
         for t, tok in enumerate(toks):
             m.tok_embeddings.row(tok, x[t])

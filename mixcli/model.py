@@ -98,7 +98,7 @@ class Model:
         if attach is not None:  # a caching provider wants the router weights to predict with
             attach(self)
 
-        D, H, KVH, HD = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        KVH, HD = cfg.num_key_value_heads, cfg.head_dim
         L, S = cfg.num_hidden_layers, self.ctx
         self.k_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
         self.v_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
@@ -167,7 +167,7 @@ class Model:
         """Run tokens [T] at positions pos..pos+T-1, extend the cache; logits [T or 1, V]."""
         cfg, k = self.config, self.kernels
         T = len(tokens)
-        D, H, KVH, HD = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, KVH, HD = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         st = self._buffers(T)
         x, xb = st["x"], st["xb"]
         pos0 = self.pos

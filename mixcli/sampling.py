@@ -14,8 +14,8 @@ partitioned and sorted.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class SamplerConfig:
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at; 0 = off, -1 = all
     seed: int | None = None  # None = fresh entropy each run
 
-    def validate(self) -> "SamplerConfig":
+    def validate(self) -> SamplerConfig:
         """Raise UsageError naming the first bad value; return self so calls can chain."""
 
         def bad(what: str, value, rule: str):

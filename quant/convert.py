@@ -21,13 +21,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import locks, q4
 from .errors import ArgumentError, CheckpointError, ConversionInterrupted, OutputError
-from .leftovers import process_tag, sweep
 from .formats import (
     QK,
     QUANT_PRESETS,
@@ -36,6 +36,7 @@ from .formats import (
     role_of,
     row_tiled,
 )
+from .leftovers import process_tag, sweep
 from .sources.hf import HFCheckpoint, open_hf_checkpoint
 
 # (tensor_name, tensors_done, tensors_total, bytes_done, bytes_total), bytes of the source
@@ -183,7 +184,8 @@ def _write_model(ckpt: HFCheckpoint, tmp: Path, quant: str, src: Path, progress:
             nrows = t.shape[0] if len(t.shape) == 2 else 1
             row_bytes = t.nbytes // nrows
 
-            def on_chunk(rows_done: int, rows_total: int, name: str = name, base: int = done_bytes, rb: int = row_bytes) -> None:
+            def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
+                         rb: int = row_bytes) -> None:
                 if progress is not None:
                     progress(name, i, len(names), base + rows_done * rb, total_bytes)
 

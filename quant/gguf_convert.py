@@ -38,7 +38,7 @@ from .errors import ArgumentError, OutputError
 from .formats import QK, QUANT_PRESETS, base_type, interleave_rows, role_of, row_tiled
 from .gguf_tokenizer import write_tokenizer
 from .sources.gguf import EXACT_TYPES, GGUFCheckpoint, open_gguf
-from .writer import ModelWriter, verify_model_dir
+from .writer import ModelWriter
 
 KEEP = "keep"
 QUANT_CHOICES = (KEEP, *QUANT_PRESETS)
@@ -109,7 +109,7 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             else:
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 
-                def on_chunk(rows_done: int, rows_total: int, name: str = name, base: int = done_bytes,
+                def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
                              rb: float = src_bytes / nrows) -> None:
                     if progress is not None:
                         progress(name, i, len(names), base + int(rows_done * rb), total_bytes)

@@ -23,9 +23,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ class _Sink(threading.Thread):
                 self._write(fh, buf)
                 if hasher is not None:
                     hasher.update(buf)
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+            except BaseException as exc:  # handed to the producer thread
                 self.error = exc
 
 
@@ -425,7 +426,7 @@ class ModelWriter:
         self._closed = True
         self._drain()
 
-    def __enter__(self) -> "ModelWriter":
+    def __enter__(self) -> ModelWriter:
         return self
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

@@ -207,11 +207,11 @@ def run_in_child(kind: str, case_dir: Path, timeout: float = CASE_TIMEOUT) -> tu
                 result = "ok\t" + case_body(kind, case_dir)
             except MemoryError:
                 result = "memory\tMemoryError"
-            except BaseException as exc:  # noqa: BLE001 - classified, this is the point
+            except BaseException as exc:  # classified, this is the point
                 cls = "clean" if _one_line_error(exc) else "exception"
                 result = f"{cls}\t{type(exc).__name__}: {str(exc)[:300]}"
             os.write(wfd, result.replace("\n", "\\n").encode("utf-8", "replace") + b"\n")
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             code = 3
         finally:
             os._exit(code)

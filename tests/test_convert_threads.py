@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from babymodels import make_hf_checkpoint
-from quant.errors import CheckpointError, ConversionInterrupted, OutputError
-from quant import q4, writer as writer_mod
+from quant import q4
+from quant import writer as writer_mod
 from quant.convert import convert_checkpoint
+from quant.errors import CheckpointError, ConversionInterrupted, OutputError
 from quant.formats import interleave_rows
 from quant.writer import ModelWriter, read_tensor_parts, verify_model_dir
 

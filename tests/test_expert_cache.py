@@ -59,7 +59,7 @@ def _timeout_call(fn, seconds=60):
     def target():
         try:
             box["r"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             box["e"] = exc
 
     t = threading.Thread(target=target, daemon=True)
@@ -243,7 +243,7 @@ def test_next_use_policy_survives_a_cycle_longer_than_the_pool(baby):
     for policy in ("next", "lfu", "lru"):
         store = open_model_dir(baby)
         cache = ExpertCache(store, None, memory_for_slots(store, 5), prefetch=False, policy=policy)
-        for step in range(6):
+        for _step in range(6):
             cache._tick(1)
             for layer in range(LAYERS):
                 for e in (0, 1):

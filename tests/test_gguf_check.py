@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import resource
 import struct
-import time
 
 import gguf
 import pytest
@@ -36,7 +35,6 @@ def _tensor_info_at(reader, name: str) -> int:
 def refused(tmp_path, data: bytes, fragment: str) -> str:
     src = tmp_path / "bad.gguf"
     src.write_bytes(data)
-    t0 = time.perf_counter()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CheckpointError) as err:
         convert_gguf(src, tmp_path / "out" / "model")

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from typing import TYPE_CHECKING
 
 from mixcli.errors import UsageError
 from quant.formats import DEFAULT_QUANT, QUANT_PRESETS, QUANT_TYPES

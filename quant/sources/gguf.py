@@ -40,8 +40,8 @@ import numpy as np
 from quant.config import ModelConfig
 from quant.errors import CheckpointError, FormatError
 from quant.formats import QK, expected_shape, tensor_names, tensor_set_difference
-from quant.sources.gguf_check import check_gguf_header
 from quant.q4 import unpack_k_scales
+from quant.sources.gguf_check import check_gguf_header
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # Llama, Mistral and Mixtral GGUFs all say "llama"
@@ -290,7 +290,7 @@ class GGUFCheckpoint:
         self.reader = None
         self.readers = []
 
-    def __enter__(self) -> "GGUFCheckpoint":
+    def __enter__(self) -> GGUFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

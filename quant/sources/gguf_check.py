@@ -118,7 +118,7 @@ def _printable(text: str, limit: int = 300) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def _name(w: "_Walker", raw: str, what: str) -> str:
+def _name(w: _Walker, raw: str, what: str) -> str:
     """A key or tensor name: printable text (names are ASCII identifiers in every GGUF we read)."""
     if not raw.isprintable() or not raw:
         raise w.fail(f"{what} {_printable(raw, 60)!r} is not a printable name")

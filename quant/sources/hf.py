@@ -216,7 +216,7 @@ class _ReadAhead:
         for key in chunks:
             try:
                 item = (key, read(*key))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            except BaseException as exc:  # re-raised in the consumer
                 item = (key, exc)
             while not self._stopped.is_set():
                 try:
@@ -376,7 +376,7 @@ class HFCheckpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "HFCheckpoint":
+    def __enter__(self) -> HFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
