@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError
-from .formats import CONFIG_RULES, SUPPORTED_ARCHITECTURES
+from .errors import CheckpointError, FormatError
+from .formats import SUPPORTED_ARCHITECTURES, check_config
 
 
 @dataclass(frozen=True)
@@ -101,23 +101,11 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
-        problems = []
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "num_local_experts", "num_experts_per_tok"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.head_dim % 2:
-            problems.append("head_dim must be even for rotary embeddings")
-        if self.num_experts_per_tok > self.num_local_experts:
-            problems.append("num_experts_per_tok exceeds num_local_experts")
-        for name in ("rms_norm_eps", "rope_theta"):  # the bounds a manifest's config must meet too
-            high = CONFIG_RULES[name][2]
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v <= high):
-                problems.append(f"{name} must be a number > 0 and <= {high:g}, got {v}")
-        if self.rope_scaling not in (None, {}) and (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type")) not in ("default", None):
-            problems.append(f"rope_scaling {self.rope_scaling} is not supported")
-        if problems:
-            raise CheckpointError("config.json is invalid: " + "; ".join(problems), "check the checkpoint's config.json")
+        """The rules a converted model's config must meet (``formats.check_config``, the manifest
+        check's), applied to the source before any work: one definition of a valid config, and a
+        config the finished model would fail is refused before the conversion, not after it."""
+        try:
+            check_config(self.to_dict())
+        except FormatError as exc:
+            raise CheckpointError(f"config.json is invalid: {exc.message.removeprefix('config.')}",
+                                  "check the checkpoint's config.json") from None
