@@ -25,10 +25,10 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from numba import njit, prange  # noqa: E402
+from numba import njit, prange
 
-from mixcli.kernels import attn  # noqa: E402
-from mixcli.kernels.irgen import _u16, h2f  # noqa: E402
+from mixcli.kernels import attn
+from mixcli.kernels.irgen import _u16, h2f
 
 
 # The baseline: mixcli's attention up to the commit that added kernels_attn.py (now kernels/attn.py), verbatim but for

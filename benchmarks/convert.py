@@ -93,7 +93,7 @@ def write_bf16_shard(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.ran
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape in shapes.items():
+        for shape in shapes.values():
             total = int(np.prod(shape))
             scale = 1.0 if len(shape) == 1 else 0.02
             for a in range(0, total, 1 << 24):
@@ -121,7 +121,7 @@ def make_checkpoint(src: Path, layers: int, vocab: int) -> None:
     for i, g in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
         write_bf16_shard(src / fname, g, rng)
-        weight_map.update({n: fname for n in g})
+        weight_map.update(dict.fromkeys(g, fname))
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 

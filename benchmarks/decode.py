@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth import write_random_model  # noqa: E402
+from synth import write_random_model
 
 
 def bytes_per_token(model) -> int:
@@ -62,8 +62,11 @@ def main() -> None:
         bpt = bytes_per_token(model)
         rng = np.random.default_rng(0)
         # warm-up: JIT compile and fault the pages in
-        model.reset(); model.prefill(rng.integers(0, 32000, 16).tolist()); model.decode(5)
-        model.reset(); model.prefill(rng.integers(0, 32000, args.prompt).tolist())
+        model.reset()
+        model.prefill(rng.integers(0, 32000, 16).tolist())
+        model.decode(5)
+        model.reset()
+        model.prefill(rng.integers(0, 32000, args.prompt).tolist())
         rows = []
         for th in [int(s) for s in args.threads.split(",")]:
             model.set_threads(th)

@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixcli.config import ModelConfig  # noqa: E402
 from mixcli.expert_policy import DEFAULT_POLICY, ReplacementPolicy, replay  # noqa: E402
 from mixcli.memsize import format_size, parse_size  # noqa: E402
 from quant import formats  # noqa: E402
+from quant.config import ModelConfig  # noqa: E402
 from synth import drop_page_cache  # noqa: E402
 
 SKEW = np.array([3.0, 2.2, 1.6, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)  # gate row scales for "skewed"
@@ -231,7 +231,7 @@ def load_methods(model_dir: Path) -> dict[str, float]:
     buf = mmap.mmap(-1, max(r.nbytes for r in regions) + 4096)
     view = memoryview(buf)
     i = 0
-    for rep in range(2):
+    for _rep in range(2):
         for method in ("pread", "pread O_DIRECT", "madvise WILLNEED + touch", "page faults (plain map)"):
             r = regions[i % len(regions)]
             i += 1

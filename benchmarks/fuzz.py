@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # each case is tiny; one thread per child
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import fuzzing  # noqa: E402
+import fuzzing
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

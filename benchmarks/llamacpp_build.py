@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host  # noqa: E402
+import host
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 ROOT = Path(os.environ.get("MIXCLI_LLAMACPP_BUILD", Path.home() / ".cache/mixcli-bench"))

@@ -22,11 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mixcli import kernels  # noqa: E402
-from mixcli.kernels import ref as kernels_ref  # noqa: E402
-import host  # noqa: E402
-from quant import q4  # noqa: E402
-from quant.formats import QUANT_TYPES, interleave_rows  # noqa: E402
+import host
+from mixcli import kernels
+from mixcli.kernels import ref as kernels_ref
+from quant.formats import QUANT_TYPES, interleave_rows
 
 STREAM_BYTES = 128 << 20
 

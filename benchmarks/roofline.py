@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from decode import bytes_per_token  # noqa: E402
+from decode import bytes_per_token
 
 STREAM_BYTES = 1 << 30
 
@@ -113,7 +113,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import mixcli
-    from mixcli import kernels
 
     modes = args.modes.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="mixcli-roofline-"))

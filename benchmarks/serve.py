@@ -185,8 +185,8 @@ def bench_model(label: str, gguf: Path, ours_dir: Path, vocab: int, args, tmp: P
 
 
 def print_table(rows: list, threads: int) -> None:
-    print(f"| model | clients (= --parallel) | mixcli decode tok/s | llama.cpp decode tok/s | ratio | "
-          f"mixcli TTFT p50 / p95 (s) | llama.cpp TTFT p50 / p95 (s) |")
+    print("| model | clients (= --parallel) | mixcli decode tok/s | llama.cpp decode tok/s | ratio | "
+          "mixcli TTFT p50 / p95 (s) | llama.cpp TTFT p50 / p95 (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         o, ll = r["mixcli"], r.get("llama.cpp")

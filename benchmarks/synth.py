@@ -7,7 +7,6 @@ converter's own writer. Shared by the benchmark scripts.
 from __future__ import annotations
 
 import os
-
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixcli.config import ModelConfig  # noqa: E402
-from quant import formats  # noqa: E402
-from quant.writer import ModelWriter  # noqa: E402
+from quant import formats
+from quant.config import ModelConfig
+from quant.writer import ModelWriter
 
 MIXTRAL_WIDTH = dict(
     architecture="MixtralForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,

@@ -24,10 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synth import write_random_model  # noqa: E402
-
-from mixcli.store import open_model_dir  # noqa: E402
-from quant import integrity  # noqa: E402
+from mixcli.store import open_model_dir
+from quant import integrity
+from synth import write_random_model
 
 FULL_SIZE = 26e9  # Mixtral-8x7B at q4_0 with 8-bit embedding and head
 

@@ -217,7 +217,8 @@ def requantize_gguf(src: Path, dst: Path, qtype=None, embed_qtype=None) -> dict[
     Every metadata field (tokenizer, chat template, hyperparameters) is copied; general.file_type
     is updated. Returns {tensor: type name}."""
     import numpy as np
-    from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter, LlamaFileType, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader, GGUFWriter, LlamaFileType, quants
     from gguf.constants import GGUFValueType as VT
 
     qtype = T.Q4_0 if qtype is None else qtype

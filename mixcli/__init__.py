@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # the submodule mixcli.generate (the token loop) is loaded first, so that the function below, not
 # the module, is what ``mixcli.generate`` names (a submodule binds its name on first import only)
-from . import generate as _token_loop  # noqa: E402,F401
+from . import generate as _token_loop  # noqa: F401
 
 
 def load(name_or_path=None, ctx=None, threads=None, **kw):

@@ -7,16 +7,16 @@
         print(r.text, end="", flush=True)
 
 A prompt is a list of messages (through the model's chat template), a string (raw text unless
-``chat=True``) or a list of token ids. Sampling defaults are the CLI's (llama.cpp's: temperature
-0.8, top-k 40, top-p 0.95, min-p 0.05); ``temperature=0`` is greedy and ``seed`` reproducible.
+``chat=True``) or a list of token ids. Sampling defaults are the CLI's, ``sampling.SamplerConfig``'s
+(llama.cpp's); ``temperature=0`` is greedy and ``seed`` reproducible.
 ``mixcli generate`` and the chat REPL run on ``stream_generate``; the server uses the same prompt
 encoding (``runtime.chat_tokens`` / ``raw_tokens``) and per-sequence loop (``generate.TokenStream``)
 over batched steps instead of the model's single KV cache.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import UsageError
 from .generate import GenerationResponse

@@ -14,8 +14,8 @@ The weights and kernels are the ``Model``'s; its own single-sequence KV cache is
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

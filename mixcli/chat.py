@@ -23,14 +23,14 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from quant.atomic import write_atomic
 
-from .errors import MixcliError
 from .api import stream_generate
+from .errors import MixcliError
 from .generate import GenerationResponse, GenerationStats
 
 HELP = """\

@@ -1,7 +1,7 @@
 """The `mixcli` command: thin Typer commands that parse, call the library, and render.
 
 Every command reports a problem as one line on stderr, ``error: <what> (<what to do>)``, and exits
-with a code from mixcli.errors: 1 for a model/checkpoint/file problem, 2 for bad usage, 130 for
+with ``mixcli.errors.exit_code``: 1 for a model/checkpoint/file problem, 2 for bad usage, 130 for
 Ctrl-C. A Python traceback appears only with ``--debug``. Heavy modules are imported inside the
 commands so ``mixcli --help`` and the first token come quickly.
 """
@@ -28,12 +28,11 @@ def _started_as_program() -> bool:
 if _started_as_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, MixcliError  # noqa: E402
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, USER_ERRORS, exit_code  # noqa: E402
 
 # numba colours its own error messages through colorama.init(), whose exit hook then writes ESC[0m
 # after the last line on a terminal (even with NO_COLOR): mixcli's output ends where its text ends
@@ -123,12 +122,6 @@ def _click_exceptions() -> tuple[type, ...]:
     return tuple(found)
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """A MixcliError, or quant's FormatError (checked without importing quant: --help stays quick)."""
-    fmt = sys.modules.get("quant.formats")
-    return isinstance(exc, MixcliError) or (fmt is not None and isinstance(exc, fmt.FormatError))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn known failures into one line and an exit code."""
     global _DEBUG
@@ -183,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _err(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         code = EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - a MixcliError, or quant's FormatError (a damaged model)
-        if _DEBUG or not _is_user_error(exc):
+    except USER_ERRORS as exc:  # a MixcliError, or one of quant's (a bad checkpoint, a damaged model)
+        if _DEBUG:
             raise
         _err(str(exc))
-        code = exc.exit_code
+        code = exit_code(exc)
     try:
         sys.stdout.flush() if not sys.stdout.closed else None
     except BrokenPipeError:

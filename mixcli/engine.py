@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .batch import BatchDecoder
 from .generate import GenerationStats, TokenStream
@@ -183,7 +183,7 @@ class Engine:
             return
         dt = time.perf_counter() - t
         ended = []
-        for job, lg, (_, part) in zip(jobs, logits, work):
+        for job, lg in zip(jobs, logits):
             st = job.stream.stats
             if job.stream.stats.completion_tokens == 0 and job.next_token is None:
                 st.prefill_seconds += dt

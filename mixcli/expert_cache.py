@@ -152,7 +152,7 @@ def expert_bytes(store: ModelStore) -> int:
     return sum(r.nbytes for r in store.experts.values())
 
 
-def _loader_main(ref: "weakref.ReferenceType[ExpertCache]") -> None:
+def _loader_main(ref: weakref.ReferenceType[ExpertCache]) -> None:
     """The background thread: holds the cache only while working, so dropping it ends the thread."""
     while True:
         cache = ref()

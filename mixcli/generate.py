@@ -7,8 +7,8 @@ prefilled: in a chat, each turn costs only its own tokens.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 from .errors import UsageError
 

@@ -24,9 +24,9 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import MixcliError, UsageError
 from .memsize import format_size
@@ -271,10 +271,11 @@ def part_path(dest: Path) -> Path:
 def download(listing: RepoListing, name: str, dest: Path, notify: Notify | None = None) -> Path:
     """Download ``name`` at the listing's commit to ``dest`` (resuming ``dest.part`` if an earlier
     run was cut), verify it, and move it into place. Returns ``dest``."""
+    from urllib.parse import urlsplit
+
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
-    from urllib.parse import urlsplit
 
     f = listing.files[name]
     if listing.cached_only:

@@ -2,22 +2,18 @@
 
 Why: decode streams every weight once per token. On 4 KiB pages that is a TLB miss every 64
 cache lines, and the hardware prefetchers stop at every page boundary; on 2 MiB pages neither
-happens. Measured on the Mixtral-width model (2 layers, q4_0r16, 2 threads, tg128, fresh
-processes alternating THP and 4 KiB, 8-10 runs each): per-run median ratios 1.15, 1.08 and 1.16
-(medians 74.3 against 63.1 tok/s in the first). ``benchmarks/load_mode.py`` compares the two in
-one process.
+happens. ``benchmarks/load_mode.py`` compares the two (benchmarks/RESULTS.md, "Load modes").
 
 Linux gives anonymous memory huge pages only where asked in its common "madvise" THP mode, and
 only for pages not yet touched: MAP_POPULATE would fault 4 KiB pages in before the advice could
 be given. So the mapping is made bare, advised (MADV_HUGEPAGE), then populated in the kernel with
-MADV_POPULATE_WRITE, which is also faster than MAP_POPULATE's 4 KiB faults (0.33 s against 0.74 s
-to fault and read a 1.7 GB file, page cache warm). Where a step is unsupported (THP compiled out,
-a kernel before 5.14, not Linux) the memory is the same, only on smaller pages or faulted later.
+MADV_POPULATE_WRITE, which is also faster than MAP_POPULATE's 4 KiB faults. Where a step is
+unsupported (THP compiled out, a kernel before 5.14, not Linux) the memory is the same, only on
+smaller pages or faulted later.
 
-The one cost: on a VM that returns free memory to its host (virtio-balloon free page reporting,
-as on the Firecracker VM we measure on), fresh huge pages fault in on the host, about 2 s per GB
-(1.7 GB: 4.0 s against 1.0 s on 4 KiB pages, with 6 s pauses between runs; back to back, 0.2-0.6 s).
-``--mmap`` starts at once there, and the page cache keeps its own large folios between runs.
+The one cost: on a VM that returns free memory to its host (virtio-balloon free page reporting),
+fresh huge pages fault in on the host, several times slower than 4 KiB ones. ``--mmap`` starts at
+once there, and the page cache keeps its own large folios between runs.
 """
 from __future__ import annotations
 
@@ -49,8 +45,8 @@ def anonymous(size: int, populate: bool = False) -> mmap.mmap:
                 buf.close()
                 raise
             # EINVAL, a kernel before 5.14: huge pages fault in cheaply during the read (one
-            # fault per 2 MiB), 4 KiB ones are faster populated up front by MAP_POPULATE (0.45 s
-            # per GB against 1.2-2.4 s faulted one by one during the read, measured on this VM)
+            # fault per 2 MiB), 4 KiB ones are faster populated up front by MAP_POPULATE than
+            # faulted one by one during the read (benchmarks/RESULTS.md, "Load modes")
             if not huge:
                 buf.close()
                 buf = mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))

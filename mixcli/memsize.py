@@ -2,14 +2,14 @@
 
 Why both unit families mean powers of two: ``--max-memory`` is compared with RAM, which tools
 (``free``, task managers) report in binary units while labelling them GB, so ``16GB`` must mean
-what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available_memory`` asks
-the kernel how much is free for new allocations (the store's load rule and the converter's
-read-ahead both size themselves by it).
+what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available_memory`` (free
+memory for new allocations) lives in ``quant.memory``, which the converter shares; re-exported here.
 """
 from __future__ import annotations
 
-import os
 import re
+
+from quant.memory import available_memory as available_memory
 
 from .errors import UsageError
 
@@ -45,18 +45,3 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel reports as available for new allocations (MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 Say = Callable[[str], None]
 # convert's callback: (tensor name, tensors done, tensors total, source bytes done, source bytes total)
@@ -120,7 +120,7 @@ class Progress:
         self._first: tuple[float, float] | None = None  # (time, completed) of the first update: the rate's origin
 
     # ---- lifetime --------------------------------------------------------------------------------
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         from rich.console import Console
 
         console = Console(file=sys.stderr)  # the real stream: sys.stderr becomes _AboveBar while the bar is live
@@ -192,9 +192,15 @@ class Progress:
 
     # ---- the terminal bar ------------------------------------------------------------------------
     def _make_bar(self, console):
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
         from rich.progress import Progress as RichProgress
-        from rich.progress import TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
         if self.unit == "bytes":
             amount, rate = [DownloadColumn()], [TransferSpeedColumn()]

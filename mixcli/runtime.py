@@ -98,10 +98,10 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
     arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked with $MIXCLI_ISA
     before the model is opened so a typo costs no load time. ``verify``: check the tensors' sha256
     when the files changed since they last passed (``store.verify_model``)."""
-    from .model import Model
-    from .registry import resolve_model
     from quant.formats import FORMAT_VERSION
 
+    from .model import Model
+    from .registry import resolve_model
     from .store import open_model_dir
 
     def _pull(target):
@@ -147,8 +147,8 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 def select_kernels(act: str | None = None, isa: str | None = None, source: str = "--act"):
     """The kernel table for ``act`` (None: $MIXCLI_ACT, else the default) on tier ``isa`` (None:
     $MIXCLI_ISA, else the host's best). A bad name is a usage error naming where it came from."""
-    from .model import _kernel_module
     from .kernels import ACT_MODES, IsaError
+    from .model import _kernel_module
 
     if act is not None and act not in ACT_MODES:
         raise UsageError(f"{source} must be one of {', '.join(ACT_MODES)}, got {act!r}")

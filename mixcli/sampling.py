@@ -6,16 +6,16 @@ model picks among the survivors, never which tokens survive. Temperature 0 means
 after the repetition penalty). Draws come from one numpy Generator per sampler, seeded from
 ``SamplerConfig.seed``, so the same seed, prompt and model give the same tokens.
 
-Speed: no step sorts or partitions all V logits (at V = 32000 on this machine numpy needs ~0.7 ms
-to ``argpartition`` and ~5 ms to sort them). Every filter keeps a best-first prefix of the
-vocabulary, so a threshold compare below the best logit finds a small superset of the survivors,
-and only that is partitioned and sorted: ~0.1 ms per token with the defaults.
+Speed: no step sorts or partitions all V logits, which costs milliseconds at V = 32000
+(benchmarks/RESULTS.md, "Sampling"). Every filter keeps a best-first prefix of the vocabulary, so
+a threshold compare below the best logit finds a small superset of the survivors, and only that is
+partitioned and sorted.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class SamplerConfig:
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at; 0 = off, -1 = all
     seed: int | None = None  # None = fresh entropy each run
 
-    def validate(self) -> "SamplerConfig":
+    def validate(self) -> SamplerConfig:
         """Raise UsageError naming the first bad value; return self so calls can chain."""
 
         def bad(what: str, value, rule: str):
@@ -87,7 +87,7 @@ def _best_first(x: np.ndarray, top: float, enough: Callable[[np.ndarray], bool])
 
     Such a set is always a best-first prefix of the vocabulary, so anything a later filter keeps
     is inside it once it is large enough; a compare and ``flatnonzero`` over V cost far less than
-    ``argpartition`` or a sort of all V (about 35 us against 0.7 ms and 5 ms at V = 32000).
+    ``argpartition`` or a sort of all V.
     """
     for gap in _GAPS:
         ids = np.flatnonzero(x >= top - gap)

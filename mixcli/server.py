@@ -14,7 +14,7 @@ import hmac
 import json
 import signal
 import sys
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -125,10 +125,10 @@ def make_app(state: ServerState) -> Starlette:
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     state.engine.cancel(job)
-                    raise ClientGone()
+                    raise ClientGone() from None
                 continue
             if isinstance(item, ShuttingDown):
                 raise ApiError(503, "the server is shutting down", code="shutting_down")

@@ -7,20 +7,14 @@ Each tensor part is a read-only numpy view into one buffer per data file. The bu
   milliseconds and the OS (or the expert cache) decides which pages ever reach memory.
 
 Why read at all: decode streams every weight once per token, and from anonymous memory on huge
-pages (``hugepages.py``) it runs faster than from the page cache's pages of the same file:
-``python benchmarks/load_mode.py`` (the same kernels and bytes, only the buffers differ, the two
-alternating round by round; Mixtral-width 2 layers, q4_0r16, 2 threads) measured memory / mmap =
-1.070 (74.1 / 69.3 tok/s). On 4 KiB pages it had measured 1.04-1.13 in five of six runs; the huge
-pages themselves are worth 8-16% (fresh processes alternating, THP against 4 KiB, three runs).
-The cost is start-up and memory that stays resident. Start-up is 0.2 s per GB from the page cache
-where free memory is at hand, but a VM that hands free memory back to its host (virtio-balloon
-free page reporting, as on the Firecracker VM we measure on) must fault fresh huge pages in on the
-host: 1.7 GB opened in 4.0 s (0.17 s for the default model) against 1.0 s on 4 KiB pages. So
-``load="auto"`` reads a model only when it fits comfortably in the available memory and takes at
-most AUTO_MAX_BYTES (4 GiB: about 1 s of start-up, up to 8 s on such a VM; a 26 GB Mixtral would
-take 5 s or more, paid back by a 5-10% faster decode only after about a thousand tokens, so a
-one-shot `mixcli generate` would lose). A bigger model is mapped (and ``--max-memory`` brings in
-the expert cache); ``--no-mmap`` reads it anyway, for long chat sessions.
+pages (``hugepages.py``) it runs faster than from the page cache's pages of the same file
+(``python benchmarks/load_mode.py``; figures in benchmarks/RESULTS.md, "Load modes"). The cost is
+start-up and memory that stays resident, and start-up is worst on a VM that hands free memory back
+to its host, where fresh huge pages fault in on the host. So ``load="auto"`` reads a model only when
+it fits comfortably in the available memory (AUTO_MEMORY_FRACTION) and is at most AUTO_MAX_BYTES,
+whose read takes seconds at worst; a bigger model would cost more start-up than a one-shot
+``mixcli generate`` wins back. It is mapped instead (and ``--max-memory`` brings in the expert
+cache); ``--no-mmap`` reads it anyway, for long chat sessions.
 """
 from __future__ import annotations
 
@@ -145,8 +139,8 @@ def _map_file(fpath: Path) -> np.ndarray:
 def _read_file(fpath: Path, size: int) -> np.ndarray:
     """The file's ``size`` bytes in a private anonymous mapping, read sequentially, returned as a
     read-only uint8 [size] view (read-only like a map, so the kernels see the same array type)."""
-    # huge pages where the kernel gives them, faulted in up front in the kernel (hugepages.py): the
-    # pages fault in far faster than one by one during the read, and decode streams faster
+    # huge pages where the kernel gives them, faulted in up front in the kernel (hugepages.py): far
+    # fewer faults than one by one during the read, and decode streams faster
     try:
         buf = hugepages.anonymous(size, populate=True)
     except (OSError, MemoryError, OverflowError) as exc:

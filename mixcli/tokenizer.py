@@ -23,7 +23,7 @@ import abc
 import json
 import pathlib
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ModelFormatError
 
@@ -59,7 +59,7 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text. ``skip_special`` drops BOS/EOS/UNK and other special tokens."""
 
-    def stream(self, skip_special: bool = True) -> "StreamDecoder":
+    def stream(self, skip_special: bool = True) -> StreamDecoder:
         """A fresh incremental decoder; push generated ids into it one at a time."""
         return StreamDecoder(lambda ids: self.decode(ids, skip_special=skip_special))
 

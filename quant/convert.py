@@ -21,13 +21,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from mixcli.errors import EXIT_INTERRUPTED, CheckpointError, MixcliError, UsageError
 from . import locks, q4
-from .leftovers import process_tag, sweep
+from .errors import ArgumentError, CheckpointError, ConversionInterrupted, OutputError
 from .formats import (
     QK,
     QUANT_PRESETS,
@@ -36,16 +36,11 @@ from .formats import (
     role_of,
     row_tiled,
 )
+from .leftovers import process_tag, sweep
 from .sources.hf import HFCheckpoint, open_hf_checkpoint
 
 # (tensor_name, tensors_done, tensors_total, bytes_done, bytes_total), bytes of the source
 Progress = Callable[[str, int, int, int, int], None]
-
-
-class ConversionInterrupted(MixcliError):
-    """Ctrl-C during a conversion; nothing was left behind."""
-
-    exit_code = EXIT_INTERRUPTED
 
 
 @dataclass(frozen=True)
@@ -142,10 +137,10 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _disk_full(out: Path, need: int) -> CheckpointError:
+def _disk_full(out: Path, need: int) -> OutputError:
     free = _free_bytes(out.parent)
     short = max(need - free, 0) / 1e9
-    return CheckpointError(
+    return OutputError(
         f"disk full while writing {out} (needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free now)",
         f"free {max(short, 0.1):.1f} GB and retry, or convert to another disk with -o",
     )
@@ -189,7 +184,8 @@ def _write_model(ckpt: HFCheckpoint, tmp: Path, quant: str, src: Path, progress:
             nrows = t.shape[0] if len(t.shape) == 2 else 1
             row_bytes = t.nbytes // nrows
 
-            def on_chunk(rows_done: int, rows_total: int, name: str = name, base: int = done_bytes, rb: int = row_bytes) -> None:
+            def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
+                         rb: int = row_bytes) -> None:
                 if progress is not None:
                     progress(name, i, len(names), base + rows_done * rb, total_bytes)
 
@@ -229,13 +225,13 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if quant not in QUANT_PRESETS:
-        raise UsageError(f"unknown quantization {quant!r}", f"choose one of {', '.join(QUANT_PRESETS)}")
+        raise ArgumentError(f"unknown quantization {quant!r}", f"choose one of {', '.join(QUANT_PRESETS)}")
     with output_lock(out):
         if out.exists() or out.is_symlink():
             if not force:
-                raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
+                raise OutputError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
             if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-                raise UsageError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
+                raise ArgumentError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
         ckpt = open_hf_checkpoint(src)
         with ckpt:
             ckpt.warm()  # the disk starts now; the quantizer (numba) loads meanwhile
@@ -272,7 +268,7 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
         sweep(out.parent, notify=_stderr)  # what a killed conversion left here (quant.leftovers)
         free = _free_bytes(out.parent)
         if free < need:
-            raise CheckpointError(
+            raise OutputError(
                 f"not enough disk space for {out}: needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free",
                 f"free {(need - free) / 1e9:.1f} GB and retry, or convert to another disk with -o",
             )
@@ -299,7 +295,7 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
         _cleanup(tmp, created)
         if exc.errno == errno.ENOSPC:
             raise _disk_full(out, need) from None
-        raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}", "check the output path and its permissions") from None
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}", "check the output path and its permissions") from None
     except BaseException:
         _cleanup(tmp, created)
         raise
@@ -319,7 +315,7 @@ def output_lock(out: Path) -> Iterator[None]:
         with locks.exclusive(out):
             yield
     except locks.Busy as exc:
-        raise MixcliError(f"another mixcli (process {exc.holder}) is writing {out} right now",
+        raise OutputError(f"another mixcli (process {exc.holder}) is writing {out} right now",
                           "wait for it to finish, or choose another -o") from None
     except BaseException:
         _remove_empty_dirs(created)

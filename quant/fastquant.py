@@ -1,8 +1,8 @@
 """Numba twins of quant.q4's quantizers for the converter's hot path (q4_0, q8_0 and q4_k).
 
-Why: the numpy reference runs at ~75 M weights/s for q4_0, so a 46.7B-parameter Mixtral would
-take over ten minutes of quantizing alone. Here one kernel call quantizes a whole row chunk, a
-row at a time so the row stays in L1/L2: one pass over the stored bits (bf16 decoding, the largest
+Why: the numpy reference is more than ten times slower, minutes of quantizing alone for a
+46.7B-parameter Mixtral (benchmarks/RESULTS.md, "The converter"). Here one kernel call quantizes a
+whole row chunk, a row at a time so the row stays in L1/L2: one pass over the stored bits (bf16 decoding, the largest
 magnitude per block as integer reductions, NaN/inf count), the fp16 scales, then the packing pass
 (nibbles and the round-trip error). Results are bit-for-bit those of ``quant.q4.quantize``
 (tested), which stays the reference. Numba has no float16 on the CPU, so the fp16 rounding of the
@@ -10,24 +10,21 @@ scales is numpy's own integer routine (``npy_floatbits_to_halfbits``) transcribe
 against numpy for every sign and exponent with the rounding bits exhaustive, and across the
 subnormal range.
 
-Speed (one core of the 2-core target, a [256, 4096] bf16 chunk): 1.3 G weights/s for q4_0, 1.6 G
-for q8_0, 0.86 G for q4_k into the r16 layout (q4_0 1.25 G in the same run; numpy's q4_k reference
-52 M, so a Mixtral would take ~15 minutes there: q4_k's division per weight, (x + m') / d', is
-kept because the reference divides and the bits must agree). The earlier two-kernel version ran at 0.6 G: its search for the signed value of largest
-magnitude was a scalar loop with an early exit in every block (now two branch-free reductions,
-one over positive and one over negative values), and it scaled between the kernels in numpy.
+What makes it fast: the search for the signed value of largest magnitude is two branch-free
+reductions (one over positive, one over negative values), not a scalar loop with an early exit in
+every block, and the scales are computed inside the kernel rather than between kernels in numpy.
+q4_k keeps its division per weight, (x + m') / d', because the reference divides and the bits
+must agree.
 
 ``tile`` writes the parts straight in the row-tiled layout of the "r16" storage types
-(``quant.formats.interleave_rows``: 16 rows' 4-byte column groups side by side): scattering from
-the kernel costs 0.03-0.15 ms per [256, 4096] chunk, re-laying it in numpy afterwards cost as much
-as quantizing it (0.76 ms for q4_0, 1.28 ms for q8_0).
+(``quant.formats.interleave_rows``: 16 rows' 4-byte column groups side by side): re-laying them in
+numpy afterwards cost as much as quantizing.
 
 The kernels are single-threaded and release the GIL, so the converter's own threads decide the
 parallelism (``quant.writer.QUANT_THREADS``: with 4+ cores two threads quantize a chunk's row
 halves). On the 2-core target one quantizing thread is fastest: the converter's reader (its copy
 out of the page cache is the critical path) and writer/hasher threads need the other core's spare
-time. A numba ``parallel=True`` region measured 3x slower there, and a second Python thread
-calling these kernels 15% slower (median 4.45 s vs 3.85 s over a Mixtral layer).
+time; a numba ``parallel=True`` region and a second quantizing thread both measured slower there.
 
 Shapes: raw [N, K] row chunk, NB = K // 32 blocks per row, G = 32; W bytes of qs per row (K/2 for
 q4_0, K for q8_0); R rows per tile (1: row-major).

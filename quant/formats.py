@@ -13,28 +13,17 @@ weights, byte j holds weight j in its low nibble and weight j+16 in its high nib
 16-byte load feeds two contiguous 16-float activation runs.
 
 The default 4-bit type is q4_0 (symmetric, groups of 32, 4.5 bits/weight), chosen by
-measurement (``python benchmarks/quant_choice.py``; relative RMS weight error on random
-[1024, 4096] matrices, Gaussian / Student-t5):
-
-    symmetric  G=16 5.00 b/w 0.076 / 0.089    asymmetric G=32 5.00 b/w 0.078 / 0.090
-    symmetric  G=32 4.50 b/w 0.086 / 0.108    asymmetric G=64 4.50 b/w 0.090 / 0.110
-    symmetric  G=64 4.25 b/w 0.095 / 0.128
-
-At equal bits the symmetric rule with the smaller group wins, and G=32 keeps GGUF's blocks (an
-exact import, and decode reads 10% fewer bytes than q4_1). On the trained babies of the parity
-tests, q4_0 agrees with transformers on 96.9-100% of greedy tokens (q4_1: 98.4-100%).
+measurement (``python benchmarks/quant_choice.py``; benchmarks/RESULTS.md, "Quantization
+choice"): at equal bits the symmetric rule with the smaller group has the smaller error, and G=32
+keeps GGUF's blocks (an exact import, and decode reads fewer bytes than q4_1's 5 bits/weight).
 
 q4_k: two-level scales, for models where q4_0 is not enough
 ------------------------------------------------------------
-On the default model (SmolLM2-135M, shipped as a Q4_1 GGUF) our q4_0 re-quantization agrees with
-transformers on 97/134 teacher-forced greedy tokens (72%; issue 5 asks for 90%), perplexity 11.58
-against the source's 7.855 (``benchmarks/data/ppl_text.txt``, ctx 512). A K-quant-style type with
-8-bit block codes under fp16 super-block scales, in a numpy experiment on the same weights, gets
-130/134 (97%), mean KL 0.001 and perplexity 7.90 at 4.625 bits/weight. mixcli with q4_k measures
-the same: 130/134 (tests/test_default_model.py; transformers on the same q4_k weights agrees with
-mixcli at all 134 positions) and ``mixcli perplexity`` 7.90 (source 7.85, q4_0 11.58); the whole
-model is 5.47 bits/weight (q4_0 5.35: embedding q8_0 in both). And most GGUF files people have are
-Q4_K_M, whose Q4_K tensors q4_k holds exactly (q4_0 would re-quantize them, lossily).
+On the default model (SmolLM2-135M, shipped as a Q4_1 GGUF) our q4_0 re-quantization falls short
+of 90% greedy agreement with transformers, and its perplexity is far above the source's; a K-quant-style type with 8-bit block codes under fp16 super-block scales closes most
+of that gap at 4.625 bits/weight (benchmarks/RESULTS.md, "q4_k"; tests/test_default_model.py
+asserts the floors). And most GGUF files people have are Q4_K_M, whose Q4_K tensors q4_k holds
+exactly (q4_0 would re-quantize them, lossily).
 
 Definition, for a matrix [N, K] (K a multiple of 32, else ``fallback_type`` keeps it in f16):
 
@@ -58,11 +47,10 @@ d_b = (max(x) - lo) / 15, m_b = -lo; per super-block D = fp16(max d_b * 64 / 255
 from m_b; sc = clip(rint(d_b * 64 / D), 0, 255) (0 where D = 0), mn likewise; then with the stored
 d' = D * sc / 64, m' = Dm * mn / 64: q = clip(rint((x + m') / d'), 0, 15) (0 where d' = 0).
 
-Kernels exist for the row-tiled form q4_kr16 (``mixcli.kernels_q4k``: per block it is q4_1's
+Kernels exist for the row-tiled form q4_kr16 (``mixcli.kernels``: per block it is q4_1's
 arithmetic with d_w = sc * D / 64 and m_w = -mn * Dm / 64). A q4_k matrix whose N is not a
 multiple of 16 stays row-major "q4_k" and runs on f32-activation kernels in every activation mode:
-exact but slow (measured 1.9 G weights/s on one core against 62 for q4_kr16, [4096, 4096] in
-cache; the speed of every type's f32 path). Such matrices are rare (Llama / Mistral / Mixtral
+exact but far slower (the speed of every type's f32 path; benchmarks/RESULTS.md, "q4_k"). Such matrices are rare (Llama / Mistral / Mixtral
 widths and vocabularies are multiples of 16); keeping the type, rather than switching such a
 tensor to q4_1, keeps a GGUF Q4_K import exact everywhere and needs no second storage rule.
 
@@ -92,11 +80,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from .errors import FormatError as FormatError  # re-exported beside check_manifest, which raises it
 
 FORMAT_NAME = "mixcli-q"
 FORMAT_VERSION = 2  # 2: the row-tiled "r16" types (1 had row-major blocks only)
@@ -206,8 +197,8 @@ def interleave_rows(parts: dict, qtype: str) -> dict:
     one 64-byte load holds 4 bytes (8 nibbles) of each of 16 rows, the 4 matching activation bytes
     are broadcast to all lanes, and ``vpdpbusd`` leaves each row's dot product in its own lane: no
     per-row shuffles or horizontal sums, the 16 fp16 scales of a block are one load, and a thread
-    reads one sequential stream per part instead of one per row (measured 2.3x the row-major
-    kernel's bandwidth on one core; llama.cpp repacks Q4_0 into 8-row tiles for the same reason).
+    reads one sequential stream per part instead of one per row (benchmarks/RESULTS.md, "Row-tiled
+    storage"; llama.cpp repacks Q4_0 into 8-row tiles for the same reason).
 
     qs [N, NB*B] (B = 16 bytes per block for 4-bit, 32 for q8_0) -> [N/16, NB*(B/4)*16*4] in
     order (tile, block, column group c, row i, byte j) = qs[16*tile + i, block*B + 4*c + j];
@@ -353,18 +344,6 @@ TOKENIZER_FILES = (
 # ---------------------------------------------------------------------------------------------
 # The one manifest check
 # ---------------------------------------------------------------------------------------------
-class FormatError(ValueError):
-    """A converted model breaks a rule of this format. quant's own error type (quant never imports
-    mixcli); the CLI prints it as one line, ``message (hint)``, and exits 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = "convert the model again with `mixcli convert`"):
-        self.message = message
-        self.hint = hint
-        super().__init__(f"{message} ({hint})" if hint else message)
-
-
 CONFIG_LIMIT = 1 << 24  # no dimension of a model we can run comes near this; kernels index with int32
 # config field -> (kind, lower bound[, upper bound]); "int": a JSON integer in [lower, CONFIG_LIMIT],
 # "float": a number in (lower, upper] (float32 must hold rope_theta's powers; eps is a small epsilon)

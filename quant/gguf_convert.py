@@ -26,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mixcli.errors import MixcliError, UsageError
 from . import q4
 from .convert import (
     ConvertSummary,
@@ -35,10 +34,11 @@ from .convert import (
     output_lock,
     storage_type,
 )
+from .errors import ArgumentError, OutputError
 from .formats import QK, QUANT_PRESETS, base_type, interleave_rows, role_of, row_tiled
 from .gguf_tokenizer import write_tokenizer
 from .sources.gguf import EXACT_TYPES, GGUFCheckpoint, open_gguf
-from .writer import ModelWriter, verify_model_dir
+from .writer import ModelWriter
 
 KEEP = "keep"
 QUANT_CHOICES = (KEEP, *QUANT_PRESETS)
@@ -109,7 +109,7 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             else:
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 
-                def on_chunk(rows_done: int, rows_total: int, name: str = name, base: int = done_bytes,
+                def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
                              rb: float = src_bytes / nrows) -> None:
                     if progress is not None:
                         progress(name, i, len(names), base + int(rows_done * rb), total_bytes)
@@ -141,13 +141,13 @@ def convert_gguf(
     t0 = time.perf_counter()
     src, out = Path(src_file), Path(out_dir)
     if quant not in QUANT_CHOICES:
-        raise UsageError(f"unknown quantization {quant!r} for a GGUF", f"choose one of {', '.join(QUANT_CHOICES)}")
+        raise ArgumentError(f"unknown quantization {quant!r} for a GGUF", f"choose one of {', '.join(QUANT_CHOICES)}")
     with output_lock(out):
         if out.exists() or out.is_symlink():
             if not force:
-                raise MixcliError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
+                raise OutputError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
             if src.exists() and out.resolve() in src.resolve().parents:
-                raise UsageError(f"output {out} contains the source file {src}", "choose an output outside its directory")
+                raise ArgumentError(f"output {out} contains the source file {src}", "choose an output outside its directory")
         ckpt = open_gguf(src)
         types = plan_types(ckpt, quant)
         need = planned_bytes(ckpt, types)

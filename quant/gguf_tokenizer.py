@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mixcli.errors import CheckpointError
+from .errors import CheckpointError
 
 TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4

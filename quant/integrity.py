@@ -14,8 +14,9 @@ import concurrent.futures
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .atomic import write_atomic
 from .formats import MANIFEST_NAME, STAMP_NAME

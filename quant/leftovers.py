@@ -15,8 +15,8 @@ import fcntl
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|download|tmp)-(?P<pid>\d+)(?:-(?P<start>\d+))?(?:-.*)?$")
 LOCK_RE = re.compile(r"^\..+\.lock$")

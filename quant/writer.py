@@ -1,7 +1,7 @@
 """Write a converted model directory: page-aligned data files, then manifest.json last.
 
-The writer is independent of where tensors come from (an HF safetensors directory today, a GGUF
-file later): ``add_tensor`` quantizes a source a row chunk at a time, so peak memory is one chunk
+The writer is independent of where tensors come from (a safetensors directory or a GGUF file):
+``add_tensor`` quantizes a source a row chunk at a time, so peak memory is one chunk
 plus whatever the source maps; ``add_tensor_parts`` takes already-quantized parts (an exact GGUF
 import). Bytes go out through a background thread that writes and hashes them (both release the
 GIL), so the disk, sha256 and the quantizer run at the same time; it also starts the disk writing
@@ -23,14 +23,15 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from mixcli.errors import CheckpointError
 from . import fastquant, q4
+from .errors import CheckpointError
 from .floats import to_float32
 from .formats import (
     DATA_FILE_PATTERN,
@@ -53,22 +54,20 @@ from .integrity import verify_tensors, write_stamp
 
 FILE_LIMIT = 16 << 30  # start a new data file past this size (an expert region never splits)
 # Weights per row chunk (the quantizer works a row at a time, so this is no cache size): 8 MB of
-# bf16 a read. Measured on a Mixtral layer, 2-core machine, medians of 3: 1M weights a chunk
-# 4.2 s, 2M 3.5 s, 4M 3.3 s, 8M 3.3 s (fewer, larger reads and hand-offs; the reader works
-# further ahead). Peak RSS grows by ~35 MB over 1M (the reader's queue holds 8 chunks).
+# bf16 a read. Fewer, larger reads and hand-offs let the reader work further ahead; past 4M a
+# chunk the conversion got no faster while the reader's queue (8 chunks) grows the peak RSS
+# (benchmarks/RESULTS.md, "The converter").
 CHUNK_WEIGHTS = 1 << 22
 _QUEUE_DEPTH = 8  # chunks in flight to the writer thread
 # The sink asks the kernel to start writing a data file every this many bytes. Without it the whole
 # output stays dirty in the page cache (the kernel's background writeback waits for 10% of RAM)
-# and ``finish``'s fsync writes it all at the end: 0.31-0.38 s for a Mixtral layer's 0.95 GB,
-# after the reading is done instead of beside it (with it: 0.01 s; conversion 0.1-0.4 s faster).
+# and ``finish``'s fsync writes it all at the end, after the reading is done instead of beside it.
 WRITEBACK_STEP = 64 << 20
 # Threads that quantize a chunk (this one and a pool's; see ModelWriter._encode), and the chunk size
 # below which one thread does it alone. Two only with 4+ cores: on the 2-core target the reader's
-# copy out of the page cache is the critical path (up to 3 s of one core for a Mixtral layer) and a
-# second quantizer takes CPU from it; measured median 4.45 s with two vs 3.85 s with one. With
-# cores to spare, one quantizer (1.3 G weights/s, 2.6 GB/s of bf16) would limit a fast disk
-# (expected, not measured: no such machine was at hand).
+# copy out of the page cache is the critical path and a second quantizer takes CPU from it (slower
+# there: benchmarks/RESULTS.md, "The converter"). With cores to spare, one quantizer would limit a
+# fast disk (expected, not measured: no such machine was at hand).
 QUANT_THREADS = 2 if (os.cpu_count() or 1) >= 4 else 1
 SPLIT_WEIGHTS = 1 << 16
 
@@ -127,7 +126,7 @@ class _Sink(threading.Thread):
                 self._write(fh, buf)
                 if hasher is not None:
                     hasher.update(buf)
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+            except BaseException as exc:  # handed to the producer thread
                 self.error = exc
 
 
@@ -427,7 +426,7 @@ class ModelWriter:
         self._closed = True
         self._drain()
 
-    def __enter__(self) -> "ModelWriter":
+    def __enter__(self) -> ModelWriter:
         return self
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

@@ -4,8 +4,8 @@ benchmarks/fuzz.py (thousands).
 
 Each case runs in a forked child process, so a segfault is seen as a signal and a runaway
 allocation or loop as a timeout; the child has a memory limit. A case is *clean* when it ends in
-success or in one of mixcli's own errors (MixcliError, quant's FormatError) with a one-line
-message, and leaves nothing behind in its directory. The parent loads and runs the intact model
+success or in a user error (``mixcli.errors.USER_ERRORS``: a MixcliError or one of quant's) with a
+one-line message, and leaves nothing behind in its directory. The parent loads and runs the intact model
 first, so numba's kernels are compiled before the first fork.
 
     python tests/fuzzing.py --n 200 --seed 0        # one table, as benchmarks/fuzz.py prints
@@ -160,10 +160,9 @@ def mutate_gguf(rng: random.Random, data: bytes, header_end: int) -> tuple[bytes
 # running one case in a child
 # ---------------------------------------------------------------------------------------------
 def _one_line_error(exc: BaseException) -> bool:
-    from mixcli.errors import MixcliError
-    from quant.formats import FormatError
+    from mixcli.errors import USER_ERRORS
 
-    return isinstance(exc, (MixcliError, FormatError)) and "\n" not in str(exc) and bool(str(exc))
+    return isinstance(exc, USER_ERRORS) and "\n" not in str(exc) and bool(str(exc))
 
 
 def _run_model(model: Path) -> str:
@@ -208,11 +207,11 @@ def run_in_child(kind: str, case_dir: Path, timeout: float = CASE_TIMEOUT) -> tu
                 result = "ok\t" + case_body(kind, case_dir)
             except MemoryError:
                 result = "memory\tMemoryError"
-            except BaseException as exc:  # noqa: BLE001 - classified, this is the point
+            except BaseException as exc:  # classified, this is the point
                 cls = "clean" if _one_line_error(exc) else "exception"
                 result = f"{cls}\t{type(exc).__name__}: {str(exc)[:300]}"
             os.write(wfd, result.replace("\n", "\\n").encode("utf-8", "replace") + b"\n")
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             code = 3
         finally:
             os._exit(code)

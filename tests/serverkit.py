@@ -1,6 +1,8 @@
 """Start `mixcli serve` on a free 127.0.0.1 port in a subprocess, as a user would, for the server tests."""
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -8,9 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import http.client
-import json
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 300  # the first start compiles the kernels on a busy 2-core machine

@@ -21,7 +21,7 @@ import pytest
 from rich.console import Console
 
 import babyruntime
-from mixcli.chat import (ChatError, ChatSession, Repl, check_messages, parse_command, read_message)
+from mixcli.chat import ChatError, ChatSession, Repl, check_messages, parse_command, read_message
 from mixcli.chat_ui import ChatUI
 
 ROOT = Path(__file__).resolve().parent.parent

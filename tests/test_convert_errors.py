@@ -15,21 +15,23 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from babymodels import make_hf_checkpoint
-from mixcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, MixcliError
+from mixcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, exit_code
 from quant import convert as convert_mod
 from quant.convert import convert_checkpoint
+from quant.errors import ConversionInterrupted, QuantError
 from quant.writer import ModelWriter, verify_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fails(src: Path, out: Path, match: str, code: int = EXIT_ERROR, **kw) -> MixcliError:
-    """Convert, expect a MixcliError whose one-line message matches; check nothing is left."""
+def fails(src: Path, out: Path, match: str, code: int = EXIT_ERROR, **kw) -> QuantError:
+    """Convert, expect one of quant's errors whose one-line message matches and which the CLI
+    exits with ``code``; check nothing is left."""
     before = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else None
-    with pytest.raises(MixcliError, match=match) as info:
+    with pytest.raises(QuantError, match=match) as info:
         convert_checkpoint(src, out, **kw)
     err = info.value
-    assert err.exit_code == code
+    assert exit_code(err) == code
     assert "\n" not in str(err) and err.hint, str(err)
     after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else None
     assert after == before  # no output, no .partial- directory, no stray file
@@ -263,7 +265,7 @@ def test_failure_with_force_keeps_the_old_output(dirs):
         raise KeyboardInterrupt
 
     before = sorted(p.name for p in out.parent.iterdir())
-    with pytest.raises(MixcliError, match="interrupted"):
+    with pytest.raises(ConversionInterrupted, match="interrupted"):
         convert_checkpoint(src, out, quant="f16", force=True, progress=progress)
     assert sorted(p.name for p in out.parent.iterdir()) == before
     assert verify_model_dir(out)["quant"]["preset"] == "q8_0"
@@ -276,7 +278,7 @@ def test_created_parent_directories_are_removed_on_failure(tmp_path):
     def progress(*a):
         raise KeyboardInterrupt
 
-    with pytest.raises(MixcliError):
+    with pytest.raises(ConversionInterrupted):
         convert_checkpoint(src, tmp_path / "new" / "deeper" / "model", progress=progress)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

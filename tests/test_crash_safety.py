@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import pytest
 
 from babymodels import make_hf_checkpoint
-from mixcli.errors import MixcliError
 from quant import leftovers, locks
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -60,7 +60,7 @@ def _timeout_call(fn, seconds=60):
     def target():
         try:
             box["r"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             box["e"] = exc
 
     t = threading.Thread(target=target, daemon=True)

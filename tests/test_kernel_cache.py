@@ -61,6 +61,6 @@ def test_cache_falls_back_to_the_user_cache_dir(tmp_path):
     assert second["hits"] == 1 and second["misses"] == 0  # the next process loaded it
     assert first["notes"] == ["compiling kernels for this CPU (first run only)..."] and second["notes"] == []
     assert first["sum"] == second["sum"]
-    cached = [p for p in xdg.rglob("*.nbi")]
+    cached = list(xdg.rglob("*.nbi"))
     assert any("mv" in p.name for p in cached), cached  # the driver's index sits in the user's cache
     assert not any(p.is_dir() for p in src.rglob("__pycache__"))  # nothing written beside the sources

@@ -210,7 +210,7 @@ def test_client_disconnect_cancels_the_sequence(server):
     done_before = server.health()["requests_completed"]
     stream = _endless_stream(c)
     got = 0
-    for part in stream:
+    for _part in stream:
         got += 1
         if got == 5:
             break

@@ -7,7 +7,6 @@ tests read the raw stream, where a transient bar's frames stay even after it is 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re

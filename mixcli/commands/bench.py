@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,7 +29,7 @@ def bench_command(
     tg: Annotated[int, typer.Option("--tg", "-n", help="Tokens per generation test (0: skip).")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2 (0: all physical cores).")] = "",
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -39,8 +39,8 @@ def bench_command(
     Prompt processing (ppN) and generation (tgM) in tokens per second: mean and standard deviation
     over --reps runs, for each thread count."""
     from ..bench import run_bench
-    from ..progress import say_stderr
     from ..model import physical_cores
+    from ..progress import say_stderr
     from ..runtime import load_runtime_model
 
     if reps < 1:
@@ -84,8 +84,8 @@ def perplexity_command(
     model: Annotated[str, typer.Argument(help="Converted model directory or registry name.")],
     file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")] = None,
+    chunks: Annotated[int | None, typer.Option("--chunks", help="Score at most this many chunks.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")] = None,
     act: ActOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):

@@ -1,7 +1,7 @@
 """`mixcli chat`: a terminal REPL over one model (the loop itself is mixcli.chat.Repl)."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,25 +17,25 @@ from .generate import (
     SeedOpt,
     TempOpt,
     ThreadsOpt,
-    VerifyOpt,
     TopKOpt,
     TopPOpt,
+    VerifyOpt,
     sampler_config,
 )
 
 
 def chat_command(
     model: ModelArg = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message (kept by /reset; /system changes it).")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Most tokens per answer (default: until the model stops or the context is full).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message (kept by /reset; /system changes it).")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens per answer (default: until the model stops or the context is full).")] = None,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End an answer at this string (repeatable; not shown).")] = None,
-    load: Annotated[Optional[str], typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End an answer at this string (repeatable; not shown).")] = None,
+    load: Annotated[str | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     max_memory: MaxMemoryOpt = None,

@@ -3,35 +3,28 @@ model directory.
 
 Thin: flags in, ``quant.convert.convert_checkpoint`` (or ``quant.gguf_convert.convert_gguf`` for a
 ``.gguf`` file) does the work, mixcli.progress shows it on stderr (the bar every pull shares:
-source bytes and tensors done) and a summary table goes to stdout at the end. Errors
-are ``MixcliError``s that the app turns into one line and an exit code.
+source bytes and tensors done) and a summary table goes to stdout at the end. Errors are
+quant's (``quant.errors``) or ``MixcliError``s; the app turns either into one line and an exit code.
 """
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from typing import TYPE_CHECKING
-
 from mixcli.errors import UsageError
-from quant.formats import DEFAULT_QUANT
+from quant.formats import DEFAULT_QUANT, QUANT_PRESETS, QUANT_TYPES
 
 if TYPE_CHECKING:
     from quant.convert import ConvertSummary
 
 
-class QuantChoice(str, Enum):
-    q4_0 = "q4_0"
-    q4_1 = "q4_1"
-    q4_k = "q4_k"
-    q8_0 = "q8_0"
-    f16 = "f16"
-    keep = "keep"
+# --quant's choices: the presets of quant.formats, and "keep" (a GGUF's blocks as they are)
+QuantChoice = Enum("QuantChoice", {name: name for name in (*QUANT_PRESETS, "keep")}, type=str)
 
 
 def convert_command(
@@ -39,7 +32,8 @@ def convert_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to create for the converted model")],
     quant: Annotated[
         QuantChoice | None,
-        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1 / q4_k (4.625 bits/weight, two-level scales: "
+        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1 / q4_k "
+                     f"({QUANT_TYPES['q4_k'].bits_per_weight:g} bits/weight, two-level scales: "
                      "closest to the original of the 4-bit types), 8-bit q8_0, f16 (no quantization), or keep "
                      "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q8_0 / F16 blocks as they are, other types to q8_0). "
                      f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file"),

@@ -7,7 +7,7 @@ prompt and the generated tokens are shown apart because prefill and decode route
 """
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -93,7 +93,7 @@ def experts_command(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text, or - to read stdin.")] = ...,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (greedy) after the prompt.")] = 32,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
 ):

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
+from ..sampling import SamplerConfig
+from ..store import AUTO_MAX_BYTES, AUTO_MEMORY_FRACTION
 
 ModelArg = Annotated[
-    Optional[str],
+    str | None,
     typer.Argument(help="Converted model directory or registry name (default: the default model)."),
 ]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context size in tokens (default 4096, at most the model's).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")]
+CtxOpt = Annotated[int | None, typer.Option("--ctx", help="Context size in tokens (default 4096, at most the model's).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")]
 MaxMemoryOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
 ]
 MmapOpt = Annotated[
-    Optional[bool],
+    bool | None,
     typer.Option("--mmap/--no-mmap", help="Map the weights (instant start, less resident memory) or read them into "
-                 "memory (faster decode, slower start). Default: read a model of up to 4 GiB that fits in 60% of "
-                 "the available memory."),
+                 "memory (faster decode, slower start). Default: read a model of up to "
+                 f"{AUTO_MAX_BYTES / 2**30:g} GiB that fits in {AUTO_MEMORY_FRACTION:.0%} of the available memory."),
 ]
 
 ActOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--act", help="Activation arithmetic of the quantized matrix products: int8x2 (default: two int8 "
                  "levels, logits within ~1e-4 of f32), int8 (llama.cpp's one level: faster, most in prompt "
                  "processing, but small models' answers can change), f32 (exact, slow). Also $MIXCLI_ACT."),
@@ -40,13 +42,14 @@ VerifyOpt = Annotated[
                  "they last passed (once; `mixcli verify` checks on demand). --no-verify skips it."),
 ]
 
-# sampling flags, shared with `mixcli chat`
-TempOpt = Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 is greedy.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 is off (the default).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for exactly reproducible sampling.")]
+# sampling flags, shared with `mixcli chat`; defaults are SamplerConfig's (llama.cpp's)
+_S = SamplerConfig()
+TempOpt = Annotated[float | None, typer.Option("--temp", help=f"Temperature; 0 is greedy (default {_S.temperature:g}).")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help=f"Keep the k most likely tokens (0: all; default {_S.top_k}).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help=f"Nucleus sampling mass in (0, 1] (default {_S.top_p:g}).")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help=f"Drop tokens below min_p x the top probability (default {_S.min_p:g}).")]
+RepeatPenaltyOpt = Annotated[float | None, typer.Option("--repeat-penalty", help=f"1 is off (default {_S.repeat_penalty:g}).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for exactly reproducible sampling.")]
 
 
 def read_prompt(prompt: str) -> str:
@@ -97,9 +100,9 @@ def generate_command(
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable; not printed).")] = None,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable; not printed).")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message (chat mode).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, finish_reason, usage, timings.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt that does not fit the context.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert statistics to stderr.")] = False,

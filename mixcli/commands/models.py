@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from quant.formats import DEFAULT_QUANT, QUANT_PRESETS
 
 
 def _dir_size(path) -> int:
@@ -106,16 +107,16 @@ def _row(name, entry, path, default) -> dict:
 
 
 def pull_command(
-    name: Annotated[Optional[str], typer.Argument(
+    name: Annotated[str | None, typer.Argument(
         help="A registry name, or a Hugging Face repo: owner/name (safetensors or GGUF) or owner/name:QUANT "
              "(a GGUF repo's quant, e.g. :Q4_K_M). Default: the default model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again even if present.")] = False,
     keep_source: Annotated[bool, typer.Option("--keep-source", help=(
         "Keep the downloaded files (under $MIXCLI_HOME/downloads) after converting; files found in the "
         "Hugging Face cache are always kept."))] = False,
-    quant: Annotated[Optional[str], typer.Option("--quant", help=(
-        "How to convert a safetensors repo (q4_0, q4_1, q4_k, q8_0, f16; default: the registry's or q4_0). "
-        "A GGUF keeps its blocks."))] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help=(
+        f"How to convert a safetensors repo ({', '.join(QUANT_PRESETS)}; default: the registry's or "
+        f"{DEFAULT_QUANT}). A GGUF keeps its blocks."))] = None,
 ):
     """Fetch a model (registry or Hub) and convert it."""
     from ..progress import say_stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,7 +44,7 @@ def serve_command(
                                           "(each has its own KV cache of --ctx tokens).")] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free sequence; "
                                            "beyond it the server answers 503 with Retry-After.")] = 64,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MIXCLI_API_KEY", show_envvar=True,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MIXCLI_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
     temp: TempOpt = None,
     top_k: TopKOpt = None,

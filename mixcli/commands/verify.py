@@ -7,7 +7,7 @@ that passes gets a fresh stamp, so the next `generate` or `chat` starts without 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ from ..errors import ModelFormatError
 
 
 def verify_command(
-    model: Annotated[Optional[str], typer.Argument(help="Converted model directory or registry name (default: the default model).")] = None,
+    model: Annotated[str | None, typer.Argument(help="Converted model directory or registry name (default: the default model).")] = None,
 ):
     """Check a converted model: every rule and every tensor sha256."""
     from rich.console import Console

@@ -45,7 +45,7 @@ def select(isa: str | None = None, act: str | None = None) -> KernelTable:
     return _table(resolve(isa), resolve_act(act))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(isa: str, act: str) -> KernelTable:
     return KernelTable(isa, act)
 

@@ -220,7 +220,7 @@ _FACTORIES = {
 QTYPES = tuple(_FACTORIES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def driver(tier, qtype: str, op: str, levels: int):
     """The compiled-on-first-call driver for ``op`` ("mv" or "mm") of a storage type."""
     kind, mv, mm = _FACTORIES[qtype]

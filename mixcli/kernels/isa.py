@@ -58,7 +58,7 @@ def resolve(name: str | None = None, source: str = "$MIXCLI_ISA") -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tier(name: str) -> Tier:
     """The code generator of a tier (whether the host can run it is ``resolve``'s question)."""
     if name == "avx512vnni":

@@ -32,7 +32,22 @@ from numba.extending import intrinsic
 
 from quant.formats import ROW_TILE, SUPER
 
-from .irgen import _FAST, _arr, _bcast_pairs, _c64, _clamp, _f32, _i8, _i16, _i32, _load, _prefetch, _splat, _splat16, _vec
+from .irgen import (
+    _FAST,
+    _arr,
+    _bcast_pairs,
+    _c64,
+    _clamp,
+    _f32,
+    _i8,
+    _i16,
+    _i32,
+    _load,
+    _prefetch,
+    _splat,
+    _splat16,
+    _vec,
+)
 
 R = ROW_TILE
 # Software prefetch in a decode tile's qs stream, per activation levels: (bytes ahead, LLVM

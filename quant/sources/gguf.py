@@ -19,8 +19,9 @@ type llama.cpp defines, K-quants included. What is ours, and why:
   the bytes, are what is kept: the codes are unpacked and the nibbles re-ordered.
 - Tensor bytes are read with ``pread`` into a buffer per tensor (an expert's slice of a stacked
   tensor, or the rows a chunk needs), never through the reader's map: pages touched in a map
-  stay in our resident set until the map goes, which made a 26 GB conversion peak at 22 GB.
-  Read, used and dropped, a tensor costs memory only while it is converted.
+  stay in our resident set until the map goes, so the peak grew with the file (benchmarks/RESULTS.md,
+  "GGUF conversion in bounded memory"). Read, used and dropped, a tensor costs memory only while
+  it is converted.
 - A split GGUF (llama.cpp's ``gguf-split``: ``name-00001-of-00003.gguf`` ...) is opened as one:
   the metadata comes from the first shard, the tensors from whichever shard holds them.
 
@@ -36,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from mixcli.config import ModelConfig
-from mixcli.errors import CheckpointError
-from quant.formats import QK, FormatError, expected_shape, tensor_names, tensor_set_difference
-from quant.sources.gguf_check import check_gguf_header
+from quant.config import ModelConfig
+from quant.errors import CheckpointError, FormatError
+from quant.formats import QK, expected_shape, tensor_names, tensor_set_difference
 from quant.q4 import unpack_k_scales
+from quant.sources.gguf_check import check_gguf_header
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # Llama, Mistral and Mixtral GGUFs all say "llama"
@@ -289,7 +290,7 @@ class GGUFCheckpoint:
         self.reader = None
         self.readers = []
 
-    def __enter__(self) -> "GGUFCheckpoint":
+    def __enter__(self) -> GGUFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,8 +1,8 @@
 """Check a GGUF file's header against its size before ``gguf.GGUFReader`` sees it.
 
 The reader trusts every count and length in the header: a corrupt array count or string length
-makes it allocate and loop for as long as the number says (a 4-byte flip grew one past 5 GB of
-memory). This walks the same structure (magic, version, tensor and key-value counts, each key,
+makes it allocate and loop for as long as the number says (the fuzzer's 4-byte flips made it
+allocate gigabytes). This walks the same structure (magic, version, tensor and key-value counts, each key,
 value and array, each tensor's dimensions, type and offset) with every count and length bounded
 by the bytes that remain in the file, so a damaged header is refused in milliseconds with one line
 naming the field. It also checks the types of the metadata values mixcli reads (a string where a
@@ -118,7 +118,7 @@ def _printable(text: str, limit: int = 300) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def _name(w: "_Walker", raw: str, what: str) -> str:
+def _name(w: _Walker, raw: str, what: str) -> str:
     """A key or tensor name: printable text (names are ASCII identifiers in every GGUF we read)."""
     if not raw.isprintable() or not raw:
         raise w.fail(f"{what} {_printable(raw, 60)!r} is not a printable name")

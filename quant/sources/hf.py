@@ -6,8 +6,8 @@ every shard's structure (overlapping or uncovered data regions, bad dtypes). Wha
 - the safetensors numpy API cannot return bf16 (numpy has no bf16 dtype), and Mixtral ships bf16;
 - its errors do not say which file is truncated by how much, which the user needs to fix it;
 - reading speed. Memory-mapping the shards was the first design, but page faults on a cold map
-  read at 0.7-1.0 GB/s on this machine type while ``pread`` in row chunks reads at ``cat``
-  speed (~1.7 GB/s), and a thread can read the next chunks while the quantizer works (see
+  read well below ``cat`` speed while ``pread`` in row chunks reaches it (benchmarks/RESULTS.md,
+  "The converter"), and a thread can read the next chunks while the quantizer works (see
   ``HFCheckpoint.plan``). Each chunk buffer is dropped once quantized, so resident memory stays
   at a few chunks however large the checkpoint.
 
@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from mixcli.config import ModelConfig
-from mixcli.errors import CheckpointError
-from quant.formats import expected_shape, tensor_names, tensor_set_difference  # noqa: F401 (expected_shape: re-exported)
+from quant.config import ModelConfig
+from quant.errors import CheckpointError
 from quant.floats import to_float32
+from quant.formats import expected_shape, tensor_names, tensor_set_difference
+from quant.memory import available_memory
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -50,7 +51,7 @@ READAHEAD_CHUNKS = 8
 # paced at WARM_RATE so it does not queue far more than the disk reads in that time.
 WARM_LIMIT = 2 << 30
 WARM_STEP = 8 << 20
-WARM_RATE = 2e9  # bytes/s: about this VM's cold sequential read speed
+WARM_RATE = 2e9  # bytes/s: about the 2-core target VM's cold sequential read speed
 
 # safetensors dtype -> (our name, numpy dtype of the stored bits)
 DTYPES = {"BF16": ("bf16", np.dtype("<u2")), "F16": ("f16", np.dtype("<f2")), "F32": ("f32", np.dtype("<f4"))}
@@ -215,7 +216,7 @@ class _ReadAhead:
         for key in chunks:
             try:
                 item = (key, read(*key))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            except BaseException as exc:  # re-raised in the consumer
                 item = (key, exc)
             while not self._stopped.is_set():
                 try:
@@ -340,8 +341,6 @@ class HFCheckpoint:
     def warm(self) -> None:
         """Start pulling the checkpoint into the page cache, front to back, until ``plan`` (or
         ``close``) is called: for the time between opening and the quantizer being ready."""
-        from mixcli.memsize import available_memory
-
         if self._warmer is None:
             avail = available_memory()
             limit = WARM_LIMIT if avail is None else min(WARM_LIMIT, avail // 4)
@@ -377,7 +376,7 @@ class HFCheckpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "HFCheckpoint":
+    def __enter__(self) -> HFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
