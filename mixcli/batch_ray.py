@@ -7,9 +7,11 @@ and sends the prompts of a failed call again, at most ``retries`` more times eac
 worker. A worker's actor runs calls on several threads (``max_concurrency``) so that one process
 serves many prompts at once through ``batch_worker.BatchWorker``.
 
-Without ``--ray-address`` Ray is started inside the job (``start_local``): loopback only, no
-dashboard, a small object store, a temporary directory of its own (removed at the end; one left
-by a killed job is removed by the next). With an address the job joins that cluster.
+Without ``--ray-address`` Ray is started inside the job (``start_local``): no dashboard, no usage
+reports, a small object store, a temporary directory of its own (removed at the end; one left by
+a killed job is removed by the next). Ray's services listen on every interface (Ray has no
+loopback-only mode; README says how to require a token). With an address the job joins that
+cluster.
 """
 from __future__ import annotations
 
@@ -101,9 +103,13 @@ def start_local(num_cpus: int, temp_root: str | None = None) -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     temp_dir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=temp_root)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             _temp_dir=temp_dir, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level=logging.ERROR, namespace="mixcli-batch")
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                 _temp_dir=temp_dir, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.ERROR, namespace="mixcli-batch")
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     return temp_dir
 
 
@@ -157,8 +163,29 @@ def cluster_shape() -> tuple[int, float]:
     """(alive nodes, logical CPUs) of the Ray cluster this process is connected to."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return len(nodes), float(ray.cluster_resources().get("CPU", 0))
+    return len(ray_nodes()), float(ray.cluster_resources().get("CPU", 0))
+
+
+def placement(workers: int, threads: int) -> list:
+    """A scheduling strategy per worker: nodes taken in turn, each as often as its CPUs hold
+    ``threads`` (so 2 workers on a 16-CPU and an 8-CPU node get one each, where Ray's own SPREAD
+    may put both on the first); soft, so a node that is gone or too small lets Ray place it elsewhere.
+    Workers beyond what the nodes hold are left to SPREAD."""
+    import itertools
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(((n["NodeID"], n["Resources"].get("CPU", 0.0)) for n in ray_nodes()), key=lambda n: -n[1])
+    turns = itertools.zip_longest(*[[node] * int(cpus // threads) for node, cpus in nodes])
+    order = [node for turn in turns for node in turn if node is not None]
+    return [NodeAffinitySchedulingStrategy(order[i], soft=True) if i < len(order) else "SPREAD"
+            for i in range(workers)]
+
+
+def ray_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 class RayPool:
@@ -186,11 +213,12 @@ class RayPool:
             raise UsageError(f"{self.workers} workers x {self.threads} threads need {need} CPUs, the Ray cluster "
                              f"has {cpus:g}", "lower --workers or --threads-per-worker")
         opts = {"num_cpus": self.threads, "max_restarts": self.retries, "max_task_retries": 0,
-                "max_concurrency": self.parallel + EXTRA_DEPTH, "scheduling_strategy": "SPREAD"}
+                "max_concurrency": self.parallel + EXTRA_DEPTH}
         if self.memory_bytes:
             opts["memory"] = self.memory_bytes
         cls = _actor_class()
-        self.actors = [cls.options(**opts).remote(self.kwargs) for _ in range(self.workers)]
+        self.actors = [cls.options(**opts, scheduling_strategy=where).remote(self.kwargs)
+                       for where in placement(self.workers, self.threads)]
         infos = []
         for ref in [a.ready.remote() for a in self.actors]:
             while True:
