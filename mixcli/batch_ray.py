@@ -79,6 +79,7 @@ class RayCluster:
             self.temp_dir = start_local(self.num_cpus)
         else:
             say(f"joining the Ray cluster at {self.address}")
+            check_reachable(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR,
                          namespace="mixcli-batch")
@@ -95,6 +96,22 @@ class RayCluster:
             ray.shutdown()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers on is an error now: ray.init would
+    retry it for minutes."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise MixcliError(f"nothing answers at the Ray address {address} ({exc.strerror or exc})",
+                          "check the address (ray://HEAD:10001 or HEAD:6379) and that the cluster runs") from None
 
 
 def start_local(num_cpus: int, temp_root: str | None = None) -> str:

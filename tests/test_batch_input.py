@@ -124,3 +124,17 @@ def test_cli_never_overwrites_an_output_without_resume(tmp_path):
     r = _cli(tmp_path / "no-such-model", src, "-o", out)
     assert r.returncode == 2 and f"error: {out} already exists (pass --resume" in r.stderr, r.stderr
     assert out.read_text() == '{"id": 0, "text": "earlier work"}\n'
+
+
+def test_cli_names_a_ray_address_where_nothing_answers(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "fine"}])
+    out = tmp_path / "out.jsonl"
+    r = _cli(tmp_path / "model", src, "-o", out, "--ray-address", f"127.0.0.1:{port}")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: nothing answers at the Ray address 127.0.0.1:{port} (")
+    assert not out.exists()
