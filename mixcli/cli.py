@@ -78,6 +78,9 @@ def _register() -> None:
     from .commands.serve import serve_command
 
     app.command("serve")(serve_command)
+    from .commands.batch_cmd import batch_command
+
+    app.command("batch")(batch_command)
     from .commands.verify import verify_command
 
     app.command("verify")(verify_command)
