@@ -12,6 +12,7 @@ with every token:
   is no integer dot to gain from (llama.cpp's ggml_vec_dot_q6_K_q8_K accumulates integers because
   its SIMD multiplies bytes), and one long f32 dot per row avoids a horizontal sum per block;
 - f32 mode: the same with x itself;
+- rows go four at a time, so that a prefill reads each token's x_hat once per four rows;
 - ``dequant_row_*``: ggml's dequantize_row_q6_K / q5_K in its float32 operations, compiled
   without fastmath (numba would contract and reassociate them) and sharing no helper with the
   fastmath kernels (a callee compiled inside a fastmath caller keeps the caller's flags), so a
@@ -34,6 +35,7 @@ from .act import act, quantize_act_levels, scratch
 from .irgen import _JIT, _PJIT, _dot, _u16, h2f
 
 QTYPES = ("q6_k", "q5_k")
+R4 = 4  # rows unpacked together (_mm_k)
 _EXACT = dict(cache=True, nogil=True)  # no fastmath: the float operations as written (dequant_row)
 
 
@@ -122,29 +124,50 @@ def _levels_summed(X, L, xq, xdx, xh):
                     xh[t, j] += np.float32(xq[t * L + lv, j]) * xdx[t * L + lv, b]
 
 
+@njit(**_JIT)
+def _dot4(w, x):
+    """The dots of rows w [4, K] with x [K]: each x element loaded once for four rows."""
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    for k in range(x.shape[0]):
+        s0 += w[0, k] * x[k]
+        s1 += w[1, k] * x[k]
+        s2 += w[2, k] * x[k]
+        s3 += w[3, k] * x[k]
+    return s0, s1, s2, s3
+
+
 # ---- the driver: X [T, K] -> out [T, N]; L = 0 keeps x in f32 -----------------------------------
 @njit(**_PJIT)
 def _mm_k(kind, p0, p1, p2, d, m, X, L, xq, xdx, xsq, xsum, xsqt, xh, wbuf, out):
-    # kind 6: q6_k (ql, qh, sc, d; m unused), 5: q5_k (qs, qh, s, d, m)
+    # kind 6: q6_k (ql, qh, sc, d; m unused), 5: q5_k (qs, qh, s, d, m). Rows in groups of R4 = 4
+    # (the last group repeats row n - 1): each token's x_hat is read once per group, not per row.
     T, n = out.shape
     if L > 0:
         quantize_act_levels(X, L, xq, xdx, xsq, xsum, xsqt)
     _levels_summed(X, L, xq, xdx, xh)
-    for r in prange(n):
+    for g in prange((n + R4 - 1) // R4):
         w = wbuf[get_thread_id()]
-        if kind == 6:
-            _unpack_q6k(p0, p1, p2, d, np.int64(r), w)
-        else:
-            _unpack_q5k(p0, p1, p2, d, m, np.int64(r), w)
+        for i in range(R4):
+            r = min(np.int64(g) * R4 + i, n - 1)
+            if kind == 6:
+                _unpack_q6k(p0, p1, p2, d, r, w[i])
+            else:
+                _unpack_q5k(p0, p1, p2, d, m, r, w[i])
         for t in range(T):
-            out[t, r] = _dot(w, xh[t])
+            s = _dot4(w, xh[t])
+            for i in range(R4):
+                if g * R4 + i < n:
+                    out[t, g * R4 + i] = s[i]
 
 
 def _bufs(t: int, k: int, levels: int):
-    """act() scratch for ``levels`` (one level's, unused, in f32 mode), x_hat [T, K] and one
-    dequantized row [K] per worker thread."""
+    """act() scratch for ``levels`` (one level's, unused, in f32 mode), x_hat [T, K] and R4
+    dequantized rows [R4, K] per worker thread."""
     return (*act(t, k, max(levels, 1)), scratch("kq_xh", (t, k), np.float32),
-            scratch("kq_w", (numba.config.NUMBA_NUM_THREADS, k), np.float32))
+            scratch("kq_w4", (numba.config.NUMBA_NUM_THREADS, R4, k), np.float32))
 
 
 def _pairs(levels: int):
