@@ -5,7 +5,7 @@ Decode is memory-bandwidth bound, so each case cycles through enough copies of t
 (>= 128 MiB) that it streams from DRAM, not from the 32 MiB L3, as a real model's weights do.
 Each figure is the median (and best) of several timed passes after a JIT warm-up.
 
-    python benchmarks/matvec.py [--runs 7] [--quick] [--types q4_0r16,q4_kr16] [--tables avx2:int8x2,avx2:f32]
+    python benchmarks/matvec.py [--runs 7] [--quick] [--types q4_0r16,q4_kr16,q6_k,q5_k] [--tables avx2:int8x2,avx2:f32]
 
 --tables: the kernel tables to measure side by side (instruction-set tier : activation mode);
 default: the host's best tier in both int8 modes, and the f32 mode.
@@ -33,6 +33,14 @@ STREAM_BYTES = 128 << 20
 def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
     """Kernel arguments of a random [N, K] matrix (quantizing a real one is slow; random parts
     have the same layout and cost)."""
+    if qtype in ("q6_k", "q5_k"):  # GGUF super-blocks of random bytes, finite fp16 scales
+        ns = k // 256
+        sup = (rng.standard_normal((n, ns)) * 0.01).astype(np.float16)
+        if qtype == "q6_k":  # ql, qh, sc, d
+            return [rng.integers(0, 256, (n, ns * 128), dtype=np.uint8), rng.integers(0, 256, (n, ns * 64), dtype=np.uint8),
+                    rng.integers(-128, 128, (n, ns * 16), dtype=np.int8), sup]
+        return [rng.integers(0, 256, (n, ns * 128), dtype=np.uint8), rng.integers(0, 256, (n, ns * 32), dtype=np.uint8),
+                rng.integers(0, 256, (n, ns * 12), dtype=np.uint8), sup, sup.copy()]  # qs, qh, s, d, m
     if qtype.endswith("r16"):
         base = qtype[:-3]
         names = QUANT_TYPES[base].parts
@@ -96,7 +104,7 @@ def main() -> None:
     print(f"numba {numba.__version__}, tables: {', '.join(t.label for t in tables)}, "
           f"threads available {numba.config.NUMBA_NUM_THREADS}")
     # (row-major q4_k has only the f32-activation kernels: not a decode path worth a row here)
-    for qtype in pick(("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q4_kr16", "q8_0", "q8_0r16", "f16")):
+    for qtype in pick(("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q4_kr16", "q6_k", "q5_k", "q8_0", "q8_0r16", "f16")):
         for n, k in shapes:
             one = _parts(qtype, n, k, rng)
             nbytes = sum(p.nbytes for p in one)
@@ -124,7 +132,7 @@ def main() -> None:
         rows.append(("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9))
     del big
     # prefill
-    for qtype in pick(("q4_0", "q4_0r16", "q4_kr16", "q8_0", "q8_0r16", "f16")):
+    for qtype in pick(("q4_0", "q4_0r16", "q4_kr16", "q6_k", "q5_k", "q8_0", "q8_0r16", "f16")):
         n, k = 14336, 4096
         T = 128
         one = _parts(qtype, n, k, rng)

@@ -271,7 +271,7 @@ def pull_default(*, force: bool = False, notify: Notify | None = None) -> Path:
 
 
 # -- the Hugging Face Hub ----------------------------------------------------------------------------
-GGUF_GROWTH = 1.1  # converted / GGUF bytes, at most: Q6_K and other types we re-quantize become q8_0
+GGUF_GROWTH = 1.1  # converted / GGUF bytes, at most: types we re-quantize (Q5_0, Q3_K, ...) become q8_0
 
 
 def downloads_dir() -> Path:

@@ -54,6 +54,9 @@ class ConvertSummary:
     max_abs_err: float
     max_err_tensor: str | None
     source_bytes: int
+    # a GGUF import: the GGUF names of the tensors whose blocks were decoded and quantized again
+    # (empty: every block kept as it was); None for a checkpoint, whose floats are all quantized
+    requantized: tuple[str, ...] | None = None
 
 
 def storage_type(name: str, shape: tuple[int, ...], preset: str) -> str:

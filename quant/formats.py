@@ -54,8 +54,8 @@ exact but far slower (the speed of every type's f32 path; benchmarks/RESULTS.md,
 widths and vocabularies are multiples of 16); keeping the type, rather than switching such a
 tensor to q4_1, keeps a GGUF Q4_K import exact everywhere and needs no second storage rule.
 
-q6_k and q5_k: GGUF's K-quants, imported bit for bit (not runnable yet)
------------------------------------------------------------------------
+q6_k and q5_k: GGUF's K-quants, imported bit for bit
+---------------------------------------------------
 A Q4_K_M file keeps its output head and about half of ``ffn_down`` and ``attn_v`` in Q6_K (Q5_K_M:
 Q5_K and Q6_K). These types hold those blocks exactly: GGUF's bytes per super-block of 256
 weights (QK_K), its fields split into parts as for Q4_0 (no bit changes, and llama.cpp's kernels
@@ -68,10 +68,11 @@ for these layouts port directly):
   u1 (Q4_K's packed 6-bit scale and min codes), d, m [N, NS] <f2 (d, dmin);
   w = d * sc * q - dmin * mn.
 
-They live in PENDING_TYPES, not QUANT_TYPES, until decode and prefill kernels exist for every
-instruction-set tier: a manifest cannot name them yet, and a GGUF import turns these tensors into
-q8_0 as before. ``quant.q4.dequantize`` decodes them (equal to ``gguf.quants.dequantize`` bit for
-bit) and ``quant.sources.gguf.split_blocks`` imports them.
+K must be a multiple of 256 (GGUF cannot store anything else in these types). They stay row-major
+(no r16 form); their kernels (``mixcli.kernels.kquants``) are plain numba loops shared by every
+instruction-set tier. ``quant.q4.dequantize`` decodes them (equal to ``gguf.quants.dequantize``
+bit for bit) and ``quant.sources.gguf.split_blocks`` imports them; nothing quantizes floats into
+them (no ``--quant`` preset names them: they come from GGUF files only).
 
 Dimension letters: N output rows, K input columns (the reduction axis), G quant group (32),
 NB = K / 32 blocks per row, NS = ceil(NB / 8) q4_k super-blocks per row (K / 256 for q6_k, q5_k).
@@ -169,12 +170,11 @@ for _b in ("q4_0", "q4_1", "q8_0", "q4_k"):
     _t = QUANT_TYPES[_b]
     QUANT_TYPES[_b + "r16"] = QuantType(_b + "r16", QK, _t.bits_per_weight, _t.parts, base=_b, rows=16)
 ROW_TILE = 16
-# GGUF K-quant blocks held bit for bit, waiting for their kernels (see the docstring): not storage
-# types a manifest may name yet. Each part in GGUF's order within a super-block.
-PENDING_TYPES: dict[str, QuantType] = {
-    "q6_k": QuantType("q6_k", QK_K, 6.5625, ("ql", "qh", "sc", "d")),
-    "q5_k": QuantType("q5_k", QK_K, 5.5, ("d", "m", "s", "qh", "qs")),
-}
+# GGUF's K-quants, held bit for bit (see the docstring); parts in the kernels' argument order
+# (GGUF's byte order within a super-block is quant.sources.gguf's business)
+QUANT_TYPES["q6_k"] = QuantType("q6_k", QK_K, 6.5625, ("ql", "qh", "sc", "d"))
+QUANT_TYPES["q5_k"] = QuantType("q5_k", QK_K, 5.5, ("qs", "qh", "s", "d", "m"))
+K_TYPES = ("q6_k", "q5_k")
 
 
 def base_type(qtype: str) -> str:

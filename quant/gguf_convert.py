@@ -1,10 +1,11 @@
 """Convert a llama.cpp GGUF file into a mixcli model directory.
 
-Where our format holds a GGUF block type exactly (Q4_0, Q4_1, Q8_0, F16, F32 bit for bit; Q4_K as
-q4_k, the same values with its codes unpacked), the blocks are re-laid into our parts without
-re-quantizing: a Q4_1 GGUF imported with ``quant="keep"`` computes exactly what llama.cpp computes
-from it, and so do the Q4_K tensors of a Q4_K_M file. Everything else (Q6_K and the other
-K-quants, Q5, BF16, ...) is dequantized by the ``gguf`` package and re-quantized by our writer.
+Where our format holds a GGUF block type exactly (Q4_0, Q4_1, Q8_0, Q6_K, Q5_K, F16, F32 bit for
+bit; Q4_K as q4_k, the same values with its codes unpacked), the blocks are re-laid into our parts
+without re-quantizing: a Q4_1 GGUF imported with ``quant="keep"`` computes exactly what llama.cpp
+computes from it, and so does a Q4_K_M or Q5_K_M file (Q4_K / Q5_K plus Q6_K). Everything else (Q5_0,
+Q5_1, Q2_K, Q3_K, the IQ types, BF16, ...) is dequantized by the ``gguf`` package and re-quantized by
+our writer; the summary names those tensors (``ConvertSummary.requantized``).
 
 ``quant``:
 - ``"keep"``: each tensor keeps its GGUF type where we hold it exactly; a type we do not hold
@@ -88,10 +89,11 @@ def planned_bytes(ckpt: GGUFCheckpoint, types: dict[str, str]) -> int:
 
 
 def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, str], src: Path,
-                 progress: Progress | None) -> dict[str, Any]:
+                 progress: Progress | None, requantized_out: list[str]) -> dict[str, Any]:
     names = list(ckpt.tensors)
     total_bytes = ckpt.total_bytes
     done_bytes = 0
+    requantized: list[str] = []
     with ModelWriter(tmp) as writer:
         for i, name in enumerate(names):
             ref = ckpt.tensors[name]
@@ -107,6 +109,8 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
                 parts = exact[1] if base == qtype else interleave_rows(exact[1], base)
                 writer.add_tensor_parts(name, qtype, ref.shape, parts, max_abs_err=0.0, label=ref.gguf_name)
             else:
+                if base not in ("f32", "f16"):  # widening F16 norms to f32 is not re-quantizing
+                    requantized.append(ref.gguf_name)
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 
                 def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
@@ -122,6 +126,7 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             if progress is not None:
                 progress(name, i + 1, len(names), done_bytes, total_bytes)
         tokenizer = write_tokenizer(ckpt, tmp)
+        requantized_out[:] = list(dict.fromkeys(requantized))  # a stacked GGUF tensor: one name per expert
         return writer.finish(
             ckpt.config,
             quant_section(types, quant),
@@ -152,8 +157,10 @@ def convert_gguf(
         types = plan_types(ckpt, quant)
         need = planned_bytes(ckpt, types)
         source_bytes = ckpt.total_bytes
+        requantized: list[str] = []
         with ckpt:
-            manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress))
+            manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress,
+                                                                             requantized))
     stats = manifest["stats"]
     return ConvertSummary(
         out=out,
@@ -165,4 +172,5 @@ def convert_gguf(
         max_abs_err=stats["max_abs_err"],
         max_err_tensor=stats.get("max_err_tensor"),
         source_bytes=source_bytes,
+        requantized=tuple(requantized),
     )

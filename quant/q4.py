@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import PENDING_TYPES, QK, QUANT_TYPES, SUPER, base_type, deinterleave_rows, interleave_rows
+from .formats import K_TYPES, QK, QUANT_TYPES, SUPER, base_type, deinterleave_rows, interleave_rows
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -111,7 +111,7 @@ def quantize(w: np.ndarray, qtype: str) -> dict[str, np.ndarray]:
 
 def dequantize(parts: dict[str, np.ndarray], qtype: str) -> np.ndarray:
     """Parts of ``qtype`` -> W [N, K] float32 (or [K] for a vector)."""
-    if qtype in PENDING_TYPES:
+    if qtype in K_TYPES:
         return _dequantize_k(parts, qtype)
     first = parts["w"] if "w" in parts else parts["qs"]
     if first.ndim == 1:

@@ -77,6 +77,22 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _min_max_k_codes(x: np.ndarray, qmax: int) -> tuple[np.ndarray, ...]:
+    """Q4_K / Q5_K's two-level codes for sub-blocks x [R, NS, 8, 32] by a plain min/max rule:
+    (d, dmin [R, NS] fp16, sc, mn [R, NS, 8] 6-bit codes, q [R, NS, 8, 32] in 0..qmax)."""
+    x = x.astype(np.float32)
+    lo = np.minimum(x.min(-1), 0)
+    d_sub, m_sub = (x.max(-1) - lo) / qmax, -lo  # [R, NS, 8]
+    d, dmin = (d_sub.max(-1) / 63).astype(np.float16), (m_sub.max(-1) / 63).astype(np.float16)  # [R, NS]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[..., None] > 0, np.clip(np.rint(d_sub / d[..., None]), 0, 63), 0).astype(np.uint8)
+        mn = np.where(dmin[..., None] > 0, np.clip(np.rint(m_sub / dmin[..., None]), 0, 63), 0).astype(np.uint8)
+        dq = (d[..., None].astype(np.float32) * sc)[..., None]
+        mq = (dmin[..., None].astype(np.float32) * mn)[..., None]
+        q = np.where(dq > 0, np.clip(np.rint((x + mq) / dq), 0, qmax), 0).astype(np.uint8)  # [R, NS, 8, 32]
+    return d, dmin, sc, mn, q
+
+
 def q4_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
     """GGUF Q4_K blocks of W [..., K] (K a multiple of 256) -> [..., K/256 * 144] uint8, laid out
     as llama.cpp's quantize_row_q4_K_ref lays them (the gguf package cannot quantize Q4_K): per
@@ -84,21 +100,54 @@ def q4_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
     weights 32 bytes, weight l in the low nibble of byte l and weight 32+l in its high nibble.
     A plain min/max rule (llama.cpp searches its scales; the layout is what matters here)."""
     lead, k = w.shape[:-1], w.shape[-1]
-    x = w.reshape(-1, k // 256, 8, 32).astype(np.float32)  # [R, NS, 8, 32]
-    lo = np.minimum(x.min(-1), 0)
-    d_sub, m_sub = (x.max(-1) - lo) / 15, -lo  # [R, NS, 8]
-    d, dmin = (d_sub.max(-1) / 63).astype(np.float16), (m_sub.max(-1) / 63).astype(np.float16)  # [R, NS]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[..., None] > 0, np.clip(np.rint(d_sub / d[..., None]), 0, 63), 0).astype(np.uint8)
-        mn = np.where(dmin[..., None] > 0, np.clip(np.rint(m_sub / dmin[..., None]), 0, 63), 0).astype(np.uint8)
-        dq = (d[..., None].astype(np.float32) * sc)[..., None]
-        mq = (dmin[..., None].astype(np.float32) * mn)[..., None]
-        q = np.where(dq > 0, np.clip(np.rint((x + mq) / dq), 0, 15), 0).astype(np.uint8)  # [R, NS, 8, 32]
-    scales = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
-                             (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], axis=-1)  # [R, NS, 12]
+    d, dmin, sc, mn, q = _min_max_k_codes(w.reshape(-1, k // 256, 8, 32), 15)
+    scales = _pack_k_scales(sc, mn)  # [R, NS, 12]
     nib = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(*q.shape[:2], 128)  # [R, NS, 128]
     head = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(*d.shape, 4)
     return np.concatenate([head, scales, nib], axis=-1).reshape(*lead, k // 256 * 144)
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """6-bit codes sc, mn [..., 8] -> Q4_K / Q5_K's 12 packed bytes (llama.cpp's layout)."""
+    return np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+                           (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], axis=-1)
+
+
+def q5_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
+    """GGUF Q5_K blocks of W [..., K] (K a multiple of 256) -> [..., K/256 * 176] uint8, laid out
+    as ggml's block_q5_K: fp16 d, dmin, 12 bytes of 6-bit codes (as Q4_K), 32 bytes qh (bit j of
+    byte l: the 5th bit of weight 32j + l), 128 bytes of nibbles (as Q4_K). The gguf package cannot
+    quantize Q5_K; a plain min/max rule, as ``q4_k_gguf_bytes``."""
+    lead, k = w.shape[:-1], w.shape[-1]
+    d, dmin, sc, mn, q = _min_max_k_codes(w.reshape(-1, k // 256, 8, 32), 31)
+    low = q & 0x0F
+    nib = (low[:, :, 0::2] | (low[:, :, 1::2] << 4)).reshape(*q.shape[:2], 128)  # [R, NS, 128]
+    qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)  # [R, NS, 32]
+    head = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(*d.shape, 4)
+    return np.concatenate([head, _pack_k_scales(sc, mn), qh, nib], axis=-1).reshape(*lead, k // 256 * 176)
+
+
+def q6_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
+    """GGUF Q6_K blocks of W [..., K] (K a multiple of 256) -> [..., K/256 * 210] uint8, laid out
+    as ggml's block_q6_K: 128 bytes ql, 64 bytes qh, 16 int8 scales (one per 16 weights), fp16 d;
+    per 128 weights, weight 32j + l has its low 4 bits in nibble j >> 1 of ql[l + 32 (j & 1)] and
+    its high 2 bits at bit 2j of qh[l]. The gguf package cannot quantize Q6_K; a plain absmax rule
+    (llama.cpp searches its scales; the layout is what matters here)."""
+    lead, k = w.shape[:-1], w.shape[-1]
+    x = w.reshape(-1, k // 256, 16, 16).astype(np.float32)  # [R, NS, 16, 16]
+    s_sub = np.abs(x).max(-1) / 31  # [R, NS, 16]
+    d = (s_sub.max(-1) / 127).astype(np.float16)  # [R, NS]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[..., None] > 0, np.clip(np.rint(s_sub / d[..., None]), -128, 127), 0).astype(np.int8)
+        step = (d[..., None].astype(np.float32) * sc)[..., None]
+        q = (np.where(step != 0, np.clip(np.rint(x / step), -32, 31), 0) + 32).astype(np.uint8)  # 0..63
+    q = q.reshape(*q.shape[:2], 2, 4, 32)  # [R, NS, half, j, l]
+    ql = np.concatenate([(q[:, :, :, 0] & 15) | ((q[:, :, :, 2] & 15) << 4),
+                         (q[:, :, :, 1] & 15) | ((q[:, :, :, 3] & 15) << 4)], axis=-1)  # [R, NS, 2, 64]
+    qh = ((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [R, NS, 2, 32]
+    r, ns = q.shape[:2]
+    return np.concatenate([ql.reshape(r, ns, 128), qh.reshape(r, ns, 64), sc.view(np.uint8),
+                           d[..., None].view(np.uint8).reshape(r, ns, 2)], axis=-1).reshape(*lead, k // 256 * 210)
 
 
 def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
@@ -108,6 +157,10 @@ def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
         return w.astype(np.float16)
     if qtype == Q.Q4_K:
         return q4_k_gguf_bytes(w)
+    if qtype == Q.Q5_K:
+        return q5_k_gguf_bytes(w)
+    if qtype == Q.Q6_K:
+        return q6_k_gguf_bytes(w)
     return gguf.quants.quantize(w.astype(np.float32), qtype)  # [..., bytes] uint8
 
 
@@ -116,13 +169,15 @@ DEFAULT_TYPES = {"linear": Q.Q4_0, "embed": Q.Q8_0, "output": Q.Q8_0, "norm": Q.
 
 def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], *,
                types: dict[str, Q] | None = None, stacked: bool = True, arch: str = "llama",
-               chat_template: str | None = CHATML, tokenizer: str = "gpt2", split_max_tensors: int = 0) -> Path:
+               chat_template: str | None = CHATML, tokenizer: str = "gpt2", split_max_tensors: int = 0,
+               overrides: dict[str, Q] | None = None) -> Path:
     """Write HF-named float weights as a llama.cpp GGUF: names, permuted q/k, metadata, vocab.
 
     ``types`` maps role (linear, embed, output, norm, router) to a GGUF type; ``stacked`` writes
     Mixtral experts as ``ffn_*_exps`` [E, ...] tensors (current llama.cpp), else as the older
     per-expert ``ffn_gate.E``. ``split_max_tensors`` splits it as llama.cpp's gguf-split does
-    (``path`` minus ``.gguf`` plus ``-0000i-of-0000n.gguf``; the first shard's path is returned)."""
+    (``path`` minus ``.gguf`` plus ``-0000i-of-0000n.gguf``; the first shard's path is returned).
+    ``overrides`` maps GGUF tensor names to a type of their own (llama.cpp's _M mixes)."""
     types = {**DEFAULT_TYPES, **(types or {})}
     h, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     n_exp = cfg.get("num_local_experts", 0) if cfg["architectures"][0] == "MixtralForCausalLM" else 0
@@ -155,7 +210,8 @@ def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], 
         w.add_chat_template(chat_template)
 
     def put(name: str, arr: np.ndarray, role: str) -> None:
-        w.add_tensor(name, _encode(arr, types[role]), raw_dtype=types[role] if types[role] not in (Q.F32, Q.F16) else None)
+        t = (overrides or {}).get(name, types[role])
+        w.add_tensor(name, _encode(arr, t), raw_dtype=t if t not in (Q.F32, Q.F16) else None)
 
     put("token_embd.weight", weights["model.embed_tokens.weight"], "embed")
     for layer in range(cfg["num_hidden_layers"]):

@@ -8,6 +8,8 @@ checked (``kernels.host_tiers()``: an AVX-512 host also runs the AVX-VNNI, AVX2 
 kernels): the best tier in both int8 modes, the lower ones in the default mode, plus the f32
 mode. Each is checked two ways: against the twin fed the same int8 activations (tight, float
 rounding only) and against the exact f32 product within the rigorous bound that rounding implies.
+GGUF's K-quants (q6_k, q5_k: one plain-numba kernel set in every tier's table) are checked the
+same way, on random GGUF super-blocks.
 """
 from __future__ import annotations
 
@@ -16,14 +18,17 @@ import pytest
 import torch
 
 from mixcli import kernels
-from mixcli.kernels import act, f32, ops
+from mixcli.kernels import act, ops
 from mixcli.kernels import ref as R
 from quant import q4
 from quant.formats import QUANT_TYPES
+from quant.sources.gguf import split_blocks
+from test_kquant_import import random_k_blocks
 
 RTOL = 1e-4
 QTYPES = ("q4_0", "q4_1", "q8_0", "q4_k")
 TILED = ("q4_0r16", "q4_1r16", "q8_0r16", "q4_kr16")  # row-tiled storage (quant.formats.interleave_rows)
+KTYPES = ("q6_k", "q5_k")  # GGUF's K-quants: random GGUF super-blocks (every code pattern), K a multiple of 256
 F32_ONLY = ("q4_k",)  # kernels that keep x in f32 in every activation mode (row-major q4_k)
 
 
@@ -35,6 +40,9 @@ def _close(got, want, rtol=RTOL):
 
 def _matrix(qtype, n, k, seed):
     rng = np.random.default_rng(seed)
+    if qtype in KTYPES:  # nothing quantizes floats into them: GGUF's bytes, split as the importer does
+        parts = split_blocks(random_k_blocks(rng, qtype.upper(), n, k), qtype.upper(), k)
+        return [parts[p] for p in QUANT_TYPES[qtype].parts]
     w = rng.standard_normal((n, k)).astype(np.float32)
     parts = q4.quantize(w, qtype)
     return [parts[p] for p in QUANT_TYPES[qtype].parts]  # the kernels' argument order
@@ -54,12 +62,14 @@ TSHAPES = [(16, 32), (32, 96), (48, 160), (16, 4096)]  # tiled: N a multiple of 
 # q4_k also at K = 576 (18 blocks: two super-blocks of 8 and a partial one of 2; K = 96 and 160
 # are one partial super-block)
 QCASES = ([(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in TILED for n, k in TSHAPES]
-          + [("q4_k", 5, 576), ("q4_kr16", 32, 576)])
+          + [("q4_k", 5, 576), ("q4_kr16", 32, 576)]
+          + [(q, n, k) for q in KTYPES for n, k in [(1, 256), (5, 512), (19, 768)]])
 
 
 TIERS = kernels.host_tiers()  # best first, always ending with "generic"
 TABLES = ([(TIERS[0], "int8"), (TIERS[0], "int8x2")] + [(t, "int8x2") for t in TIERS[1:]] + [(TIERS[0], "f32")])
 K = kernels.select(TIERS[0])  # the table a model gets here by default, for the non-quantized kernels
+F32 = kernels.select(TIERS[0], "f32")  # x kept in f32 (f32.* for the block types, kquants for K-quants)
 
 
 def test_every_tier_the_host_runs_is_covered():
@@ -99,9 +109,9 @@ def test_quantized_matmul_and_matvec(qtype, n, k, t, table):
     _close(one, got[-1], rtol=2e-5)
 
     exact = np.full((t, n), np.nan, np.float32)
-    getattr(f32, f"matmul_{qtype}")(*args, X, exact)
+    getattr(F32, f"matmul_{qtype}")(*args, X, exact)
     _close(exact, want)
-    getattr(f32, f"matvec_{qtype}")(*args, X[0], one)
+    getattr(F32, f"matvec_{qtype}")(*args, X[0], one)
     _close(one, want[0])
 
 
@@ -141,9 +151,9 @@ def test_quantize_act_levels_matches_twin(levels):
     assert np.all(err <= amax / 254.0**levels * 1.01 + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", QTYPES + TILED + ("f16", "f32"))
+@pytest.mark.parametrize("qtype", QTYPES + TILED + KTYPES + ("f16", "f32"))
 def test_dequant_row(qtype):
-    k = 96 if qtype in QTYPES + TILED else 37
+    k = 96 if qtype in QTYPES + TILED else 512 if qtype in KTYPES else 37
     n = 32 if qtype in TILED else 5
     args = _matrix(qtype, n, k, seed=7)
     dense = _dense(qtype, args)

@@ -35,7 +35,8 @@ def convert_command(
         typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1 / q4_k "
                      f"({QUANT_TYPES['q4_k'].bits_per_weight:g} bits/weight, two-level scales: "
                      "closest to the original of the 4-bit types), 8-bit q8_0, f16 (no quantization), or keep "
-                     "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q8_0 / F16 blocks as they are, other types to q8_0). "
+                     "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 / F16 blocks as they are, other types "
+                     "to q8_0). "
                      f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file"),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,
@@ -75,7 +76,17 @@ def summary_table(s: ConvertSummary) -> Table:
     table.add_row("time", f"{s.seconds:.1f} s")
     where = f" ({s.max_err_tensor})" if s.max_err_tensor else ""
     table.add_row("largest quant error", f"{s.max_abs_err:.3g}{where}")
+    if s.requantized is not None:  # a GGUF import: which blocks were not kept as they were
+        table.add_row("re-quantized", requantized_text(s))
     return table
+
+
+def requantized_text(s: ConvertSummary) -> str:
+    """'none: every block kept' or '2 GGUF tensors: blk.0.attn_v.weight, output.weight'."""
+    if not s.requantized:
+        return "none: every block kept"
+    names = ", ".join(s.requantized[:3]) + (", ..." if len(s.requantized) > 3 else "")
+    return f"{len(s.requantized)} GGUF tensor{'s' if len(s.requantized) > 1 else ''}: {names}"
 
 
 def _size(n: int) -> str:

@@ -307,3 +307,28 @@ def route_topk(logits, k, weights_out, idx_out):
 def add_scaled(out, x, w):
     _require(np.shape(out) == np.shape(x), f"add_scaled shapes {np.shape(out)}, {np.shape(x)}")
     out += np.float32(w) * x
+
+
+# ---- GGUF's K-quants (quant.formats q6_k, q5_k; kernels in kquants.py) -------------------------
+def matvec_q6_k(ql, qh, sc, d, x, out):
+    out[:] = _w("q6_k", ql=ql, qh=qh, sc=sc, d=d) @ x
+
+
+def matmul_q6_k(ql, qh, sc, d, X, out):
+    out[:] = X @ _w("q6_k", ql=ql, qh=qh, sc=sc, d=d).T
+
+
+def dequant_row_q6_k(ql, qh, sc, d, row, out):
+    out[:] = q4.dequantize({"ql": ql[row], "qh": qh[row], "sc": sc[row], "d": d[row]}, "q6_k")
+
+
+def matvec_q5_k(qs, qh, s, d, m, x, out):
+    out[:] = _w("q5_k", qs=qs, qh=qh, s=s, d=d, m=m) @ x
+
+
+def matmul_q5_k(qs, qh, s, d, m, X, out):
+    out[:] = X @ _w("q5_k", qs=qs, qh=qh, s=s, d=d, m=m).T
+
+
+def dequant_row_q5_k(qs, qh, s, d, m, row, out):
+    out[:] = q4.dequantize({"qs": qs[row], "qh": qh[row], "s": s[row], "d": d[row], "m": m[row]}, "q5_k")

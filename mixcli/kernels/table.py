@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from quant.formats import QUANT_TYPES
 
-from . import f32, int8, ops
+from . import f32, int8, kquants, ops
 from .act import act, pact
 from .attn import attention
 from .irgen import _u16
@@ -61,6 +61,10 @@ class KernelTable:
             setattr(self, name, getattr(ops, name))
         t = tier(isa)
         for qtype, spec in QUANT_TYPES.items():
+            if qtype in kquants.QTYPES:  # GGUF's K-quants: one plain-numba set for every tier
+                for op, fn in kquants.kernels(qtype, self.levels).items():
+                    setattr(self, f"{op}_{qtype}", fn)
+                continue
             setattr(self, f"dequant_row_{qtype}", getattr(f32, f"dequant_row_{qtype}"))
             if qtype in ("f16", "f32"):
                 continue

@@ -11,8 +11,9 @@ type llama.cpp defines, K-quants included. What is ours, and why:
 - llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` so its rotary kernel can
   rotate adjacent pairs; our forward pass (like transformers') rotates the two halves of each head.
   We undo it. It is a row permutation, so whole quant blocks move and a Q4 tensor stays exact.
-- GGUF Q4_0 / Q4_1 / Q8_0 blocks are our block types with the fields interleaved per block; we
-  split them into our separate ``qs`` / ``d`` / ``m`` arrays without touching a bit (``exact_parts``).
+- GGUF Q4_0 / Q4_1 / Q8_0 blocks (and Q6_K / Q5_K super-blocks) are our block types with the
+  fields interleaved per block; we split them into our separate ``qs`` / ``d`` / ``m`` (...) arrays
+  without touching a bit (``exact_parts``).
 - GGUF Q4_K super-blocks (256 weights: fp16 d, dmin, twelve bytes of 6-bit scale and min codes,
   128 bytes of nibbles) hold exactly what our q4_k holds with 8-bit codes: D = 64 d, Dm = 64 dmin
   (``split_q4_k``; a tensor whose 64 d overflows fp16 is re-quantized instead). The values, not
@@ -48,12 +49,9 @@ SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$",
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
 
 # GGUF block types our format stores bit for bit: GGUF type name -> our type name
-EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
+EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k",
+               "Q6_K": "q6_k", "Q5_K": "q5_k"}
 Q4_K_BYTES = 144  # one GGUF Q4_K super-block: d, dmin (fp16), 12 bytes of codes, 128 bytes of nibbles
-
-# GGUF K-quants our format holds bit for bit once their kernels exist (quant.formats.PENDING_TYPES):
-# split_blocks imports them; the converter still re-quantizes them to q8_0 until then.
-PENDING_EXACT_TYPES = {"Q6_K": "q6_k", "Q5_K": "q5_k"}
 
 # Bytes of one GGUF block, in order: (field, byte offset, byte length) for the exact block types
 _BLOCK_FIELDS = {
@@ -111,7 +109,7 @@ def reverse_permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 def split_blocks(data: np.ndarray, ggml_type: str, k: int) -> dict[str, np.ndarray]:
     """GGUF rows of interleaved blocks [N, NB * block_bytes] uint8 -> our parts (copies, no bit
     changed): qs [N, K/2] u1 (q4) or [N, K] i1 (q8_0), d [N, NB] <f2, m [N, NB] <f2 (q4_1);
-    for Q6_K / Q5_K the parts of quant.formats.PENDING_TYPES (NB = K / 256 super-blocks)."""
+    for Q6_K / Q5_K the parts of quant.formats' q6_k / q5_k (NB = K / 256 super-blocks)."""
     fields = _BLOCK_FIELDS[ggml_type]
     n, nb = data.shape[0], k // _BLOCK_WEIGHTS.get(ggml_type, QK)
     bpb = sum(f[2] for f in fields)
@@ -239,7 +237,8 @@ class GGUFCheckpoint:
         q/k come back with their rows un-permuted (whole blocks move, no value changes)."""
         ref = self.tensors[name]
         ours = EXACT_TYPES.get(ref.ggml_type)
-        if ours is None or (len(ref.shape) == 2 and ref.ggml_type in _BLOCK_FIELDS and ref.shape[1] % QK):
+        if ours is None or (len(ref.shape) == 2 and ref.ggml_type in _BLOCK_FIELDS
+                            and ref.shape[1] % _BLOCK_WEIGHTS.get(ref.ggml_type, QK)):
             return None
         raw = self._raw(name)
         order = self._order(name)
