@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import UsageError
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -45,8 +46,7 @@ class BatchDecoder:
         L, KVH, HD, H = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
         S = self.ctx
         # np.zeros maps pages lazily: a slot's cache costs memory only as far as it is filled
-        self.k_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
-        self.v_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
+        self.caches = [KVCache(L, KVH, HD, S, model.kv.kv_type) for _ in range(parallel)]  # the model's kv type
         self.slots = [Slot(i) for i in range(parallel)]
         self.max_tokens = parallel + self.chunk  # T: every slot decoding plus one prompt chunk
         self._decode_scratch = np.zeros((H, S), np.float32)  # [H, S] attention scores, one token
@@ -55,7 +55,7 @@ class BatchDecoder:
 
     @property
     def kv_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return sum(c.nbytes for c in self.caches)
 
     # ---- slots -------------------------------------------------------------------------------
     def pick_slot(self, prompt: Sequence[int], free: Sequence[int]) -> tuple[int, int]:
@@ -134,14 +134,9 @@ class BatchDecoder:
             k.rope_inplace(k3, pos, m.inv_freq)
             att = st["att"].reshape(T, H, HD)
             for i, r0, n, p0 in segs:
-                kc, vc = self.k_cache[i, li], self.v_cache[i, li]  # [KVH, S, HD]
-                kc[:, p0:p0 + n, :] = k3[r0:r0 + n].transpose(1, 0, 2)
-                vc[:, p0:p0 + n, :] = v3[r0:r0 + n].transpose(1, 0, 2)
-                if n == 1:
-                    scratch = self._decode_scratch
-                else:  # a prompt chunk: scores of every query against the slot's window
-                    scratch = np.empty((n * H, p0 + n), np.float32)
-                k.attention(q3[r0:r0 + n], kc, vc, p0, m.scale, att[r0:r0 + n], scratch)
+                self.caches[i].store(li, p0, k3[r0:r0 + n], v3[r0:r0 + n])
+                # one token: scores in the decode buffer; a prompt chunk: the tiled kernels
+                self.caches[i].attend(k, li, q3[r0:r0 + n], p0, m.scale, att[r0:r0 + n], self._decode_scratch)
             layer.wo.matmul(st["att"], st["xo"])
             x += st["xo"]
             k.rmsnorm(x, layer.ffn_norm, cfg.rms_norm_eps, xb)

@@ -1,4 +1,4 @@
-"""The forward pass: embeddings, attention with a fp16 KV cache, the MoE layer, the output head.
+"""The forward pass: embeddings, attention over the KV cache, the MoE layer, the output head.
 
 Kept apart as in llama2.c: the *weights* (``Linear`` views of the memory map, built once), the
 *run state* (buffers preallocated for a one-token decode step, so decoding allocates nothing of
@@ -19,6 +19,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import ModelFormatError, UsageError
 from .experts import MappedExperts
+from .kv_cache import KVCache
 from .linear import Linear
 from .store import ModelStore, open_model_dir
 
@@ -76,7 +77,7 @@ class Model:
     path: Path | None = None
 
     def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
-                 batch: int = DEFAULT_BATCH, experts=None, kernels=None):
+                 batch: int = DEFAULT_BATCH, experts=None, kernels=None, kv_type: str | None = None):
         cfg = store.config
         self.store = store
         self.config: ModelConfig = cfg
@@ -100,8 +101,7 @@ class Model:
 
         D, H, KVH, HD = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         L, S = cfg.num_hidden_layers, self.ctx
-        self.k_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
-        self.v_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
+        self.kv = KVCache(L, KVH, HD, S, kv_type)  # f16 or q8_0 (kv_cache.py)
         self.pos = 0  # tokens held in the cache
         self.tokens: list[int] = []  # the cached sequence
         # inv_freq [HD/2] f32, computed as transformers does (float32 powers of theta)
@@ -185,11 +185,9 @@ class Model:
             k3 = kk.reshape(T, KVH, HD)  # [T, KVH, HD]
             k.rope_inplace(q3, st["pos"], self.inv_freq)
             k.rope_inplace(k3, st["pos"], self.inv_freq)
-            kc, vc = self.k_cache[li], self.v_cache[li]  # [KVH, S, HD]
-            kc[:, pos0 : pos0 + T, :] = k3.transpose(1, 0, 2)
-            vc[:, pos0 : pos0 + T, :] = vv.reshape(T, KVH, HD).transpose(1, 0, 2)
+            self.kv.store(li, pos0, k3, vv.reshape(T, KVH, HD))
             att = st["att"].reshape(T, H, HD)
-            self._attention(q3, kc, vc, pos0, att, st)
+            self._attention(li, q3, pos0, att, st)
             layer.wo.matmul(st["att"], st["xo"])
             x += st["xo"]
             # mixture of experts (a dense model: one expert, weight 1)
@@ -209,12 +207,9 @@ class Model:
         self.experts.stats.tokens += T
         return logits
 
-    def _attention(self, q3, kc, vc, pos0, att, st) -> None:
-        T = q3.shape[0]
-        scratch = st["att_scratch"]
-        if scratch is None:  # prefill: scores for every query against the whole window
-            scratch = np.empty((T * self.config.num_attention_heads, pos0 + T), np.float32)
-        self.kernels.attention(q3, kc, vc, pos0, self.scale, att, scratch)
+    def _attention(self, li, q3, pos0, att, st) -> None:
+        # decode scores go to the [H, S] buffer; prefill runs the tiled kernels, which need none
+        self.kv.attend(self.kernels, li, q3, pos0, self.scale, att, st["att_scratch"])
 
     def _moe(self, li: int, layer: Layer, xb: np.ndarray, st) -> None:
         cfg, k = self.config, self.kernels

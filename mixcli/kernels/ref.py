@@ -258,3 +258,23 @@ def route_topk(logits, k, weights_out, idx_out):
 
 def add_scaled(out, x, w):
     out += np.float32(w) * x
+
+
+# ---- attention over a q8_0 KV cache and the tiled prefill (mixcli.kv_cache) -------------------------
+def _dequant_kv_q8_0(qs, d):
+    """qs [KVH, S, HD] int8, d [KVH, S, HD/32] float16 -> [KVH, S, HD] f32 (llama.cpp's Q8_0)."""
+    KVH, S, HD = qs.shape
+    x = np.asarray(qs, np.float32).reshape(KVH, S, HD // QK, QK) * np.asarray(d, np.float32)[..., None]
+    return x.reshape(KVH, S, HD)
+
+
+def attention_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out, scratch):
+    attention(q, _dequant_kv_q8_0(k_qs, k_d), _dequant_kv_q8_0(v_qs, v_d), pos0, scale, out, scratch)
+
+
+def attention_prefill(q, k_cache, v_cache, pos0, scale, out):
+    attention(q, k_cache, v_cache, pos0, scale, out, None)
+
+
+def attention_prefill_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out):
+    attention_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out, None)
