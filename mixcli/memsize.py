@@ -3,8 +3,8 @@
 Why both unit families mean powers of two: ``--max-memory`` is compared with RAM, which tools
 (``free``, task managers) report in binary units while labelling them GB, so ``16GB`` must mean
 what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available_memory`` asks
-the kernel how much is free for new allocations (the store's load rule and the converter's
-read-ahead both size themselves by it).
+the kernel how much is free for new allocations, within the cgroup limit (the store's load rule,
+the converter's read-ahead and the automatic memory budget all size themselves by it).
 """
 from __future__ import annotations
 
@@ -48,14 +48,13 @@ def format_size(n: int | float) -> str:
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel reports as available for new allocations (MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """Bytes available for new allocations: MemAvailable capped by the process's cgroup memory
+    limit (``memory_budget.available_memory``), None if unknown."""
+    from .memory_budget import available_memory as cgroup_aware
+
+    avail = cgroup_aware()
+    if avail is not None:
+        return avail
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

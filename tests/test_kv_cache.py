@@ -181,3 +181,13 @@ def test_q8_0_needs_a_head_dim_of_32s(tmp_path):
     with pytest.raises(UsageError, match="multiple of 32"):
         Model(open_model_dir(tmp_path / "q4"), ctx=16, kv_type="q8_0")
 
+
+def test_cli_kv_type(baby, capsys):
+    from mixcli.cli import main
+
+    argv = ["bench", str(baby), "--pp", "8", "--tg", "2", "--reps", "1", "-t", "1", "--json"]
+    assert main(argv + ["--kv-type", "q8_0"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--kv-type", "q4_0"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-type must be one of f16, q8_0, got 'q4_0'" in err and "Traceback" not in err

@@ -18,7 +18,14 @@ CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context size in to
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")]
 MaxMemoryOpt = Annotated[
     Optional[str],
-    typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
+    typer.Option("--max-memory", help="Budget for resident weights and the KV cache, e.g. 12GB: hot experts stay "
+                 "cached, the rest is read on demand. Default: chosen from the available memory (cgroup limit "
+                 "included) when the model does not fit it; 0: map the whole model, no budget."),
+]
+KvTypeOpt = Annotated[
+    Optional[str],
+    typer.Option("--kv-type", help="KV cache storage: f16 (default) or q8_0 (llama.cpp's block of 32 int8 and one "
+                 "fp16 scale: 53% of the memory, for long contexts)."),
 ]
 MmapOpt = Annotated[
     Optional[bool],
@@ -108,6 +115,7 @@ def generate_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
     verify: VerifyOpt = True,
 ):
     """Generate text from a prompt; only the text goes to stdout.
@@ -126,7 +134,7 @@ def generate_command(
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
-                      verify=verify)
+                      verify=verify, kv_type=kv_type)
     use_chat = (rt.template is not None) if chat is None else chat
     for flag, value in [("--system", system), *(("--stop", x) for x in stop or ())]:
         if value:
