@@ -9,7 +9,8 @@ take the blocks as they are (``kernels.attn``).
 
 ``attend`` picks the kernel: one query token (decode) runs ``attention`` / ``attention_q8_0`` with
 the caller's score buffer [H, >= n]; several (prefill) run the tiled kernels, which need no score
-buffer that grows with the window. Positions past those written are never read, so ``np.zeros``
+buffer that grows with the window (an fp16 chunk whose buffer would be at most SCORE_BUFFER_MAX
+runs the decode kernel over one, which is faster there). Positions past those written are never read, so ``np.zeros``
 costs memory only as far as the cache is filled.
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ from .errors import UsageError
 
 KV_TYPES = ("f16", "q8_0")
 DEFAULT_KV_TYPE = "f16"  # llama.cpp's default
+# fp16 prefill runs the decode kernel with a [T*H, n] score buffer up to this size (its attention
+# took half the tiled kernel's time at 512 positions, benchmarks/long_prefill.py), tiled beyond
+SCORE_BUFFER_MAX = 64 << 20
 
 
 def check_kv_type(kv_type: str | None) -> str:
@@ -90,8 +94,11 @@ class KVCache:
         T = q3.shape[0]
         if self.kv_type == "f16":
             kc, vc = self.k[layer], self.v[layer]  # [KVH, S, HD]
+            H, n = q3.shape[1], pos0 + T
             if T == 1:
                 kernels.attention(q3, kc, vc, pos0, scale, out, scratch)
+            elif T * H * n * 4 <= SCORE_BUFFER_MAX:  # a score row per (token, head): faster while small
+                kernels.attention(q3, kc, vc, pos0, scale, out, np.empty((T * H, n), np.float32))
             else:
                 kernels.attention_prefill(q3, kc, vc, pos0, scale, out)
             return

@@ -175,6 +175,18 @@ def test_server_batch_uses_the_models_kv_type(baby):
     _close(got[1], want[1], 1e-3)
 
 
+def test_tiled_prefill_in_the_model(baby, monkeypatch):
+    """fp16 prompt chunks with a small window run the decode kernel over a score buffer; forced
+    onto the tiled kernel (SCORE_BUFFER_MAX 0) the model's logits stay the same."""
+    from mixcli import kv_cache
+
+    store = open_model_dir(baby)
+    buffered = Model(store, ctx=64, threads=1, batch=8).logits(PROMPT)
+    monkeypatch.setattr(kv_cache, "SCORE_BUFFER_MAX", 0)
+    tiled = Model(store, ctx=64, threads=1, batch=8).logits(PROMPT)
+    _close(tiled, buffered, 1e-4)
+
+
 def test_q8_0_needs_a_head_dim_of_32s(tmp_path):
     src = make_hf_checkpoint(tmp_path / "hf", "mixtral", dtype="f32", seed=1)  # head_dim 16
     convert_checkpoint(src, tmp_path / "q4", quant="q4_0")
