@@ -3,8 +3,10 @@
 Why not just ``MemAvailable``: a container or CI job runs under a cgroup memory limit that
 ``/proc/meminfo`` (and psutil) do not see; past it the kernel kills the process instead of
 swapping. So the room is the smaller of MemAvailable and, for every cgroup from the process's own
-up to the root that sets a limit, the limit minus what the group uses that is not reclaimable page
-cache (usage - inactive_file, as ``docker stats`` counts it). v2 reads ``memory.max`` /
+up to the root that sets a limit, the limit minus what the group uses that is not page cache
+(usage - active_file - inactive_file: the kernel reclaims page cache under the limit, and
+MemAvailable counts it as available too; a container whose earlier work left files cached must not
+get a smaller budget for it). v2 reads ``memory.max`` /
 ``memory.current``, v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``; both ``memory.stat``.
 
 Everything here takes the cgroup root and the ``/proc/self/cgroup`` text as arguments, so tests
@@ -28,7 +30,7 @@ class CgroupLimit:
     path: Path  # the cgroup directory that sets the limit
     limit: int  # bytes
     usage: int  # bytes charged now, page cache included
-    reclaimable: int  # inactive file pages of that usage
+    reclaimable: int  # page cache (active and inactive file pages) in that usage
 
     @property
     def room(self) -> int:
@@ -49,7 +51,7 @@ def _read_int(path: Path) -> int | None:
 
 
 def _stat(path: Path, *keys: str) -> int:
-    """The first of ``keys`` found in a memory.stat file (0 when none is readable)."""
+    """The sum of ``keys`` found in a memory.stat file (0 when none is readable)."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError):
@@ -59,7 +61,7 @@ def _stat(path: Path, *keys: str) -> int:
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             values[parts[0]] = int(parts[1])
-    return next((values[k] for k in keys if k in values), 0)
+    return sum(values.get(k, 0) for k in keys)
 
 
 def _chain(mount: Path, rel: str) -> list[Path]:
@@ -100,7 +102,7 @@ def cgroup_limits(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> l
             if limit is None or limit >= UNLIMITED_V1:
                 continue
             usage = _read_int(d / "memory.usage_in_bytes") or 0
-            out.append(CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "total_inactive_file", "inactive_file")))
+            out.append(CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "total_active_file", "total_inactive_file")))
         return out
     if v2_rel is not None:
         for d in _chain(root, v2_rel):
@@ -108,7 +110,7 @@ def cgroup_limits(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> l
             if limit is None:
                 continue
             usage = _read_int(d / "memory.current") or 0
-            out.append(CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "inactive_file")))
+            out.append(CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "active_file", "inactive_file")))
     return out
 
 

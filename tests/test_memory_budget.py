@@ -38,11 +38,11 @@ def _meminfo(tmp_path: Path, avail: int) -> Path:
 def test_v2_limit_minus_unreclaimable_usage(tmp_path):
     root = tmp_path / "cg"
     _write(root / "user.slice" / "job", memory__max=str(16 * GiB), memory__current=str(5 * GiB),
-           memory__stat=f"anon 100\ninactive_file {2 * GiB}\nactive_file 7\n")
+           memory__stat=f"anon 100\ninactive_file {2 * GiB}\nactive_file {GiB // 2}\nshmem 9\n")
     lims = mb.cgroup_limits(root, "0::/user.slice/job\n")
     assert [c.limit for c in lims] == [16 * GiB]
-    assert lims[0].room == 16 * GiB - 3 * GiB  # 5 GiB used, 2 GiB of it reclaimable page cache
-    assert mb.available_memory(root, "0::/user.slice/job\n", _meminfo(tmp_path, 20 * GiB)) == 13 * GiB
+    assert lims[0].room == 16 * GiB - GiB * 5 // 2  # 5 GiB used, 2.5 GiB of it page cache
+    assert mb.available_memory(root, "0::/user.slice/job\n", _meminfo(tmp_path, 20 * GiB)) == GiB * 27 // 2
     assert mb.available_memory(root, "0::/user.slice/job\n", _meminfo(tmp_path, 4 * GiB)) == 4 * GiB
 
 
@@ -66,7 +66,7 @@ def test_v1_and_hybrid(tmp_path):
     mem = root / "memory"
     _write(mem, memory__limit_in_bytes="9223372036854771712", memory__usage_in_bytes=str(3 * GiB))
     _write(mem / "docker" / "abc", memory__limit_in_bytes=str(12 * GiB), memory__usage_in_bytes=str(4 * GiB),
-           memory__stat=f"cache 5\ntotal_inactive_file {1 * GiB}\ninactive_file 99\n")
+           memory__stat=f"cache 5\ntotal_inactive_file {1 * GiB}\ninactive_file 99\ntotal_active_file 0\n")
     _write(root / "unified")  # hybrid: v2 mounted too, but without the memory controller
     text = "4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/docker/abc\n"
     lims = mb.cgroup_limits(root, text)
