@@ -206,11 +206,16 @@ def child(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # the parent
 # ---------------------------------------------------------------------------------------------
+def _percents(xs) -> str:
+    return " ".join("-" if x is None else f"{x:.0%}" for x in xs)
+
+
 def run_mixcli(args, cg: Path | None, routing: str) -> dict:
     drop_page_cache([args.gguf, *sorted(args.dir.glob("weights-*.bin"))])  # the other engine's file too
     cmd = [sys.executable, __file__, "--child", str(cg or ""), str(args.dir), routing, str(args.prompt),
            str(args.tokens), str(args.threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                       check=False)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -224,7 +229,8 @@ def run_llamacpp(args, bench: Path, cg: Path | None) -> dict:
     t = time.perf_counter()
     pre = (lambda: Path(cg, "cgroup.procs").write_text(str(os.getpid()))) if cg else None
     with tempfile.TemporaryFile("w+") as errf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, preexec_fn=pre)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True,
+                             preexec_fn=pre)  # noqa: PLW1509 (this process runs no threads)
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -257,6 +263,7 @@ def main() -> None:
 
     import host
     from llamacpp_build import build
+
     from mixcli.memsize import format_size, parse_size
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +279,7 @@ def main() -> None:
         if not model_dir.exists():
             t = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "mixcli", "convert", str(args.gguf), "-o", str(model_dir)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                               cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
             if p.returncode:
                 raise SystemExit(f"convert failed: {p.stderr[-2000:]}")
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -313,11 +320,10 @@ def main() -> None:
                   f"{disk} | {rss} | {note} |")
         for limit, routing, r in rows:
             if r.get("cache"):
-                fmt = lambda xs: " ".join("-" if x is None else f"{x:.0%}" for x in xs)  # noqa: E731
-                print(f"\n{limit} {routing}: {r['slots']} expert slots; per layer hit rate: {fmt(r['hit_rate'])}")
-                print(f"  next-layer guess accuracy: {fmt(r['guess_acc'])}")
+                print(f"\n{limit} {routing}: {r['slots']} expert slots; per layer hit rate: {_percents(r['hit_rate'])}")
+                print(f"  next-layer guess accuracy: {_percents(r['guess_acc'])}")
                 if r.get("overlap"):
-                    print(f"  consecutive-token top-2 overlap of the replayed trace: {fmt(r['overlap'])}")
+                    print(f"  consecutive-token top-2 overlap of the replayed trace: {_percents(r['overlap'])}")
     finally:
         if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)

@@ -78,7 +78,7 @@ def _ours_main(argv: list[str]) -> None:
 
 
 def _run_json(cmd: list) -> dict:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT)
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=False)
     if r.returncode:
         raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -92,7 +92,7 @@ def llama_bench(binary: Path, gguf: Path, n: int, kv_type: str, threads: int, re
     cmd = [binary, "-m", gguf, "-p", n, "-n", 0, "-t", threads, "-r", reps, "-o", "json"]
     if kv_type != "f16":
         cmd += ["-ctk", kv_type, "-ctv", kv_type, "-fa", "on"]
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=TIMEOUT, check=False)
     if r.returncode:
         raise RuntimeError(f"llama-bench failed (exit {r.returncode}): {r.stderr[-2000:]}")
     row = json.loads(r.stdout)[0]
@@ -118,8 +118,9 @@ def main() -> None:
 
     import host
     from llamacpp_build import build
-    from quant.gguf_convert import convert_gguf
     from synth import write_random_gguf
+
+    from quant.gguf_convert import convert_gguf
 
     tmp = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="long-prefill-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -134,10 +135,11 @@ def main() -> None:
         for n in [int(x) for x in a.tokens.split(",")]:
             for kv in a.kv_types.split(","):
                 med = {}
-                for name, fn in (("ours", lambda: ours(ours_dir, n, kv, a.threads, False)),
-                                 ("legacy", (lambda: ours(ours_dir, n, kv, a.threads, True))
+                for name, fn in (("ours", lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, False)),
+                                 ("legacy", (lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, True))
                                   if a.legacy and kv == "f16" else None),
-                                 ("llama", (lambda: llama_bench(bench, gguf, n, kv, a.threads, 1)) if bench else None)):
+                                 ("llama", (lambda n=n, kv=kv: llama_bench(bench, gguf, n, kv, a.threads, 1))
+                                  if bench else None)):
                     if fn is None:
                         continue
                     runs = []

@@ -66,7 +66,7 @@ class KVCache:
             self.v_d = np.zeros((L, KVH, S, HD // QK), np.float16)
 
     @classmethod
-    def for_config(cls, cfg, ctx: int, kv_type: str = DEFAULT_KV_TYPE) -> "KVCache":
+    def for_config(cls, cfg, ctx: int, kv_type: str = DEFAULT_KV_TYPE) -> KVCache:
         return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx, kv_type)
 
     @property

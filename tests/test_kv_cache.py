@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from babymodels import make_hf_checkpoint
+
 from mixcli.errors import UsageError
 from mixcli.kernels import attn as A
 from mixcli.kernels import ref as R
@@ -27,7 +27,7 @@ def _close(got, want, rtol=RTOL):
 
 def _torch(q, k, v, pos0, scale):
     """torch SDPA in float64 over f32 caches k, v [KVH, >= n, HD] (kv heads repeated to H)."""
-    T, H, HD = q.shape
+    T, H, _ = q.shape
     n = pos0 + T
     grp = H // k.shape[0]
     kt = torch.from_numpy(k[:, :n].astype(np.float64)).repeat_interleave(grp, dim=0)[None]
@@ -73,8 +73,8 @@ def test_sizes():
     f16 = kv_cache_bytes(Cfg, 32768, "f16")
     assert f16 == 4 << 30  # Mixtral at 32k: 4 GiB
     assert kv_cache_bytes(Cfg, 32768, "q8_0") * 64 == f16 * 34
-    assert KVCache(3, 2, 64, 10, "q8_0").nbytes == kv_cache_bytes(type("C", (), dict(
-        num_hidden_layers=3, num_key_value_heads=2, head_dim=64)), 10, "q8_0")
+    small = type("C", (), {"num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 64})
+    assert KVCache(3, 2, 64, 10, "q8_0").nbytes == kv_cache_bytes(small, 10, "q8_0")
     with pytest.raises(UsageError, match="kv-type"):
         KVCache(1, 1, 64, 4, "q4_0")
     with pytest.raises(UsageError, match="multiple of 32"):

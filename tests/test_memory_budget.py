@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from babymodels import make_hf_checkpoint
+
 from mixcli import memory_budget as mb
 from mixcli.errors import UsageError
 from mixcli.expert_cache import ExpertCache, memory_for_slots, slot_bytes

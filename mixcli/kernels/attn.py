@@ -521,7 +521,7 @@ def _rows_f16(kc, vc):
 
 
 def _rows_q8_0(kq, kd, vq, vd):
-    KVH, S, HD = kq.shape
+    HD = kq.shape[2]
 
     def deq(qs, d, g, j0, j1):
         x = qs[g, j0:j1].reshape(j1 - j0, HD // 32, 32).astype(np.float32)
