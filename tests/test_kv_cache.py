@@ -137,7 +137,7 @@ def baby(tmp_path_factory):
 
 
 PROMPT = [1, 5, 17, 42, 8, 99, 23, 64, 31, 77, 12, 3, 50, 60, 70, 80, 90, 11, 22, 33]
-Q8_TOL = 0.05  # max |logit difference| q8_0 vs f16 cache, relative to the logits' max magnitude
+Q8_TOL = 0.02  # max |logit difference| q8_0 vs f16 cache, relative to max |logit| (measured 0.005)
 
 
 def test_q8_0_cache_logits_close_to_f16(baby):
