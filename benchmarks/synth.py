@@ -93,7 +93,8 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
     """A Q4_0 GGUF of a random model at real Mixtral width, as llama.cpp lays one out (stacked
     experts, llama architecture with expert_count), with a dummy SentencePiece vocabulary so that
     llama.cpp loads it. Norms and router stay f32, token_embd and output Q4_0 like llama.cpp's
-    pure Q4_0 files; the blocks are random bytes (speed does not depend on values)."""
+    pure Q4_0 files; the blocks are random bytes (speed does not depend on values). Written tensor
+    by tensor: ``layers=32`` is the full-size model (26 GB) in the memory of one tensor."""
     import gguf
     from gguf import GGMLQuantizationType as T
 
@@ -128,27 +129,45 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
 
+    # (name, shape, maker): the header lists every tensor first, then each one's data is made and
+    # written in turn, so memory holds one tensor at a time (a full-size model's is 26 GB)
+    specs = []
+
     def q4(name, shape):
-        w.add_tensor(name, _random_q4_0_bytes(rng, shape), raw_dtype=T.Q4_0)
+        specs.append((name, shape, lambda: _random_q4_0_bytes(rng, shape)))
+
+    def f32(name, make):
+        specs.append((name, None, make))
 
     q4("token_embd.weight", (vocab, D))
     for i in range(layers):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(D, np.float32))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(D, np.float32))
+        f32(p + "attn_norm.weight", lambda: np.ones(D, np.float32))
+        f32(p + "ffn_norm.weight", lambda: np.ones(D, np.float32))
         q4(p + "attn_q.weight", (H * HD, D))
         q4(p + "attn_k.weight", (KVH * HD, D))
         q4(p + "attn_v.weight", (KVH * HD, D))
         q4(p + "attn_output.weight", (D, H * HD))
-        w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, D)) * 0.05).astype(np.float32))
+        f32(p + "ffn_gate_inp.weight", lambda: (rng.standard_normal((E, D)) * 0.05).astype(np.float32))
         q4(p + "ffn_gate_exps.weight", (E, F, D))
         q4(p + "ffn_up_exps.weight", (E, F, D))
         q4(p + "ffn_down_exps.weight", (E, D, F))
-    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    f32("output_norm.weight", lambda: np.ones(D, np.float32))
     q4("output.weight", (vocab, D))
+    f32_shapes = {"attn_norm": (D,), "ffn_norm": (D,), "ffn_gate_inp": (E, D), "output_norm": (D,)}
+    for name, shape, _ in specs:
+        if shape is None:  # f32: norms and router
+            fshape = f32_shapes[name.split(".")[-2]]
+            w.add_tensor_info(name, fshape, np.dtype(np.float32), 4 * int(np.prod(fshape)))
+        else:
+            *lead, k = shape
+            w.add_tensor_info(name, (*lead, k // 32 * 18), np.dtype(np.uint8), int(np.prod(lead)) * (k // 32) * 18,
+                              raw_dtype=T.Q4_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for _name, _, make in specs:
+        w.write_tensor_data(make())
     w.close()
     return path
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
+from .kv_cache import KVCache
 from .model import RunState, SeqRows
 
 
@@ -47,8 +48,7 @@ class BatchDecoder:
         L, KVH, HD = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         S = self.ctx
         # np.zeros maps pages lazily: a slot's cache costs memory only as far as it is filled
-        self.k_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
-        self.v_cache = np.zeros((parallel, L, KVH, S, HD), np.float16)  # [P, L, KVH, S, HD]
+        self.caches = [KVCache(L, KVH, HD, S, model.kv.kv_type) for _ in range(parallel)]  # the model's kv type
         self.slots = [Slot(i) for i in range(parallel)]
         self.max_tokens = parallel + self.chunk  # T: every slot decoding plus one prompt chunk
         self._steps = 0
@@ -56,7 +56,7 @@ class BatchDecoder:
 
     @property
     def kv_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return sum(c.nbytes for c in self.caches)
 
     # ---- slots -------------------------------------------------------------------------------
     def pick_slot(self, prompt: Sequence[int], free: Sequence[int]) -> tuple[int, int]:
@@ -101,7 +101,7 @@ class BatchDecoder:
                 raise UsageError(f"{s.pos + len(ts)} tokens do not fit the context of {self.ctx}")
             if min(ts) < 0 or max(ts) >= V:
                 raise UsageError(f"token id out of range 0..{V - 1}")
-            seqs.append(SeqRows(len(toks), len(ts), s.pos, self.k_cache[i], self.v_cache[i]))
+            seqs.append(SeqRows(len(toks), len(ts), s.pos, self.caches[i]))
             toks.extend(ts)
         T = len(toks)
         if T > self.max_tokens:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MixcliError, UsageError
+from .errors import UsageError
 from .progress import Progress, say_stderr
 
 INSTALL_RAY = "pip install 'mixcli[ray]'"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .batch_worker import BatchWorker, error_line
 

@@ -89,7 +89,7 @@ class ResultWriter:
                 os.close(self.fd)
                 self.fd = -1
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, *exc) -> None:

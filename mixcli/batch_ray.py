@@ -20,9 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .batch_worker import error_line
 from .errors import MixcliError, UsageError
@@ -66,7 +65,7 @@ class RayCluster:
         self.started = False
         self.temp_dir: str | None = None
 
-    def __enter__(self) -> "RayCluster":
+    def __enter__(self) -> RayCluster:
         import ray
 
         if ray.is_initialized():

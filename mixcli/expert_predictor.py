@@ -7,7 +7,8 @@ layers. Both guesses, corrected and raw, are scored, so the correction's worth s
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

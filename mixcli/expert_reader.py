@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 

@@ -2,14 +2,15 @@
 
 Why both unit families mean powers of two: ``--max-memory`` is compared with RAM, which tools
 (``free``, task managers) report in binary units while labelling them GB, so ``16GB`` must mean
-what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available_memory`` (free
-memory for new allocations) lives in ``quant.memory``, which the converter shares; re-exported here.
+what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available_memory`` asks
+the kernel how much is free for new allocations, within the cgroup limit (the store's load rule and
+the automatic memory budget size themselves by it; the converter uses quant.memory's, cgroup-blind).
 """
 from __future__ import annotations
 
 import re
 
-from quant.memory import available_memory as available_memory
+from quant import memory as quant_memory
 
 from .errors import UsageError
 
@@ -45,3 +46,12 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes available for new allocations: MemAvailable capped by the process's cgroup memory
+    limit (``memory_budget.available_memory``), None if unknown."""
+    from .memory_budget import available_memory as cgroup_aware
+
+    avail = cgroup_aware()
+    return avail if avail is not None else quant_memory.available_memory()

@@ -13,15 +13,16 @@ and the MoE layer groups the batch's tokens by routed expert, so each chosen exp
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFormatError, UsageError
 from .experts import ExpertProvider, ExpertWeights, MappedExperts
+from .kv_cache import KVCache
 from .linear import Linear
 from .store import ModelStore, open_model_dir
 
@@ -104,8 +105,7 @@ class SeqRows:
     row0: int
     n: int
     pos0: int
-    k_cache: np.ndarray  # [L, KVH, S, HD] f16
-    v_cache: np.ndarray  # [L, KVH, S, HD] f16
+    kv: KVCache  # [L, KVH, S, HD] keys and values, f16 or q8_0 (kv_cache.py)
 
 
 class Attention:
@@ -143,13 +143,10 @@ class Attention:
         """Store seq's keys and values in its cache, then its queries' attention into st.att."""
         n, p0, H, KVH, HD = seq.n, seq.pos0, self.n_heads, self.n_kv_heads, self.head_dim
         rows = slice(seq.row0, seq.row0 + n)
-        kc, vc = seq.k_cache[self.layer], seq.v_cache[self.layer]  # [KVH, S, HD]
-        kc[:, p0 : p0 + n, :] = st.k[rows].reshape(n, KVH, HD).transpose(1, 0, 2)
-        vc[:, p0 : p0 + n, :] = st.v[rows].reshape(n, KVH, HD).transpose(1, 0, 2)
-        # one token: the preallocated scores; a prompt chunk: every query against the window
-        scores = st.scores if n == 1 else np.empty((n * H, p0 + n), np.float32)
-        self.kernels.attention(st.q[rows].reshape(n, H, HD), kc, vc, p0, self.scale,
-                               st.att[rows].reshape(n, H, HD), scores)
+        seq.kv.store(self.layer, p0, st.k[rows].reshape(n, KVH, HD), st.v[rows].reshape(n, KVH, HD))
+        # one token: scores in the preallocated [H, S] buffer; a prompt chunk: the cache picks a kernel
+        seq.kv.attend(self.kernels, self.layer, st.q[rows].reshape(n, H, HD), p0, self.scale,
+                      st.att[rows].reshape(n, H, HD), st.scores)
 
 
 class MoELayer:
@@ -251,7 +248,8 @@ class Model:
     path: Path | None = None
 
     def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
-                 batch: int = DEFAULT_BATCH, experts: ExpertProvider | None = None, kernels=None):
+                 batch: int = DEFAULT_BATCH, experts: ExpertProvider | None = None, kernels=None,
+                 kv_type: str | None = None):
         cfg = store.config
         self.store = store
         self.config: ModelConfig = cfg
@@ -272,9 +270,7 @@ class Model:
         self._experts = provider
         provider.attach(self)  # a caching provider takes the router weights to predict with
 
-        KVH, HD, L, S = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers, self.ctx
-        self.k_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
-        self.v_cache = np.zeros((L, KVH, S, HD), dtype=np.float16)  # [L, KVH, S, HD]
+        self.kv = KVCache.for_config(cfg, self.ctx, kv_type)  # f16 or q8_0 (kv_cache.py)
         self.pos = 0  # tokens held in the cache
         self.tokens: list[int] = []  # the cached sequence
         self._states: dict[int, RunState] = {}  # by batch size T
@@ -350,7 +346,7 @@ class Model:
         T, pos0 = len(tokens), self.pos
         st = self.run_state(T)
         st.pos[:] = np.arange(pos0, pos0 + T)
-        x = self.forward_blocks(tokens, st, (SeqRows(0, T, pos0, self.k_cache, self.v_cache),))
+        x = self.forward_blocks(tokens, st, (SeqRows(0, T, pos0, self.kv),))
         logits = self.head(x if want_all else x[T - 1 :])
         self.pos += T
         return logits

@@ -81,9 +81,9 @@ def attach_text(model, path) -> None:
 
 def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                  max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                 notify=None, verify: bool = True) -> Runtime:
+                 notify=None, verify: bool = True, kv_type: str | None = None, kv_slots: int = 1) -> Runtime:
     model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
-                                     act=act, notify=notify, verify=verify)
+                                     act=act, notify=notify, verify=verify, kv_type=kv_type, kv_slots=kv_slots)
     attach_text(model, path)
     tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
     return Runtime(path, model, tok, model.chat_template, model.add_bos)
@@ -91,10 +91,14 @@ def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int 
 
 def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
                        max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                       notify=None, verify: bool = True) -> tuple[Model, Path]:
+                       notify=None, verify: bool = True, kv_type: str | None = None, kv_slots: int = 1):
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
-    with a --max-memory budget as the limit when one is given). ``act``: the activation
+    with a --max-memory budget as the limit when one is given). ``max_memory``: a budget for the
+    weights and the KV cache together; None picks one when the model does not fit the available
+    memory (``memory_budget``, said on ``notify``), "0" (or ``mmap``) keeps plain mapping.
+    ``kv_type``: the KV cache's storage (``kv_cache.KV_TYPES``); ``kv_slots``: KV caches of ``ctx``
+    the budget must hold (the server's sequences). ``act``: the activation
     arithmetic (``kernels.ACT_MODES``; None: $MIXCLI_ACT or the default), checked with $MIXCLI_ISA
     before the model is opened so a typo costs no load time. ``verify``: check the tensors' sha256
     when the files changed since they last passed (``store.verify_model``)."""
@@ -117,8 +121,14 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
         on_first_compile(lambda: compile_notice(COMPILE_NOTICE))
     if threads is not None and threads < 0:  # 0 (like no flag) means all physical cores, everywhere
         raise UsageError(f"--threads must be 0 (all physical cores) or more, got {threads}")
+    from .kv_cache import check_kv_type
+
+    kv_type = check_kv_type(kv_type)
     budget = None
-    if max_memory is not None:  # checked before anything opens; '' is a mistake, not "no budget"
+    plain = mmap is not None  # --mmap / --no-mmap: the user chose; no automatic budget
+    if max_memory is not None and str(max_memory).strip() == "0":  # --max-memory 0: plain mapping
+        plain, max_memory = True, None
+    elif max_memory is not None:  # checked before anything opens; '' is a mistake, not "no budget"
         from .memsize import parse_size
 
         budget = parse_size(max_memory)
@@ -128,20 +138,96 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
 
     sweep(models_dir(), notify)  # what a killed convert or pull left in the store (quant.leftovers)
     path = resolve_model(model_arg, pull=_pull, notify=notify)
-    if budget is not None and mmap is False:
-        from .store import model_bytes
+    from .store import model_bytes
 
+    auto_note = None
+    if budget is None and not plain:
+        budget, auto_note = _auto_budget(path, ctx, kv_type, kv_slots)
+    kv = kv_slots * _kv_bytes_for(path, ctx, kv_type) if budget is not None else 0
+    weights_budget = None if budget is None else budget - kv  # the KV cache counts inside the budget
+    if budget is not None and mmap is False:
         size = model_bytes(path)
-        if size > budget:
+        if size > weights_budget:
             raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
-                             f"more than --max-memory {max_memory}", "drop --no-mmap or raise --max-memory")
-    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"), budget=budget,
-                           verify=verify, notify=notify)
+                             f"more than --max-memory {max_memory} leaves after the KV cache ({format_size(kv)})",
+                             "drop --no-mmap or raise --max-memory")
+    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"),
+                           budget=weights_budget, verify=verify, notify=notify)
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
         notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
                "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")
-    return Model(store, ctx=ctx, threads=threads, experts=expert_provider(store, max_memory, table),
-                 kernels=table), path
+    experts = None
+    if budget is not None:
+        experts = _budget_provider(store, table, budget, kv, auto_note, notify)
+    return Model(store, ctx=ctx, threads=threads, experts=experts, kernels=table, kv_type=kv_type), path
+
+
+def _config_of(path):
+    from .config import ModelConfig
+    from .store import read_manifest
+
+    return ModelConfig.from_dict(read_manifest(path)["config"])
+
+
+def _kv_bytes_for(path, ctx: int | None, kv_type: str) -> int:
+    """Bytes of the KV cache the model at ``path`` will allocate for ``ctx`` (as ``Model`` clamps it)."""
+    from .kv_cache import kv_cache_bytes
+    from .model import DEFAULT_CTX
+
+    cfg = _config_of(path)
+    n = min(DEFAULT_CTX if ctx is None else max(1, int(ctx)), cfg.max_position_embeddings)
+    return kv_cache_bytes(cfg, n, kv_type)
+
+
+def _auto_budget(path, ctx: int | None, kv_type: str, kv_slots: int = 1) -> tuple[int | None, str | None]:
+    """(budget, the reason to tell the user) when weights + KV cache do not fit the available
+    memory (``memory_budget.auto_budget``), else (None, None). A manifest too broken to read a
+    config from is left to ``open_model_dir`` to report."""
+    from . import memory_budget
+    from .store import model_bytes
+
+    try:
+        size, kv = model_bytes(path), kv_slots * _kv_bytes_for(path, ctx, kv_type)
+    except (MixcliError, KeyError, TypeError, ValueError):
+        return None, None
+    avail = memory_budget.available_memory()
+    budget = memory_budget.auto_budget(size, kv, avail)
+    if budget is None:
+        return None, None
+    limits = memory_budget.cgroup_limits()
+    where = f" (cgroup limit {format_size(min(c.limit for c in limits))})" if limits else ""
+    return budget, (f"model {format_size(size)} + KV cache {format_size(kv)} do not fit in "
+                    f"{memory_budget.FIT_FRACTION:.0%} of the {format_size(avail)} available{where}: "
+                    f"memory budget {format_size(budget)}")
+
+
+def _budget_provider(store, table, budget: int, kv: int, auto_note: str | None, notify):
+    """The expert provider under ``budget`` bytes for weights and a KV cache of ``kv`` bytes.
+    An explicit budget too small for the expert cache is a usage error; an automatic one falls
+    back to plain mapping, and says so."""
+    from .expert_cache import MIN_SLOTS, ExpertCache, expert_bytes, memory_for_slots, pinned_bytes
+
+    need = memory_for_slots(store, MIN_SLOTS) + kv
+    if budget - kv >= pinned_bytes(store) + expert_bytes(store):
+        need = 0  # the whole model fits: plain mapping (make_expert_provider)
+    if budget < need and auto_note is None:
+        raise UsageError(f"--max-memory {format_size(budget)} is too small for {store.path.name}: the KV cache "
+                         f"takes {format_size(kv)} and the expert cache needs {format_size(need - kv)}",
+                         f"use --max-memory {format_size(need)} or more, or a smaller --ctx or --kv-type q8_0")
+    if budget < need:
+        if notify is not None:
+            notify(f"{auto_note}, too small for the expert cache (it needs {format_size(need)}): "
+                   "mapping the whole model (the page cache decides; --max-memory SIZE to choose)")
+        return None
+    provider = expert_provider(store, budget - kv, table)
+    if auto_note is not None and notify is not None:
+        if isinstance(provider, ExpertCache):
+            held = (f"{format_size(provider.pinned_bytes)} of non-expert weights and the KV cache stay resident, "
+                    f"{provider.n_slots} of {len(store.experts)} experts cached")
+        else:
+            held = "the whole model fits it"
+        notify(f"{auto_note}; {held} (--max-memory SIZE to choose, --mmap to map without a budget)")
+    return provider
 
 
 def select_kernels(act: str | None = None, isa: str | None = None, source: str = "--act"):
@@ -160,8 +246,9 @@ def select_kernels(act: str | None = None, isa: str | None = None, source: str =
         raise UsageError(str(e)) from None
 
 
-def expert_provider(store, max_memory: str | None, kernels):
-    """None (plain memory map) unless a --max-memory budget asks for the expert cache."""
+def expert_provider(store, max_memory: str | int | None, kernels):
+    """None (plain memory map) unless a budget for the weights (a --max-memory text or bytes)
+    asks for the expert cache."""
     if not max_memory:
         return None
     from .expert_cache import make_expert_provider

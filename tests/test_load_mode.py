@@ -122,8 +122,10 @@ def test_runtime_flags(baby):
     with pytest.raises(UsageError, match="--no-mmap"):
         load_runtime_model(str(baby), ctx=16, threads=1, mmap=False, max_memory="1KB")
     from mixcli.expert_cache import ExpertCache, memory_for_slots
+    from mixcli.kv_cache import kv_cache_bytes
 
-    budget = str(memory_for_slots(open_model_dir(baby), 2))  # room for 2 of the experts: the expert cache
+    store = open_model_dir(baby)  # room for the KV cache and 2 of the experts: the expert cache
+    budget = str(memory_for_slots(store, 2) + kv_cache_bytes(store.config, 16))
     m, _ = load_runtime_model(str(baby), ctx=16, threads=1, max_memory=budget)
     assert m.store.load == "mmap" and isinstance(m.experts, ExpertCache)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,13 +30,13 @@ def batch_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file the answers are appended to, one line "
                                          "per prompt, in the order they finish.")],
     resume: Annotated[bool, typer.Option("--resume", help="Skip the ids that already have a line in --output.")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Worker processes, each with the model "
+    workers: Annotated[int | None, typer.Option("--workers", "-w", help="Worker processes, each with the model "
                                                    "loaded once (default: one per Ray node).")] = None,
-    threads_per_worker: Annotated[Optional[int], typer.Option("--threads-per-worker", help="Threads of each worker "
+    threads_per_worker: Annotated[int | None, typer.Option("--threads-per-worker", help="Threads of each worker "
                                                               "(default: the CPUs shared out among the workers).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-np", help="Prompts each worker decodes together, one "
                                           "pass over the weights per step for all of them.")] = 4,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join a Ray cluster (ray://HEAD:10001, "
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join a Ray cluster (ray://HEAD:10001, "
                                                        "HEAD:6379 or auto) instead of starting Ray here.")] = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Run one worker in this process, without Ray.")] = False,
     retries: Annotated[int, typer.Option("--retries", help="Restarts of a worker whose process died, and extra "
@@ -49,7 +49,7 @@ def batch_command(
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string, for lines without "
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string, for lines without "
                                                       "stop (repeatable).")] = None,
     ctx: CtxOpt = None,
     max_memory: MaxMemoryOpt = None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import MixcliError, UsageError
-from .generate import ActOpt, MmapOpt, ModelArg
+from .generate import ActOpt, KvTypeOpt, MaxMemoryOpt, MmapOpt, ModelArg
 
 
 def _threads_list(spec: str) -> list[int]:
@@ -29,9 +29,10 @@ def bench_command(
     tg: Annotated[int, typer.Option("--tg", "-n", help="Tokens per generation test (0: skip).")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2 (0: all physical cores).")] = "",
-    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget for weights, e.g. 12GB.")] = None,
+    max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
     """Measure prompt and generation speed, llama-bench style.
@@ -49,7 +50,7 @@ def bench_command(
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
     m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
-                                 notify=say_stderr)
+                                 notify=say_stderr, kv_type=kv_type)
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     if as_json:
         print(json.dumps({"model": str(path), "isa": getattr(m.kernels, "isa", "numpy"),
@@ -87,6 +88,7 @@ def perplexity_command(
     chunks: Annotated[int | None, typer.Option("--chunks", help="Score at most this many chunks.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")] = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Score a text file's perplexity, by llama.cpp's method.
@@ -107,7 +109,7 @@ def perplexity_command(
         raise MixcliError(f"{file} is not UTF-8 text", "convert it to UTF-8") from None
     except OSError as exc:
         raise MixcliError(f"cannot read {file}: {exc.strerror}") from None
-    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=say_stderr)
+    rt = load_runtime(model, ctx=ctx, threads=threads, act=act, notify=say_stderr, kv_type=kv_type)
     tok = rt.tokenizer
     ids = tok.encode(text, add_bos=rt.add_bos, parse_special=False)
     if chunks is not None:

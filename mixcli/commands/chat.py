@@ -9,6 +9,7 @@ from ..errors import UsageError
 from .generate import (
     ActOpt,
     CtxOpt,
+    KvTypeOpt,
     MaxMemoryOpt,
     MinPOpt,
     MmapOpt,
@@ -41,6 +42,7 @@ def chat_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
     verify: VerifyOpt = True,
 ):
     """Chat with a model in the terminal.
@@ -57,7 +59,7 @@ def chat_command(
     cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
-                      verify=verify)
+                      verify=verify, kv_type=kv_type)
     session = ChatSession(rt, make_sampler(cfg), system=system, max_tokens=max_tokens, stop=stop or ())
     if load:
         session.load(load)

@@ -20,7 +20,14 @@ CtxOpt = Annotated[int | None, typer.Option("--ctx", help="Context size in token
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")]
 MaxMemoryOpt = Annotated[
     str | None,
-    typer.Option("--max-memory", help="Budget for resident weights, e.g. 12GB: hot experts stay cached, the rest is read on demand."),
+    typer.Option("--max-memory", help="Budget for resident weights and the KV cache, e.g. 12GB: hot experts stay "
+                 "cached, the rest is read on demand. Default: chosen from the available memory (cgroup limit "
+                 "included) when the model does not fit it; 0: map the whole model, no budget."),
+]
+KvTypeOpt = Annotated[
+    str | None,
+    typer.Option("--kv-type", help="KV cache storage: f16 (default) or q8_0 (llama.cpp's block of 32 int8 and one "
+                 "fp16 scale: 53% of the memory, for long contexts)."),
 ]
 MmapOpt = Annotated[
     bool | None,
@@ -111,6 +118,7 @@ def generate_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
     verify: VerifyOpt = True,
 ):
     """Generate text from a prompt; only the text goes to stdout.
@@ -129,7 +137,7 @@ def generate_command(
         raise UsageError("the prompt is empty", "pass --prompt TEXT or pipe text to --prompt -")
     notify = say_stderr
     rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
-                      verify=verify)
+                      verify=verify, kv_type=kv_type)
     use_chat = (rt.template is not None) if chat is None else chat
     for flag, value in [("--system", system), *(("--stop", x) for x in stop or ())]:
         if value:

@@ -12,6 +12,7 @@ from ..errors import UsageError
 from .generate import (
     ActOpt,
     CtxOpt,
+    KvTypeOpt,
     MaxMemoryOpt,
     MinPOpt,
     MmapOpt,
@@ -57,6 +58,7 @@ def serve_command(
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
+    kv_type: KvTypeOpt = None,
 ):
     """Serve the OpenAI API on 127.0.0.1:8080 until Ctrl-C."""
     from ..engine import Engine
@@ -75,7 +77,8 @@ def serve_command(
     defaults = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     sock = bind(host, port)  # before the model loads: a taken port costs no load time
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify)
+    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
+                      kv_type=kv_type, kv_slots=parallel + 1)  # the model's own cache and one per sequence
     engine = Engine(rt.model, rt.tokenizer, parallel=parallel, max_queue=max_queue)
     names = tuple(dict.fromkeys([rt.name] + ([model] if model else [])))
     state = ServerState(engine, rt.model, names, defaults, api_key)

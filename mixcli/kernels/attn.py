@@ -1,4 +1,4 @@
-"""Causal GQA attention over the float16 KV cache, one kv head's query group at a time.
+"""Causal GQA attention over the KV cache: decode over fp16 one kv head's query group at a time.
 
 Decode attention reads every cached K and V row once per token, like a matvec reads its weights,
 but each fp16 element feeds one multiply-add per query head of its group (4 with H = 4 * KVH), so
@@ -32,6 +32,18 @@ contiguous share of the range about the same number of keys. With more threads t
 decode leaves some idle (8 of 16 at KVH = 8): splitting the positions too, with a merge of the
 partial softmax sums, would use them, but it cannot help at 2 threads and is not done. Head dims
 that are not a multiple of 16 run the same code with masked loads in their last chunk.
+
+Two more paths at the end of the module (``mixcli.kv_cache`` picks among them):
+
+- **q8_0 cache** (``attention_q8_0``): llama.cpp's blocks of 32 int8 and one fp16 scale, read as
+  stored; per key, each block's dot product is scaled once. Plain numba loops (fastmath
+  vectorizes the 32-element inner loops); kv heads in parallel.
+- **Tiled prefill** (``attention_prefill``, ``attention_prefill_q8_0``): with many query tokens the
+  decode kernel reads each kv head's whole K/V prefix once per query token and needs a score row
+  [T*H, n] per (token, head) (1 GiB for a 256-token chunk at 32k positions). Flash attention's
+  order instead: a tile of query tokens (all heads of a kv group: Q_TILE * grp rows) against tiles
+  of KV_TILE keys, scores and weighted sums as f32 matrix products (numpy's BLAS, its own threads),
+  the softmax carried across key tiles by a running max and sum. Memory is a few tiles.
 
 Shapes use the dimension letters of DESIGN.md: T tokens, H query heads, KVH kv heads,
 HD head dim, S cache positions, n positions attended, R heads and KB keys in a tile, C vectors
@@ -465,3 +477,130 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
         _attention(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), pos0, scale, res,
                    np.ascontiguousarray(scratch), _group_addr())
         out[...] = res
+
+
+# ---- q8_0 KV cache (llama.cpp's block: 32 int8 values and one fp16 scale) -----------------------
+@njit(error_model="numpy", **_PJIT)
+def _attention_q8_0(q, kq, kd, vq, vd, pos0, scale, out, scratch):
+    # q, out [T, H, HD] f32; kq, vq [KVH, S, HD] int8; kd, vd [KVH, S, HD/32] uint16 (fp16 bits);
+    # scratch [H, >= pos0+T] f32: one score row per head, kv heads in parallel, tokens in turn
+    T, H, HD = q.shape
+    KVH = kq.shape[0]
+    grp = H // KVH
+    NB = HD // 32
+    sc = np.float32(scale)
+    for g in prange(KVH):
+        for t in range(T):
+            n = pos0 + t + 1
+            for h in range(g * grp, (g + 1) * grp):
+                for j in range(n):
+                    s = np.float32(0.0)
+                    for b in range(NB):
+                        acc = np.float32(0.0)
+                        for i in range(b * 32, b * 32 + 32):
+                            acc += q[t, h, i] * np.float32(kq[g, j, i])
+                        s += acc * h2f(kd[g, j, b])
+                    scratch[h, j] = s * sc
+                _softmax_row(scratch[h], n)
+                for i in range(HD):
+                    out[t, h, i] = 0.0
+                for j in range(n):
+                    p = scratch[h, j]
+                    for b in range(NB):
+                        w = p * h2f(vd[g, j, b])
+                        for i in range(b * 32, b * 32 + 32):
+                            out[t, h, i] += w * np.float32(vq[g, j, i])
+
+
+def attention_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out, scratch):
+    """Causal GQA attention over a q8_0 KV cache: k_qs / v_qs [KVH, S, HD] int8, k_d / v_d
+    [KVH, S, HD/32] float16 (one scale per block of 32), positions 0..pos0+T-1 filled; q, out
+    [T, H, HD] f32 as in ``attention``; scratch [H, >= pos0+T] f32 holds one head's scores at a
+    time. Blocks are read as stored (no dequantized copy); kv heads run in parallel."""
+    T, H = q.shape[0], q.shape[1]
+    if scratch.shape[0] < H or scratch.shape[1] < pos0 + T:
+        raise ValueError(f"attention scratch {scratch.shape} is smaller than [{H}, {pos0 + T}]")
+    if k_qs.shape[2] % 32 or k_d.shape[2] * 32 != k_qs.shape[2]:
+        raise ValueError(f"q8_0 cache of head dim {k_qs.shape[2]} with {k_d.shape[2]} scales per row")
+    c = np.ascontiguousarray
+    if out.flags.c_contiguous:
+        _attention_q8_0(c(q), c(k_qs), c(_u16(k_d)), c(v_qs), c(_u16(v_d)), pos0, scale, out, scratch)
+    else:
+        res = np.empty(out.shape, np.float32)
+        _attention_q8_0(c(q), c(k_qs), c(_u16(k_d)), c(v_qs), c(_u16(v_d)), pos0, scale, res, scratch)
+        out[...] = res
+
+
+# ---- tiled prefill (flash-style): query blocks against K/V blocks, online softmax -------------
+Q_TILE = 256  # query tokens per tile (times the group's heads: the rows of one matrix product)
+KV_TILE = 512  # keys per tile: K and V converted to f32 once per query tile
+
+
+def _rows_f16(kc, vc):
+    def rows(g, j0, j1):  # -> K, V [j1-j0, HD] f32
+        return kc[g, j0:j1].astype(np.float32), vc[g, j0:j1].astype(np.float32)
+
+    return rows
+
+
+def _rows_q8_0(kq, kd, vq, vd):
+    HD = kq.shape[2]
+
+    def deq(qs, d, g, j0, j1):
+        x = qs[g, j0:j1].reshape(j1 - j0, HD // 32, 32).astype(np.float32)
+        x *= d[g, j0:j1, :, None].astype(np.float32)
+        return x.reshape(j1 - j0, HD)
+
+    def rows(g, j0, j1):
+        return deq(kq, kd, g, j0, j1), deq(vq, vd, g, j0, j1)
+
+    return rows
+
+
+def _tiled(q, n_kv, rows, pos0, scale, out):
+    """out [T, H, HD] = causal attention of q [T, H, HD] over keys 0..pos0+T-1 given by ``rows(g,
+    j0, j1)`` -> (K, V [j1-j0, HD] f32) of kv head g. Per kv head and tile of Q_TILE tokens, the
+    group's query rows [Tq * grp, HD] meet K/V in tiles of KV_TILE keys: scores and the weighted
+    V sum are matrix products (BLAS), the softmax is carried across key tiles by its running max
+    m and sum l (rescaling the partial output when m grows), so no [T, n] score matrix exists and
+    each K/V row is read once per query tile instead of once per query token."""
+    T, H, HD = q.shape
+    grp = H // n_kv
+    sc = np.float32(scale)
+    for t0 in range(0, T, Q_TILE):
+        t1 = min(T, t0 + Q_TILE)
+        tq = t1 - t0
+        qpos = pos0 + t0 + np.repeat(np.arange(tq), grp)  # [tq*grp] position of each query row
+        n = pos0 + t1  # keys the tile's last query sees
+        for g in range(n_kv):
+            Q = q[t0:t1, g * grp:(g + 1) * grp].reshape(tq * grp, HD) * sc  # [tq*grp, HD], rows (t, h)
+            m = np.full(tq * grp, -np.inf, np.float32)  # running max
+            l = np.zeros(tq * grp, np.float32)  # running sum of exp
+            o = np.zeros((tq * grp, HD), np.float32)  # running numerator
+            for j0 in range(0, n, KV_TILE):
+                j1 = min(n, j0 + KV_TILE)
+                K, V = rows(g, j0, j1)
+                s = Q @ K.T  # [tq*grp, j1-j0]
+                if j1 - 1 > pos0 + t0:  # a key past the first query's position: mask the future
+                    s[np.arange(j0, j1)[None, :] > qpos[:, None]] = -np.inf
+                m_new = np.maximum(m, s.max(axis=1))
+                alpha = np.exp(m - m_new)  # 0 on the first tile (m = -inf)
+                s -= m_new[:, None]
+                np.exp(s, out=s)
+                l = l * alpha + s.sum(axis=1)
+                o *= alpha[:, None]
+                o += s @ V
+                m = m_new
+            o /= l[:, None]
+            out[t0:t1, g * grp:(g + 1) * grp] = o.reshape(tq, grp, HD)
+
+
+def attention_prefill(q, k_cache, v_cache, pos0, scale, out):
+    """``attention`` for a prompt chunk, tiled (see ``_tiled``): q [T, H, HD] f32, k_cache /
+    v_cache [KVH, S, HD] float16, out [T, H, HD] f32; no score buffer."""
+    _tiled(q, k_cache.shape[0], _rows_f16(k_cache, v_cache), pos0, scale, out)
+
+
+def attention_prefill_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out):
+    """``attention_q8_0`` for a prompt chunk, tiled: each K/V tile is dequantized to f32 once."""
+    _tiled(q, k_qs.shape[0], _rows_q8_0(k_qs, k_d, v_qs, v_d), pos0, scale, out)

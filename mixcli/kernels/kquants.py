@@ -32,7 +32,7 @@ from numba import get_thread_id, njit, prange
 from quant.formats import QK
 
 from .act import act, quantize_act_levels, scratch
-from .irgen import _JIT, _PJIT, _dot, _u16, h2f
+from .irgen import _JIT, _PJIT, _u16, h2f
 
 QTYPES = ("q6_k", "q5_k")
 R4 = 4  # rows unpacked together (_mm_k)

@@ -332,3 +332,23 @@ def matmul_q5_k(qs, qh, s, d, m, X, out):
 
 def dequant_row_q5_k(qs, qh, s, d, m, row, out):
     out[:] = q4.dequantize({"qs": qs[row], "qh": qh[row], "s": s[row], "d": d[row], "m": m[row]}, "q5_k")
+
+
+# ---- attention over a q8_0 KV cache and the tiled prefill (mixcli.kv_cache) -------------------------
+def _dequant_kv_q8_0(qs, d):
+    """qs [KVH, S, HD] int8, d [KVH, S, HD/32] float16 -> [KVH, S, HD] f32 (llama.cpp's Q8_0)."""
+    KVH, S, HD = qs.shape
+    x = np.asarray(qs, np.float32).reshape(KVH, S, HD // QK, QK) * np.asarray(d, np.float32)[..., None]
+    return x.reshape(KVH, S, HD)
+
+
+def attention_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out, scratch):
+    attention(q, _dequant_kv_q8_0(k_qs, k_d), _dequant_kv_q8_0(v_qs, v_d), pos0, scale, out, scratch)
+
+
+def attention_prefill(q, k_cache, v_cache, pos0, scale, out):
+    attention(q, k_cache, v_cache, pos0, scale, out, None)
+
+
+def attention_prefill_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out):
+    attention_q8_0(q, k_qs, k_d, v_qs, v_d, pos0, scale, out, None)

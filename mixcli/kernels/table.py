@@ -11,7 +11,7 @@ from quant.formats import QUANT_TYPES
 
 from . import f32, int8, kquants, ops
 from .act import act, pact
-from .attn import attention
+from .attn import attention, attention_prefill, attention_prefill_q8_0, attention_q8_0
 from .irgen import _u16
 from .isa import tier
 
@@ -57,6 +57,8 @@ class KernelTable:
             raise ValueError(f"activation mode {act!r} is not one of {', '.join(ACT_MODES)}")
         self.isa, self.act, self.levels = isa, act, LEVELS[act]
         self.attention = attention
+        self.attention_q8_0 = attention_q8_0  # the q8_0 KV cache (mixcli.kv_cache)
+        self.attention_prefill, self.attention_prefill_q8_0 = attention_prefill, attention_prefill_q8_0  # tiled
         for name in _OPS:
             setattr(self, name, getattr(ops, name))
         t = tier(isa)
