@@ -14,6 +14,7 @@ prefill call).
     python benchmarks/attention.py [--threads 1,2] [--n 32,128,512,2048,4096] [--runs 7]
                                    [--heads 32 --kv-heads 8 --head-dim 128] [--prefill 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -123,11 +124,15 @@ def main() -> None:
     layer_bytes = 2 * KVH * S * HD * 2
     nlayers = max(2, -(-STREAM_BYTES // layer_bytes))
     rng = np.random.default_rng(0)
-    layers = [(rng.standard_normal((KVH, S, HD)).astype(np.float16), rng.standard_normal((KVH, S, HD)).astype(np.float16))
-              for _ in range(nlayers)]
+    layers = [
+        (rng.standard_normal((KVH, S, HD)).astype(np.float16), rng.standard_normal((KVH, S, HD)).astype(np.float16))
+        for _ in range(nlayers)
+    ]
     scale = HD**-0.5
-    print(f"numba {numba.__version__}, threads available {numba.config.NUMBA_NUM_THREADS}; "
-          f"H={H} KVH={KVH} HD={HD}, float16 cache, {nlayers} layers x {layer_bytes >> 20} MiB")
+    print(
+        f"numba {numba.__version__}, threads available {numba.config.NUMBA_NUM_THREADS}; "
+        f"H={H} KVH={KVH} HD={HD}, float16 cache, {nlayers} layers x {layer_bytes >> 20} MiB"
+    )
     fns = (old_attention, attn.attention)
     rows = []
     for T in [1] + ([a.prefill] if a.prefill else []):

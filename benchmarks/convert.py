@@ -22,6 +22,7 @@ conversion's critical path when it is slow.
 
 A tiny conversion runs first so numba's on-disk kernel cache is warm (a one-time cost per install).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,14 +72,24 @@ print(json.dumps({{"seconds": dt, "import_seconds": imp, "params": s.params, "by
 """
 
 
-
 def mixtral_config(layers: int, vocab: int) -> dict:
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": vocab, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "rope_theta": 1e6, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": vocab,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     }
 
 
@@ -136,7 +147,9 @@ def time_read_twice(files: list[Path]) -> float:
 
 
 def run_child(src: Path, out: Path, quant: str, code_dir: Path = REPO) -> dict:
-    module, function = ("quant.gguf_convert", "convert_gguf") if src.suffix == ".gguf" else ("quant.convert", "convert_checkpoint")
+    module, function = (
+        ("quant.gguf_convert", "convert_gguf") if src.suffix == ".gguf" else ("quant.convert", "convert_checkpoint")
+    )
     code = CHILD.format(repo=str(code_dir), src=str(src), out=str(out), quant=quant, module=module, function=function)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if r.returncode:
@@ -184,8 +197,9 @@ def main() -> None:
             import gguf
 
             big = max(gguf.GGUFReader(src).tensors, key=lambda t: int(t.n_bytes))
-            largest = type("T", (), {"hf_name": big.name, "shape": [int(x) for x in big.shape[::-1]],
-                                     "nbytes": int(big.n_bytes)})
+            largest = type(
+                "T", (), {"hf_name": big.name, "shape": [int(x) for x in big.shape[::-1]], "nbytes": int(big.n_bytes)}
+            )
         else:
             from quant.sources.hf import open_hf_checkpoint
 
@@ -208,7 +222,10 @@ def main() -> None:
             ("converter", str(args.code)),
             ("output size", f"{res['bytes'] / 2**30:.2f} GiB ({res['bpw']:.2f} bits/weight)"),
             ("conversion time", " / ".join(f"{r[2]['seconds']:.2f}" for r in runs) + " s"),
-            ("  of which imports before the conversion starts", " / ".join(f"{r[2]['import_seconds']:.2f}" for r in runs) + " s"),
+            (
+                "  of which imports before the conversion starts",
+                " / ".join(f"{r[2]['import_seconds']:.2f}" for r in runs) + " s",
+            ),
             ("params/s (fastest run)", f"{res['params'] / res['seconds'] / 1e6:.0f} M/s"),
             ("read source twice (cold, cat)", " / ".join(f"{r[1]:.2f}" for r in runs) + " s"),
             ("load average before each", " / ".join(f"{r[0]:.2f}" for r in runs)),
@@ -218,8 +235,11 @@ def main() -> None:
             ("peak RSS / largest tensor", f"{rss / largest.nbytes:.2f}"),
             ("largest quant error", f"{res['max_abs_err']:.4g}"),
             ("goal: RSS < 2x largest", "met" if rss < 2 * largest.nbytes else "MISSED"),
-            ("goal: faster than reading twice",
-             ("met" if met == len(runs) else "MISSED") + (f" (in {met} of {len(runs)} runs)" if len(runs) > 1 else "")),
+            (
+                "goal: faster than reading twice",
+                ("met" if met == len(runs) else "MISSED")
+                + (f" (in {met} of {len(runs)} runs)" if len(runs) > 1 else ""),
+            ),
             ("(generating the checkpoint took)", f"{gen:.1f} s"),
         ]
         width = max(len(a) for a, _ in rows)

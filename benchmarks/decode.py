@@ -8,6 +8,7 @@ prompt, bytes of weights read per decoded token, and the effective GB/s that imp
 llama.cpp on the same weights, side by side, see vs_llamacpp.py; for the bandwidth ceiling of the
 same minute and the kernel's instruction counts, roofline.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,9 @@ def main() -> None:
             d = statistics.median(dec)
             rows.append((th, d, statistics.median(pre), bpt / 2**20, d * bpt / 1e9))
         print(f"\nMixtral-width random model, {args.layers} layers, {args.quant}, median of {args.reps}")
-        print(f"{'threads':>7} {'decode tok/s':>13} {'prefill tok/s':>14} {'MiB read/token':>15} {'effective GB/s':>15}")
+        print(
+            f"{'threads':>7} {'decode tok/s':>13} {'prefill tok/s':>14} {'MiB read/token':>15} {'effective GB/s':>15}"
+        )
         for th, d, p, mib, gbs in rows:
             print(f"{th:>7} {d:>13.2f} {p:>14.1f} {mib:>15.1f} {gbs:>15.2f}")
     finally:

@@ -26,6 +26,7 @@ also measures the ways of loading one expert cold (pread, O_DIRECT pread, madvis
 touch, page faults through the map) and replays the recorded routing through the cache's policies
 (mixcli.expert_policy) and Belady's bound. The model directory is removed at the end unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,21 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 # the model
 # ---------------------------------------------------------------------------------------------
 def mixtral_width_config(layers: int, hidden: int = 4096, ffn: int = 14336) -> ModelConfig:
-    return ModelConfig(architecture="MixtralForCausalLM", hidden_size=hidden, intermediate_size=ffn,
-                       num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
-                       head_dim=128,
-                       vocab_size=32000, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096,
-                       num_local_experts=8, num_experts_per_tok=2)
+    return ModelConfig(
+        architecture="MixtralForCausalLM",
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        head_dim=128,
+        vocab_size=32000,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=4096,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
 
 
 def write_model(out: Path, layers: int, hidden: int = 4096, ffn: int = 14336, seed: int = 0) -> None:
@@ -118,8 +129,12 @@ def write_model(out: Path, layers: int, hidden: int = 4096, ffn: int = 14336, se
             w.add_tensor_parts(name, "q4_0", (n, k), q_parts("q4_0", n, k, 0.003 if which != "w2" else 0.0015))
             if which == "w2":
                 w.end_expert()
-    w.finish(cfg.to_dict(), {"preset": "q4_0", "types": formats.QUANT_PRESETS["q4_0"], "group": 32}, None,
-             {"kind": "random", "path": "benchmarks/expert_cache.py", "dtype": "random"})
+    w.finish(
+        cfg.to_dict(),
+        {"preset": "q4_0", "types": formats.QUANT_PRESETS["q4_0"], "group": 32},
+        None,
+        {"kind": "random", "path": "benchmarks/expert_cache.py", "dtype": "random"},
+    )
 
 
 def drop_model_pages(model_dir: Path) -> None:
@@ -149,8 +164,14 @@ def child(args) -> None:
     if args.mode == "mmap":
         provider = make_expert_provider(store, kernels, None)
     else:
-        provider = ExpertCache(store, kernels, args.budget, prefetch=args.mode.startswith("cache+pf"),
-                               policy=args.policy, direct=not args.mode.endswith("buffered"))
+        provider = ExpertCache(
+            store,
+            kernels,
+            args.budget,
+            prefetch=args.mode.startswith("cache+pf"),
+            policy=args.policy,
+            direct=not args.mode.endswith("buffered"),
+        )
     trace: list[tuple[int, int]] = []
     inner_get = provider.get
 
@@ -179,16 +200,34 @@ def child(args) -> None:
         model.decode(int(rng.integers(3, V)))
     dt = time.perf_counter() - t0
     io = _read_bytes() - io0
-    res = {"mode": args.mode, "skew": args.skew, "tokens": args.tokens, "seconds": dt, "disk_bytes": io,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_load": rss0,
-           "trace": trace}
+    res = {
+        "mode": args.mode,
+        "skew": args.skew,
+        "tokens": args.tokens,
+        "seconds": dt,
+        "disk_bytes": io,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_load": rss0,
+        "trace": trace,
+    }
     c = getattr(provider, "cstats", None)
     if c is not None:
-        res.update(hit_rate=c.hit_rate, guess_acc=c.prefetch_accuracy,
-                   guess_acc_raw=(c.predicted_right_raw / c.predicted if c.predicted else 0.0),
-                   stall=c.stall_seconds, loaded=c.bytes_loaded, missed=c.bytes_missed, wasted=c.bytes_wasted,
-                   n_slots=provider.n_slots, pinned=provider.pinned_bytes, capacity=provider.capacity_bytes,
-                   guess_hits=c.guess_hits, prefetch_hits=c.prefetch_hits, waits=c.waits, misses=c.misses)
+        res.update(
+            hit_rate=c.hit_rate,
+            guess_acc=c.prefetch_accuracy,
+            guess_acc_raw=(c.predicted_right_raw / c.predicted if c.predicted else 0.0),
+            stall=c.stall_seconds,
+            loaded=c.bytes_loaded,
+            missed=c.bytes_missed,
+            wasted=c.bytes_wasted,
+            n_slots=provider.n_slots,
+            pinned=provider.pinned_bytes,
+            capacity=provider.capacity_bytes,
+            guess_hits=c.guess_hits,
+            prefetch_hits=c.prefetch_hits,
+            waits=c.waits,
+            misses=c.misses,
+        )
         provider.close()
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -265,8 +304,9 @@ def load_methods(model_dir: Path) -> dict[str, float]:
 def disk_bandwidth(model_dir: Path) -> float:
     f = sorted(model_dir.glob("weights-*.bin"))[0]
     drop_model_pages(model_dir)
-    p = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "count=256", "iflag=direct"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["dd", f"if={f}", "of=/dev/null", "bs=4M", "count=256", "iflag=direct"], capture_output=True, text=True
+    )
     last = p.stderr.strip().splitlines()[-1]
     num, unit = last.split(",")[-1].split()
     return float(num) * {"GB/s": 1e9, "MB/s": 1e6, "kB/s": 1e3}.get(unit, 1.0)
@@ -291,8 +331,9 @@ def replay_belady(trace: list[tuple[int, int]], n_slots: int) -> float:
     return hits / max(len(trace), 1)
 
 
-def replay_policy(trace: list[tuple[int, int]], n_slots: int, policy: str, n_layers: int, k: int,
-                  half_life: float = 8.0) -> float:
+def replay_policy(
+    trace: list[tuple[int, int]], n_slots: int, policy: str, n_layers: int, k: int, half_life: float = 8.0
+) -> float:
     """Hit rate of one of the cache's own policies (mixcli.expert_policy) on recorded decode
     routing: trace holds each token's K experts per layer, layer by layer."""
     routing = np.array([e for _, e in trace], np.int64).reshape(-1, n_layers, k)  # [N, L, K]
@@ -302,8 +343,23 @@ def replay_policy(trace: list[tuple[int, int]], n_slots: int, policy: str, n_lay
 
 def run_child(args, mode: str, skew: bool, cg: Path | None) -> dict:
     drop_model_pages(args.dir)
-    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", str(args.dir), "--budget", str(args.budget_bytes),
-           "--tokens", str(args.tokens), "--warmup", str(args.warmup), "--policy", args.policy]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mode",
+        mode,
+        "--model",
+        str(args.dir),
+        "--budget",
+        str(args.budget_bytes),
+        "--tokens",
+        str(args.tokens),
+        "--warmup",
+        str(args.warmup),
+        "--policy",
+        args.policy,
+    ]
     if skew:
         cmd.append("--skew")
     if cg is not None:
@@ -346,7 +402,10 @@ def main() -> None:
     args.budget_bytes = parse_size(args.budget)
     if not (args.dir / formats.MANIFEST_NAME).is_file():
         free = shutil.disk_usage(args.dir.parent).free
-        print(f"writing a {args.layers}-layer Mixtral-width model to {args.dir} ({format_size(free)} free) ...", flush=True)
+        print(
+            f"writing a {args.layers}-layer Mixtral-width model to {args.dir} ({format_size(free)} free) ...",
+            flush=True,
+        )
         t = time.perf_counter()
         write_model(args.dir, args.layers, args.hidden, args.ffn)
         print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
@@ -354,8 +413,10 @@ def main() -> None:
     from mixcli.store import open_model_dir
 
     store = open_model_dir(args.dir)
-    print(f"experts {format_size(expert_bytes(store))}, budget {format_size(args.budget_bytes)}, "
-          f"one expert {format_size(store.experts[(0, 0)].nbytes)}")
+    print(
+        f"experts {format_size(expert_bytes(store))}, budget {format_size(args.budget_bytes)}, "
+        f"one expert {format_size(store.experts[(0, 0)].nbytes)}"
+    )
     bw = disk_bandwidth(args.dir)
     print(f"disk (dd iflag=direct, 1 GiB): {bw / 1e9:.2f} GB/s")
     print("loading one expert cold:")
@@ -371,14 +432,19 @@ def main() -> None:
                 r = run_child(args, mode, routing == "skewed", cg)
                 rows.append(r)
                 tps = r["tokens"] / r["seconds"]
-                print(f"  {routing:8s} {mode:9s} {tps:6.3f} tok/s  disk {r['disk_bytes'] / r['tokens'] / 1e9:5.2f} GB/tok  "
-                      f"rss {format_size(r['peak_rss'])}", flush=True)
+                print(
+                    f"  {routing:8s} {mode:9s} {tps:6.3f} tok/s  disk {r['disk_bytes'] / r['tokens'] / 1e9:5.2f} GB/tok  "
+                    f"rss {format_size(r['peak_rss'])}",
+                    flush=True,
+                )
     finally:
         remove_cgroup(cg)
     # the table
     print()
-    print("| routing | mode | tok/s | x mmap | disk GB/token | disk-only s/token | measured s/token | hit rate | "
-          "guess right (raw) | stalled s/token | peak RSS |")
+    print(
+        "| routing | mode | tok/s | x mmap | disk GB/token | disk-only s/token | measured s/token | hit rate | "
+        "guess right (raw) | stalled s/token | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
@@ -390,19 +456,25 @@ def main() -> None:
         hit = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
         acc = f"{r['guess_acc']:.0%} ({r['guess_acc_raw']:.0%})" if r.get("guess_acc") else "-"
         stall = f"{r['stall'] / r['tokens']:.2f}" if "stall" in r else "-"
-        print(f"| {routing} | {r['mode']} | {tps:.3f} | {tps / base.get(routing, tps):.2f} | {per_tok / 1e9:.2f} | "
-              f"{per_tok / bw:.2f} | {r['seconds'] / r['tokens']:.2f} | {hit} | {acc} | {stall} | "
-              f"{format_size(r['peak_rss'])} (runtime before load {format_size(r['rss_before_load'])}) |")
+        print(
+            f"| {routing} | {r['mode']} | {tps:.3f} | {tps / base.get(routing, tps):.2f} | {per_tok / 1e9:.2f} | "
+            f"{per_tok / bw:.2f} | {r['seconds'] / r['tokens']:.2f} | {hit} | {acc} | {stall} | "
+            f"{format_size(r['peak_rss'])} (runtime before load {format_size(r['rss_before_load'])}) |"
+        )
     # policy replay on the recorded decode routing
-    n_slots = (args.budget_bytes - (memory_for_slots(store, 0))) // (memory_for_slots(store, 1) - memory_for_slots(store, 0))
+    n_slots = (args.budget_bytes - (memory_for_slots(store, 0))) // (
+        memory_for_slots(store, 1) - memory_for_slots(store, 0)
+    )
     L, K = store.config.num_hidden_layers, store.config.num_experts_per_tok
     print(f"\npolicy replay ({n_slots} slots, decode routing, no prefetch): hit rate")
     for r in rows:
         if r["mode"] != "cache+pf":
             continue
         trace = [tuple(t) for t in r["trace"]]
-        line = ", ".join(f"{p}{'' if hl is None else f'(half-life {hl:g})'} {replay_policy(trace, n_slots, p, L, K, hl or 8.0):.0%}"
-                         for p, hl in (("lru", None), ("lfu", 2.0), ("lfu", 8.0), ("lfu", 32.0), ("next", None)))
+        line = ", ".join(
+            f"{p}{'' if hl is None else f'(half-life {hl:g})'} {replay_policy(trace, n_slots, p, L, K, hl or 8.0):.0%}"
+            for p, hl in (("lru", None), ("lfu", 2.0), ("lfu", 8.0), ("lfu", 32.0), ("next", None))
+        )
         line += f", opt (Belady) {replay_belady(trace, n_slots):.0%}"
         print(f"  {'skewed' if r['skew'] else 'uniform'}: {line}")
     if not args.keep:

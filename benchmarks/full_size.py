@@ -36,6 +36,7 @@ router cannot be driven this way: its "mixtral" rows are not measured.
 
 The model directory and GGUF are removed at the end unless --keep. Uses ~2x the model's size on disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -190,13 +191,20 @@ def child(argv: list[str]) -> None:
         tok = int(rng.integers(3, V))  # random tokens: greedy decoding of random weights repeats one token
         m.decode(tok)
     dt = time.perf_counter() - t0
-    res = {"engine": "mixcli", "ttft_s": t_first - t_start, "pp_tps": prompt / (t_first - t),
-           "tg_tps": tokens / dt, "disk_per_token": (_read_bytes() - io0) / tokens,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "notes": notes,
-           "kernels": m.kernels.label, "cache": cache is not None,
-           "hit_rate": [h / r if r else None for h, r in layer_hits.tolist()],
-           "guess_acc": [h / r if r else None for h, r in layer_guess.tolist()],
-           "overlap": overlap(trace[: prompt + tokens]).tolist() if trace is not None else None}
+    res = {
+        "engine": "mixcli",
+        "ttft_s": t_first - t_start,
+        "pp_tps": prompt / (t_first - t),
+        "tg_tps": tokens / dt,
+        "disk_per_token": (_read_bytes() - io0) / tokens,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "notes": notes,
+        "kernels": m.kernels.label,
+        "cache": cache is not None,
+        "hit_rate": [h / r if r else None for h, r in layer_hits.tolist()],
+        "guess_acc": [h / r if r else None for h, r in layer_guess.tolist()],
+        "overlap": overlap(trace[: prompt + tokens]).tolist() if trace is not None else None,
+    }
     if cache is not None:
         res["slots"] = cache.n_slots
         cache.close()
@@ -212,10 +220,18 @@ def _percents(xs) -> str:
 
 def run_mixcli(args, cg: Path | None, routing: str) -> dict:
     drop_page_cache([args.gguf, *sorted(args.dir.glob("weights-*.bin"))])  # the other engine's file too
-    cmd = [sys.executable, __file__, "--child", str(cg or ""), str(args.dir), routing, str(args.prompt),
-           str(args.tokens), str(args.threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
-                       check=False)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(cg or ""),
+        str(args.dir),
+        routing,
+        str(args.prompt),
+        str(args.tokens),
+        str(args.threads),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -224,13 +240,29 @@ def run_mixcli(args, cg: Path | None, routing: str) -> dict:
 
 def run_llamacpp(args, bench: Path, cg: Path | None) -> dict:
     drop_page_cache([args.gguf, *sorted(args.dir.glob("weights-*.bin"))])
-    cmd = [str(bench), "-m", str(args.gguf), "-p", str(args.prompt), "-n", str(args.tokens), "-t", str(args.threads),
-           "-r", "1", "-lm", "mmap", "--repack", "0", "-o", "json"]
+    cmd = [
+        str(bench),
+        "-m",
+        str(args.gguf),
+        "-p",
+        str(args.prompt),
+        "-n",
+        str(args.tokens),
+        "-t",
+        str(args.threads),
+        "-r",
+        "1",
+        "-lm",
+        "mmap",
+        "--repack",
+        "0",
+        "-o",
+        "json",
+    ]
     t = time.perf_counter()
     pre = (lambda: Path(cg, "cgroup.procs").write_text(str(os.getpid()))) if cg else None
     with tempfile.TemporaryFile("w+") as errf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True,
-                             preexec_fn=pre)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, preexec_fn=pre)
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -242,8 +274,7 @@ def run_llamacpp(args, bench: Path, cg: Path | None) -> dict:
         return {"engine": "llama.cpp", "error": f"exit {p.returncode}: {err.strip().splitlines()[-1:]}"}
     rows = json.loads(out)
     tps = {("pp" if r["n_prompt"] else "tg"): float(r["avg_ts"]) for r in rows}
-    return {"engine": "llama.cpp", "pp_tps": tps.get("pp"), "tg_tps": tps.get("tg"), "wall_s": wall,
-            "peak_rss": rss}
+    return {"engine": "llama.cpp", "pp_tps": tps.get("pp"), "tg_tps": tps.get("tg"), "wall_s": wall, "peak_rss": rss}
 
 
 def main() -> None:
@@ -277,8 +308,14 @@ def main() -> None:
             log(f"wrote {args.gguf} ({format_size(args.gguf.stat().st_size)}) in {time.perf_counter() - t:.0f} s")
         if not model_dir.exists():
             t = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "mixcli", "convert", str(args.gguf), "-o", str(model_dir)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+            p = subprocess.run(
+                [sys.executable, "-m", "mixcli", "convert", str(args.gguf), "-o", str(model_dir)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
             if p.returncode:
                 raise SystemExit(f"convert failed: {p.stderr[-2000:]}")
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -305,7 +342,9 @@ def main() -> None:
                 remove_cgroup(cg)
         print(host.describe())
         print(f"{args.layers} layers, prompt {args.prompt}, decode {args.tokens} tokens, {args.threads} threads")
-        print("| limit | routing | engine | TTFT cold s | prefill tok/s | decode tok/s | disk/token | peak RSS | note |")
+        print(
+            "| limit | routing | engine | TTFT cold s | prefill tok/s | decode tok/s | disk/token | peak RSS | note |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for limit, routing, r in rows:
             if "error" in r:
@@ -315,8 +354,10 @@ def main() -> None:
             disk = format_size(r["disk_per_token"]) if "disk_per_token" in r else "-"
             rss = format_size(r.get("peak_rss", 0))
             note = "; ".join(n for n in r.get("notes", []) if "budget" in n)[:160]
-            print(f"| {limit} | {routing} | {r['engine']} | {ttft} | {r['pp_tps'] or 0:.2f} | {r['tg_tps'] or 0:.3f} | "
-                  f"{disk} | {rss} | {note} |")
+            print(
+                f"| {limit} | {routing} | {r['engine']} | {ttft} | {r['pp_tps'] or 0:.2f} | {r['tg_tps'] or 0:.3f} | "
+                f"{disk} | {rss} | {note} |"
+            )
         for limit, routing, r in rows:
             if r.get("cache"):
                 print(f"\n{limit} {routing}: {r['slots']} expert slots; per layer hit rate: {_percents(r['hit_rate'])}")

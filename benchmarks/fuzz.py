@@ -8,6 +8,7 @@ Prints the table of issue 21 (tried / ok / refused cleanly / other exceptions / 
 memory / leftovers); every row should hold only ok and refused cleanly. Exit 1 otherwise, after
 listing the first unclean cases.
 """
+
 from __future__ import annotations
 
 import os

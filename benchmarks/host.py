@@ -4,6 +4,7 @@ Every speed figure names its host: the CPU model and the instruction sets that m
 kernels of either engine. llama.cpp must be built for the host it runs on: an AVX-512 build dies
 with SIGILL on an AVX2-only machine, and GGML_NATIVE would tune for the build machine instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,21 @@ import platform
 
 # /proc/cpuinfo flag -> the name we print; the order is the order of importance for the tiers
 ISA_FLAGS = (
-    ("avx2", "avx2"), ("fma", "fma"), ("f16c", "f16c"), ("avx_vnni", "avxvnni"),
-    ("avx512f", "avx512f"), ("avx512bw", "avx512bw"), ("avx512vl", "avx512vl"),
-    ("avx512_vnni", "avx512vnni"), ("avx512_bf16", "avx512bf16"), ("gfni", "gfni"), ("amx_int8", "amx-int8"),
-    ("asimd", "neon"), ("asimddp", "dotprod"), ("i8mm", "i8mm"), ("sve", "sve"),
+    ("avx2", "avx2"),
+    ("fma", "fma"),
+    ("f16c", "f16c"),
+    ("avx_vnni", "avxvnni"),
+    ("avx512f", "avx512f"),
+    ("avx512bw", "avx512bw"),
+    ("avx512vl", "avx512vl"),
+    ("avx512_vnni", "avx512vnni"),
+    ("avx512_bf16", "avx512bf16"),
+    ("gfni", "gfni"),
+    ("amx_int8", "amx-int8"),
+    ("asimd", "neon"),
+    ("asimddp", "dotprod"),
+    ("i8mm", "i8mm"),
+    ("sve", "sve"),
 )
 
 
@@ -53,10 +65,16 @@ def llamacpp_cmake_args(flags: set[str] | None = None) -> str:
     args = ["-DGGML_NATIVE=OFF"]
     if platform.machine() in ("x86_64", "AMD64"):
         has = lambda f: "ON" if f in flags else "OFF"  # noqa: E731
-        args += [f"-DGGML_AVX={has('avx')}", f"-DGGML_AVX2={has('avx2')}", f"-DGGML_FMA={has('fma')}",
-                 f"-DGGML_F16C={has('f16c')}", f"-DGGML_AVX_VNNI={has('avx_vnni')}",
-                 f"-DGGML_AVX512={has('avx512f')}", f"-DGGML_AVX512_VNNI={has('avx512_vnni')}",
-                 f"-DGGML_AVX512_BF16={has('avx512_bf16')}"]
+        args += [
+            f"-DGGML_AVX={has('avx')}",
+            f"-DGGML_AVX2={has('avx2')}",
+            f"-DGGML_FMA={has('fma')}",
+            f"-DGGML_F16C={has('f16c')}",
+            f"-DGGML_AVX_VNNI={has('avx_vnni')}",
+            f"-DGGML_AVX512={has('avx512f')}",
+            f"-DGGML_AVX512_VNNI={has('avx512_vnni')}",
+            f"-DGGML_AVX512_BF16={has('avx512_bf16')}",
+        ]
     return " ".join(args)
 
 

@@ -7,6 +7,7 @@ MIXCLI_LLAMACPP_BUILD). Nothing of llama.cpp is committed here.
 
     python benchmarks/llamacpp_build.py llama-bench llama-server   # prints the binaries' paths
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,22 @@ def sources() -> Path:
     if (lcpp / "CMakeLists.txt").exists():
         return lcpp
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "-d", tmp, LLAMA_CPP_PYTHON], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+                LLAMA_CPP_PYTHON,
+            ],
+            check=True,
+        )
         sdist = next(Path(tmp).glob("*.tar.gz"))
         part = Path(tempfile.mkdtemp(dir=ROOT if ROOT.exists() else None))
         with tarfile.open(sdist) as tf:
@@ -58,11 +73,28 @@ def build(targets: list[str]) -> dict[str, Path]:
         src = sources()
         args = host.llamacpp_cmake_args().split()
         log(f"building llama.cpp {' '.join(missing)} for this host ({' '.join(args)}); several minutes...")
-        subprocess.run(["cmake", "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF", *args], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(bdir), "-j", str(os.cpu_count() or 2), "--target", *missing],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "cmake",
+                "-S",
+                str(src),
+                "-B",
+                str(bdir),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_CURL=OFF",
+                "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                *args,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            ["cmake", "--build", str(bdir), "-j", str(os.cpu_count() or 2), "--target", *missing],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return bins
 
 

@@ -14,6 +14,7 @@ second half scored: NLL of token j+1 from the logits at j, for j in [ctx/2, ctx-
 tokenize: llama.cpp's own tokenization of a text (BOS added as the GGUF says), to check that
 mixcli's tokenizer produced the same ids.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from llama_cpp import Llama
 
 def speed(args) -> dict:
     t0 = time.perf_counter()
-    llm = Llama(args.model, n_ctx=max(args.pp, args.warmup) + args.tg + 16, n_threads=args.threads,
-                n_threads_batch=args.threads, n_batch=512, n_ubatch=512, verbose=False, logits_all=False)
+    llm = Llama(
+        args.model,
+        n_ctx=max(args.pp, args.warmup) + args.tg + 16,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        n_ubatch=512,
+        verbose=False,
+        logits_all=False,
+    )
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     n_vocab = llm.n_vocab()
@@ -54,8 +63,16 @@ def ppl(args) -> dict:
     with open(args.tokens) as fh:
         tokens = json.load(fh)
     ctx = args.ctx
-    llm = Llama(args.model, n_ctx=ctx, n_threads=args.threads, n_threads_batch=args.threads, n_batch=ctx,
-                n_ubatch=ctx, verbose=False, logits_all=True)
+    llm = Llama(
+        args.model,
+        n_ctx=ctx,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=ctx,
+        n_ubatch=ctx,
+        verbose=False,
+        logits_all=True,
+    )
     bos = llm.token_bos() if args.bos else None
     first = ctx // 2
     n_chunks = len(tokens) // ctx
@@ -66,7 +83,7 @@ def ppl(args) -> dict:
     s = s2 = 0.0
     n = 0
     for c in range(n_chunks):
-        chunk = list(tokens[c * ctx:(c + 1) * ctx])
+        chunk = list(tokens[c * ctx : (c + 1) * ctx])
         if bos is not None:
             chunk[0] = bos
         llm.reset()
@@ -74,14 +91,19 @@ def ppl(args) -> dict:
         logits = np.asarray(llm.scores[:ctx], dtype=np.float64)  # [ctx, V]
         logits -= logits.max(axis=1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll = -logp[np.arange(first, ctx - 1), np.asarray(chunk[first + 1:])]
+        nll = -logp[np.arange(first, ctx - 1), np.asarray(chunk[first + 1 :])]
         s += float(nll.sum())
         s2 += float((nll * nll).sum())
         n += nll.size
     mean = s / n
     p = math.exp(mean)
-    return {"ppl": p, "stderr": p * math.sqrt(max(s2 / n - mean * mean, 0.0) / (n - 1)), "scored": n,
-            "chunks": n_chunks, "mean_nll": mean}
+    return {
+        "ppl": p,
+        "stderr": p * math.sqrt(max(s2 / n - mean * mean, 0.0) / (n - 1)),
+        "scored": n,
+        "chunks": n_chunks,
+        "mean_nll": mean,
+    }
 
 
 def tokenize(args) -> dict:
@@ -89,8 +111,11 @@ def tokenize(args) -> dict:
     with open(args.text, encoding="utf-8") as fh:
         text = fh.read()
     add_bos = bool(llm._model.add_bos_token())
-    return {"ids": llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False), "add_bos": add_bos,
-            "bos": llm.token_bos()}
+    return {
+        "ids": llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False),
+        "add_bos": add_bos,
+        "bos": llm.token_bos(),
+    }
 
 
 def main():

@@ -11,6 +11,7 @@ decode alternately, round by round, so a noisy neighbour slows both alike. A thi
 every round, the median of the per-round ratios, and the time each open took (page cache warm:
 the file was just written or read).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="a converted model dir (default: write the Mixtral-width one)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="a converted model dir (default: write the Mixtral-width one)"
+    )
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=24, help="decode steps per round")
     ap.add_argument("--threads", type=int, default=2)
@@ -67,7 +70,7 @@ def main() -> None:
             m.prefill([(7 * i) % V for i in range(64)])
         tps: dict[str, list[float]] = {k: [] for k in models}
         for r in range(args.rounds):
-            for mode in (modes if r % 2 == 0 else modes[::-1]):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
                 m = models[mode]
                 m.truncate(64)
                 m.decode(11)
@@ -76,15 +79,21 @@ def main() -> None:
                     m.decode((13 * i + r) % V)
                 tps[mode].append(args.tokens / (time.perf_counter() - t))
         size = sum(int(f["size"]) for f in models["mmap"].store.manifest["files"])
-        print(f"model {path} ({size / 2**20:.0f} MiB), {args.threads} threads, {args.rounds} rounds x {args.tokens} tokens")
+        print(
+            f"model {path} ({size / 2**20:.0f} MiB), {args.threads} threads, {args.rounds} rounds x {args.tokens} tokens"
+        )
         print(f"{'load':9s} {'open s':>7s} {'median tok/s':>13s}  rounds")
         for mode in models:
-            print(f"{mode:9s} {open_s[mode]:7.3f} {statistics.median(tps[mode]):13.2f}  "
-                  + " ".join(f"{x:.1f}" for x in tps[mode]))
+            print(
+                f"{mode:9s} {open_s[mode]:7.3f} {statistics.median(tps[mode]):13.2f}  "
+                + " ".join(f"{x:.1f}" for x in tps[mode])
+            )
         for other in modes[1:]:
             per_round = statistics.median(a / b for a, b in zip(tps["memory"], tps[other]))
-            print(f"memory / {other}: ratio of medians {statistics.median(tps['memory']) / statistics.median(tps[other]):.3f}, "
-                  f"median of per-round ratios {per_round:.3f}")
+            print(
+                f"memory / {other}: ratio of medians {statistics.median(tps['memory']) / statistics.median(tps[other]):.3f}, "
+                f"median of per-round ratios {per_round:.3f}"
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

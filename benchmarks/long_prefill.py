@@ -16,6 +16,7 @@ blocks kept, and for each prompt length N and KV type runs, each in a fresh proc
 
 and prints tok/s, the ratio, attention seconds and peak RSS. The model is removed unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def _ours_main(argv: list[str]) -> None:
         t = time.perf_counter()
         if legacy and q3.shape[0] > 1:  # the untiled path: decode kernel, a score row per (token, head)
             T, H = q3.shape[0], q3.shape[1]
-            kernels.attention(q3, self.k[layer], self.v[layer], pos0, scale, out,
-                              np.empty((T * H, pos0 + T), np.float32))
+            kernels.attention(
+                q3, self.k[layer], self.v[layer], pos0, scale, out, np.empty((T * H, pos0 + T), np.float32)
+            )
         else:
             attend(self, kernels, layer, q3, pos0, scale, out, scratch)
         spent[0] += time.perf_counter() - t
@@ -72,9 +74,18 @@ def _ours_main(argv: list[str]) -> None:
     t = time.perf_counter()
     m.prefill(toks)
     dt = time.perf_counter() - t
-    print(json.dumps({"tps": n / dt, "seconds": dt, "attention_s": spent[0], "kernels": m.kernels.label,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "kv_bytes": m.kv.nbytes}))
+    print(
+        json.dumps(
+            {
+                "tps": n / dt,
+                "seconds": dt,
+                "attention_s": spent[0],
+                "kernels": m.kernels.label,
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "kv_bytes": m.kv.nbytes,
+            }
+        )
+    )
 
 
 def _run_json(cmd: list) -> dict:
@@ -134,11 +145,16 @@ def main() -> None:
         for n in [int(x) for x in a.tokens.split(",")]:
             for kv in a.kv_types.split(","):
                 med = {}
-                for name, fn in (("ours", lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, False)),
-                                 ("legacy", (lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, True))
-                                  if a.legacy and kv == "f16" else None),
-                                 ("llama", (lambda n=n, kv=kv: llama_bench(bench, gguf, n, kv, a.threads, 1))
-                                  if bench else None)):
+                for name, fn in (
+                    ("ours", lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, False)),
+                    (
+                        "legacy",
+                        (lambda n=n, kv=kv: ours(ours_dir, n, kv, a.threads, True))
+                        if a.legacy and kv == "f16"
+                        else None,
+                    ),
+                    ("llama", (lambda n=n, kv=kv: llama_bench(bench, gguf, n, kv, a.threads, 1)) if bench else None),
+                ):
                     if fn is None:
                         continue
                     runs = []
@@ -146,19 +162,26 @@ def main() -> None:
                         log(f"pp{n} kv {kv}: {name} ...")
                         runs.append(fn())
                         log(f"  {runs[-1]}")
-                    med[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]
-                                 if isinstance(runs[0][k], (int, float))}
+                    med[name] = {
+                        k: statistics.median(r[k] for r in runs)
+                        for k in runs[0]
+                        if isinstance(runs[0][k], (int, float))
+                    }
                 rows.append((n, kv, med))
         print(host.describe())
         print(f"prefill tok/s, Mixtral-width 2 layers Q4_0, {a.threads} threads, medians of {a.reps}")
-        print(f"{'tokens':>7} {'kv':>5} {'mixcli':>8} {'attn s':>7} {'legacy':>8} {'llama.cpp':>10} "
-              f"{'ratio':>6} {'peak RSS':>9}")
+        print(
+            f"{'tokens':>7} {'kv':>5} {'mixcli':>8} {'attn s':>7} {'legacy':>8} {'llama.cpp':>10} "
+            f"{'ratio':>6} {'peak RSS':>9}"
+        )
         for n, kv, med in rows:
             o, lg, ll = med.get("ours", {}), med.get("legacy", {}), med.get("llama", {})
             ratio = o["tps"] / ll["tps"] if o and ll else float("nan")
-            print(f"{n:>7} {kv:>5} {o.get('tps', float('nan')):>8.2f} {o.get('attention_s', float('nan')):>7.1f} "
-                  f"{lg.get('tps', float('nan')):>8.2f} {ll.get('tps', float('nan')):>10.2f} {ratio:>6.2f} "
-                  f"{o.get('peak_rss', 0) / 2**30:>8.2f}G")
+            print(
+                f"{n:>7} {kv:>5} {o.get('tps', float('nan')):>8.2f} {o.get('attention_s', float('nan')):>7.1f} "
+                f"{lg.get('tps', float('nan')):>8.2f} {ll.get('tps', float('nan')):>10.2f} {ratio:>6.2f} "
+                f"{o.get('peak_rss', 0) / 2**30:>8.2f}G"
+            )
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)

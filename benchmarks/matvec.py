@@ -10,6 +10,7 @@ Each figure is the median (and best) of several timed passes after a JIT warm-up
 --tables: the kernel tables to measure side by side (instruction-set tier : activation mode);
 default: the host's best tier in both int8 modes, and the f32 mode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,19 @@ def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
         ns = k // 256
         sup = (rng.standard_normal((n, ns)) * 0.01).astype(np.float16)
         if qtype == "q6_k":  # ql, qh, sc, d
-            return [rng.integers(0, 256, (n, ns * 128), dtype=np.uint8), rng.integers(0, 256, (n, ns * 64), dtype=np.uint8),
-                    rng.integers(-128, 128, (n, ns * 16), dtype=np.int8), sup]
-        return [rng.integers(0, 256, (n, ns * 128), dtype=np.uint8), rng.integers(0, 256, (n, ns * 32), dtype=np.uint8),
-                rng.integers(0, 256, (n, ns * 12), dtype=np.uint8), sup, sup.copy()]  # qs, qh, s, d, m
+            return [
+                rng.integers(0, 256, (n, ns * 128), dtype=np.uint8),
+                rng.integers(0, 256, (n, ns * 64), dtype=np.uint8),
+                rng.integers(-128, 128, (n, ns * 16), dtype=np.int8),
+                sup,
+            ]
+        return [
+            rng.integers(0, 256, (n, ns * 128), dtype=np.uint8),
+            rng.integers(0, 256, (n, ns * 32), dtype=np.uint8),
+            rng.integers(0, 256, (n, ns * 12), dtype=np.uint8),
+            sup,
+            sup.copy(),
+        ]  # qs, qh, s, d, m
     if qtype.endswith("r16"):
         base = qtype[:-3]
         names = QUANT_TYPES[base].parts
@@ -55,8 +65,12 @@ def _parts(qtype: str, n: int, k: int, rng) -> list[np.ndarray]:
         return [rng.integers(-127, 128, (n, k), dtype=np.int8), d]
     if qtype == "q4_k":  # qs, s (codes), d, m (super-scales)
         sup = (rng.standard_normal((n, -(-nb // 8))) * 0.5).astype(np.float16)
-        return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), rng.integers(0, 256, (n, 2 * nb), dtype=np.uint8),
-                sup, sup.copy()]
+        return [
+            rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+            rng.integers(0, 256, (n, 2 * nb), dtype=np.uint8),
+            sup,
+            sup.copy(),
+        ]
     return [rng.standard_normal((n, k)).astype(np.float16)]
 
 
@@ -89,10 +103,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
     ap.add_argument("--types", default="", help="comma-separated storage types to run (default: all)")
-    ap.add_argument("--tables", default="", help="comma-separated TIER:MODE kernel tables (default: best tier, 3 modes)")
+    ap.add_argument(
+        "--tables", default="", help="comma-separated TIER:MODE kernel tables (default: best tier, 3 modes)"
+    )
     a = ap.parse_args()
     best = kernels.host_tiers()[0]
-    specs = [t.split(":") for t in a.tables.split(",")] if a.tables else [[best, "int8x2"], [best, "int8"], [best, "f32"]]
+    specs = (
+        [t.split(":") for t in a.tables.split(",")] if a.tables else [[best, "int8x2"], [best, "int8"], [best, "f32"]]
+    )
     tables = [kernels.select(isa, act) for isa, act in specs]
     only = set(filter(None, a.types.split(",")))
     pick = (lambda ts: [t for t in ts if t in only]) if only else (lambda ts: list(ts))
@@ -101,8 +119,10 @@ def main() -> None:
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
     rows = []
     print(f"host: {host.describe()}")
-    print(f"numba {numba.__version__}, tables: {', '.join(t.label for t in tables)}, "
-          f"threads available {numba.config.NUMBA_NUM_THREADS}")
+    print(
+        f"numba {numba.__version__}, tables: {', '.join(t.label for t in tables)}, "
+        f"threads available {numba.config.NUMBA_NUM_THREADS}"
+    )
     # (row-major q4_k has only the f32-activation kernels: not a decode path worth a row here)
     for qtype in pick(("q4_0", "q4_0r16", "q4_1", "q4_1r16", "q4_kr16", "q6_k", "q5_k", "q8_0", "q8_0r16", "f16")):
         for n, k in shapes:
@@ -117,11 +137,21 @@ def main() -> None:
                 for th in threads:
                     numba.set_num_threads(th)
                     med, best = _time(lambda m: mv(*m, x, out), mats, a.runs)
-                    rows.append((f"mv {qtype} {tb.label}", f"{n}x{k}", str(th), n * k / med / 1e9, n * k / best / 1e9,
-                                 nbytes / med / 1e9))
+                    rows.append(
+                        (
+                            f"mv {qtype} {tb.label}",
+                            f"{n}x{k}",
+                            str(th),
+                            n * k / med / 1e9,
+                            n * k / best / 1e9,
+                            nbytes / med / 1e9,
+                        )
+                    )
             ref = getattr(kernels_ref, f"matvec_{qtype}")
             med, best = _time(lambda m: ref(*m, x, out), mats[:1], 2)
-            rows.append((f"numpy twin {qtype}", f"{n}x{k}", "-", n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9))
+            rows.append(
+                (f"numpy twin {qtype}", f"{n}x{k}", "-", n * k / med / 1e9, n * k / best / 1e9, nbytes / med / 1e9)
+            )
             del mats
     # memory bandwidth: a plain streaming read of the same 128+ MiB
     big = [rng.integers(0, 1 << 62, (4096, 4096), dtype=np.uint64)]  # 128 MiB, 4x the L3
@@ -129,7 +159,9 @@ def main() -> None:
         numba.set_num_threads(th)
         med, best = _time(lambda m: _stream_sum(m), big, a.runs)
         nbytes = big[0].nbytes
-        rows.append(("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9))
+        rows.append(
+            ("stream read (GB/s)", "128 MiB", str(th), nbytes / med / 1e9, nbytes / best / 1e9, nbytes / med / 1e9)
+        )
     del big
     # prefill
     for qtype in pick(("q4_0", "q4_0r16", "q4_kr16", "q6_k", "q5_k", "q8_0", "q8_0r16", "f16")):
@@ -143,8 +175,16 @@ def main() -> None:
             for th in threads:
                 numba.set_num_threads(th)
                 med, best = _time(lambda m: mm(*m, X, out), [one], max(3, a.runs // 2))
-                rows.append((f"mm {qtype} T={T} {tb.label}", f"{n}x{k}", str(th), n * k * T / med / 1e9,
-                             n * k * T / best / 1e9, 0.0))
+                rows.append(
+                    (
+                        f"mm {qtype} T={T} {tb.label}",
+                        f"{n}x{k}",
+                        str(th),
+                        n * k * T / med / 1e9,
+                        n * k * T / best / 1e9,
+                        0.0,
+                    )
+                )
         ref = getattr(kernels_ref, f"matmul_{qtype}")
         med, best = _time(lambda m: ref(*m, X, out), [one], 2)
         rows.append((f"numpy twin matmul {qtype}", f"{n}x{k}", "-", n * k * T / med / 1e9, n * k * T / best / 1e9, 0.0))
@@ -152,8 +192,11 @@ def main() -> None:
     head = ("kernel", "N x K", "thr", "G/s median", "G/s best", "GB/s median")
     print(f"{head[0]:<36}{head[1]:>12}{head[2]:>5}{head[3]:>12}{head[4]:>10}{head[5]:>13}")
     for name, shape, th, med, best, gbs in rows:
-        print(f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{gbs:>13.2f}" if gbs else
-              f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{'':>13}")
+        print(
+            f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{gbs:>13.2f}"
+            if gbs
+            else f"{name:<36}{shape:>12}{th:>5}{med:>12.2f}{best:>10.2f}{'':>13}"
+        )
     print("matvec rows: G weights/s; matmul rows: G weight-token MAC/s")
 
 

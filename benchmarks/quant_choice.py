@@ -10,6 +10,7 @@ quant/q4.py (bit-exact with the gguf package), so the simulation is the real for
 Part 2 converts the trained baby checkpoints of tests/test_model_parity.py with each storage type
 mixcli offers and prints greedy agreement and mean KL against transformers (needs torch).
 """
+
 from __future__ import annotations
 
 import argparse

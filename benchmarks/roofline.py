@@ -17,6 +17,7 @@ the ratios are side by side. Columns:
 - instructions per 512 weights: static count in the compiled q4_0r16 decode tile's inner loop
   (one 16-row x 32-column block per iteration), and how many of them are ``vpdpbusd``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,7 +150,7 @@ def main() -> None:
             bw = []
             for r in range(args.rounds):
                 bw.append(stream_gbs(buf, kern))
-                for md in (modes if r % 2 == 0 else modes[::-1]):
+                for md in modes if r % 2 == 0 else modes[::-1]:
                     m = models[md]
                     m.truncate(64)
                     toks = rng.integers(3, m.config.vocab_size, args.tokens).tolist()
@@ -163,14 +164,20 @@ def main() -> None:
                 rows.append((md, th, v, v * bpt / 1e9, v * bpt / 1e9 / gbs, gbs, gbs * 1e9 / bpt))
         counts = tile_loop_counts()
         cfg = next(iter(models.values())).config
-        print(f"\n{path.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-              f"{bpt / 2**20:.1f} MiB of weights read per token; median of {args.rounds} alternating rounds")
-        print(f"{'act':>7} {'thr':>3} {'tok/s':>7} {'weights GB/s':>12} {'of stream':>9} {'stream GB/s':>11} "
-              f"{'ceiling tok/s':>13} {'instr/512 w':>11} {'vpdpbusd':>8}")
+        print(
+            f"\n{path.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"{bpt / 2**20:.1f} MiB of weights read per token; median of {args.rounds} alternating rounds"
+        )
+        print(
+            f"{'act':>7} {'thr':>3} {'tok/s':>7} {'weights GB/s':>12} {'of stream':>9} {'stream GB/s':>11} "
+            f"{'ceiling tok/s':>13} {'instr/512 w':>11} {'vpdpbusd':>8}"
+        )
         for md, th, v, wg, frac, gbs, ceil in rows:
             ins, dp = counts.get(2 if md == "int8x2" else 1, (0, 0)) if md != "f32" else (0, 0)
-            print(f"{md:>7} {th:>3} {v:>7.2f} {wg:>12.2f} {frac:>9.1%} {gbs:>11.2f} {ceil:>13.1f} "
-                  f"{ins or '-':>11} {dp or '-':>8}")
+            print(
+                f"{md:>7} {th:>3} {v:>7.2f} {wg:>12.2f} {frac:>9.1%} {gbs:>11.2f} {ceil:>13.1f} "
+                f"{ins or '-':>11} {dp or '-':>8}"
+            )
         print(f"\n$ python benchmarks/roofline.py {' '.join(sys.argv[1:])}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

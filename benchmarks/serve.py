@@ -19,6 +19,7 @@ mixcli imports it keeping its blocks) and a random-weight 2-layer model of Mixtr
 a Q4_0 GGUF (benchmarks/synth.py) and imported the same way. llama-server is built from the
 llama-cpp-python sdist's sources for this host (benchmarks/llamacpp_build.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,16 @@ def one_request(port: int, prompt: list[int], max_tokens: int) -> dict:
     """A streamed /v1/completions request: {ttft, end, tokens} (seconds from its start)."""
     import http.client
 
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -129,7 +138,7 @@ def run_clients(port: int, clients: int, prompts: list[list[int]], max_tokens: i
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        for p in prompts[i * per:(i + 1) * per]:
+        for p in prompts[i * per : (i + 1) * per]:
             try:
                 r = one_request(port, p, max_tokens)
             except Exception as exc:  # reported, not hidden
@@ -150,8 +159,13 @@ def run_clients(port: int, clients: int, prompts: list[list[int]], max_tokens: i
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall": wall,
-            "p50": statistics.median(ttfts), "p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]}
+    return {
+        "tok_s": tokens / wall,
+        "tokens": tokens,
+        "wall": wall,
+        "p50": statistics.median(ttfts),
+        "p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
+    }
 
 
 def bench_model(label: str, gguf: Path, ours_dir: Path, vocab: int, args, tmp: Path, llama_server: Path | None) -> list:
@@ -162,12 +176,51 @@ def bench_model(label: str, gguf: Path, ours_dir: Path, vocab: int, args, tmp: P
         rng = np.random.default_rng(n)
         prompts = [[int(t) for t in rng.integers(3, vocab, size=args.prompt)] for _ in range(n * args.requests)]
         warm = [int(t) for t in rng.integers(3, vocab, size=args.prompt)]
-        engines = [("mixcli", [sys.executable, "-m", "mixcli", "serve", ours_dir, "--parallel", n,
-                               "--ctx", args.ctx, "--threads", args.threads, "--temp", 0, "--max-queue", 1024])]
+        engines = [
+            (
+                "mixcli",
+                [
+                    sys.executable,
+                    "-m",
+                    "mixcli",
+                    "serve",
+                    ours_dir,
+                    "--parallel",
+                    n,
+                    "--ctx",
+                    args.ctx,
+                    "--threads",
+                    args.threads,
+                    "--temp",
+                    0,
+                    "--max-queue",
+                    1024,
+                ],
+            )
+        ]
         if llama_server is not None:
-            engines.append(("llama.cpp", [llama_server, "-m", gguf, "--parallel", n, "-c", args.ctx * n,
-                                          "-t", args.threads, "-tb", args.threads, "--cont-batching",
-                                          "--no-webui", "--host", "127.0.0.1"]))
+            engines.append(
+                (
+                    "llama.cpp",
+                    [
+                        llama_server,
+                        "-m",
+                        gguf,
+                        "--parallel",
+                        n,
+                        "-c",
+                        args.ctx * n,
+                        "-t",
+                        args.threads,
+                        "-tb",
+                        args.threads,
+                        "--cont-batching",
+                        "--no-webui",
+                        "--host",
+                        "127.0.0.1",
+                    ],
+                )
+            )
         row = {"model": label, "clients": n}
         for name, cmd in engines:
             port = free_port()
@@ -185,21 +238,27 @@ def bench_model(label: str, gguf: Path, ours_dir: Path, vocab: int, args, tmp: P
 
 
 def print_table(rows: list, threads: int) -> None:
-    print("| model | clients (= --parallel) | mixcli decode tok/s | llama.cpp decode tok/s | ratio | "
-          "mixcli TTFT p50 / p95 (s) | llama.cpp TTFT p50 / p95 (s) |")
+    print(
+        "| model | clients (= --parallel) | mixcli decode tok/s | llama.cpp decode tok/s | ratio | "
+        "mixcli TTFT p50 / p95 (s) | llama.cpp TTFT p50 / p95 (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         o, ll = r["mixcli"], r.get("llama.cpp")
         ratio = f"{o['tok_s'] / ll['tok_s']:.2f}" if ll else "-"
         lls = f"{ll['tok_s']:.1f}" if ll else "-"
         llt = f"{ll['p50']:.3f} / {ll['p95']:.3f}" if ll else "-"
-        print(f"| {r['model']} | {r['clients']} | {o['tok_s']:.1f} | {lls} | {ratio} | "
-              f"{o['p50']:.3f} / {o['p95']:.3f} | {llt} |")
+        print(
+            f"| {r['model']} | {r['clients']} | {o['tok_s']:.1f} | {lls} | {ratio} | "
+            f"{o['p50']:.3f} / {o['p95']:.3f} | {llt} |"
+        )
     base = {r["model"]: r["mixcli"]["tok_s"] for r in rows if r["clients"] == 1}
     for r in rows:
         if r["clients"] > 1 and r["model"] in base:
-            print(f"{r['model']}: {r['clients']} clients give {r['mixcli']['tok_s'] / base[r['model']]:.2f}x "
-                  f"mixcli's single-stream decode")
+            print(
+                f"{r['model']}: {r['clients']} clients give {r['mixcli']['tok_s'] / base[r['model']]:.2f}x "
+                f"mixcli's single-stream decode"
+            )
 
 
 def main() -> None:
@@ -247,8 +306,10 @@ def main() -> None:
             rows += bench_model("Mixtral-width 2L Q4_0", g, ours, 32000, args, tmp, llama_server)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"host: {host.describe()}; {args.threads} threads; prompt {args.prompt} tokens, max_tokens {args.tokens}, "
-          f"{args.requests} requests per client, temperature 0")
+    print(
+        f"host: {host.describe()}; {args.threads} threads; prompt {args.prompt} tokens, max_tokens {args.tokens}, "
+        f"{args.requests} requests per client, temperature 0"
+    )
     print_table(rows, args.threads)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

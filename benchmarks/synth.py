@@ -4,6 +4,7 @@ Speed does not depend on weight values, so instead of generating a 6 GB bf16 che
 converting it, this writes random q4_0 blocks (random nibbles, small fp16 scales) through the
 converter's own writer. Shared by the benchmark scripts.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,22 @@ from quant.config import ModelConfig
 from quant.writer import ModelWriter
 
 MIXTRAL_WIDTH = dict(
-    architecture="MixtralForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000, rms_norm_eps=1e-5,
-    rope_theta=1e6, max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    architecture="MixtralForCausalLM",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=2,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -45,8 +58,15 @@ def write_random_model(out: Path, quant: str = "q4_0", seed: int = 0, gate_bias=
     cfg = ModelConfig(**{**MIXTRAL_WIDTH, **overrides})
     preset = formats.QUANT_PRESETS[quant]
     rng = np.random.default_rng(seed)
-    D, F, H, KVH, HD, V, E = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                              cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size, cfg.num_local_experts)
+    D, F, H, KVH, HD, V, E = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.num_local_experts,
+    )
     w = ModelWriter(out)
     shapes = {"attn.wq": (H * HD, D), "attn.wk": (KVH * HD, D), "attn.wv": (KVH * HD, D), "attn.wo": (D, H * HD)}
     for name in formats.tensor_names(cfg.num_hidden_layers, E, cfg.moe, cfg.tie_word_embeddings):
@@ -74,8 +94,12 @@ def write_random_model(out: Path, quant: str = "q4_0", seed: int = 0, gate_bias=
         w.add_tensor_parts(name, qtype, shape, _random_parts(rng, qtype, *shape, scale=0.002))
         if name.endswith(".w2"):
             w.end_expert()
-    w.finish(config=cfg, quant={"preset": quant, "types": preset, "group": formats.QK}, tokenizer=None,
-             source={"kind": "synthetic", "seed": seed})
+    w.finish(
+        config=cfg,
+        quant={"preset": quant, "types": preset, "group": formats.QK},
+        tokenizer=None,
+        source={"kind": "synthetic", "seed": seed},
+    )
     return out
 
 
@@ -99,8 +123,14 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
     from gguf import GGMLQuantizationType as T
 
     c = {**MIXTRAL_WIDTH, "num_hidden_layers": layers, "vocab_size": vocab}
-    D, F, H, KVH, HD, E = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
-                           c["num_key_value_heads"], c["head_dim"], c["num_local_experts"])
+    D, F, H, KVH, HD, E = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+        c["num_local_experts"],
+    )
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("mixtral-width-random")
@@ -161,8 +191,9 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
             w.add_tensor_info(name, fshape, np.dtype(np.float32), 4 * int(np.prod(fshape)))
         else:
             *lead, k = shape
-            w.add_tensor_info(name, (*lead, k // 32 * 18), np.dtype(np.uint8), int(np.prod(lead)) * (k // 32) * 18,
-                              raw_dtype=T.Q4_0)
+            w.add_tensor_info(
+                name, (*lead, k // 32 * 18), np.dtype(np.uint8), int(np.prod(lead)) * (k // 32) * 18, raw_dtype=T.Q4_0
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -24,6 +24,7 @@ directory (NUMBA_CACHE_DIR), as after `pip install .`: every kernel the model ne
 Goal (issue 15): first token under 15 s, with the one-line compile notice on stderr and nothing
 but the answer on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ ROOT = HERE.parent
 GOAL_S = 1.5
 COLD_GOAL_S = 15.0
 
-DRIVER = r'''
+DRIVER = r"""
 import time
 T = {"interp": time.time()}
 import json, sys
@@ -106,7 +107,7 @@ if m is not None:
 T["steady_prefill"] = min(steady) if steady else None
 T["code"] = code
 json.dump(T, open(out_path, "w"))
-'''
+"""
 
 
 def child_env() -> dict[str, str]:
@@ -134,7 +135,9 @@ def mixcli_command() -> list[str]:
 def timed_run(cmd: list[str], env: dict | None = None, with_err: bool = False):
     """(seconds to the first stdout byte, seconds to exit, stdout[, stderr]). First byte = exit if none."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env or child_env(), bufsize=0)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env or child_env(), bufsize=0
+    )
     assert p.stdout is not None
     first = p.stdout.read(1)
     t_first = time.perf_counter() - t0
@@ -160,8 +163,9 @@ def cold_runs(cmd: list[str], n: int) -> list[tuple[float, str, str]]:
 def driver_run(args_cli: list[str], tmp: Path, mode: str) -> dict:
     out = tmp / "timings.json"
     t_spawn = time.time()
-    r = subprocess.run([sys.executable, "-c", DRIVER, str(out), mode, *args_cli], capture_output=True, cwd=ROOT,
-                       env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(out), mode, *args_cli], capture_output=True, cwd=ROOT, env=child_env()
+    )
     if r.returncode:
         raise SystemExit(f"instrumented run failed: {r.stderr.decode(errors='replace')[-2000:]}")
     T = json.loads(out.read_text())
@@ -189,15 +193,20 @@ def phases(T: dict) -> dict[str, float]:
 def import_profile(cmd_args: list[str]) -> tuple[float, list[tuple[str, float]], list[tuple[str, float]]]:
     """From `python -X importtime` (which adds its own overhead): the total, self time per package,
     and the cumulative time of each top-level import (which of our modules pulled the heavy ones in)."""
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mixcli", *cmd_args], capture_output=True,
-                       text=True, cwd=ROOT, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mixcli", *cmd_args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+    )
     per: dict[str, float] = {}
     top: list[tuple[str, float]] = []
     for line in r.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
         try:
-            self_us, cum_us, raw = line[len("import time:"):].split("|")
+            self_us, cum_us, raw = line[len("import time:") :].split("|")
             name = raw.strip()
             per[name.split(".")[0]] = per.get(name.split(".")[0], 0.0) + int(self_us) / 1e6
             if raw.startswith(" ") and not raw.startswith("  "):  # depth 0: one space after the bar
@@ -214,20 +223,35 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model name or directory (default: the registry's default)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cold", type=int, default=2, help="first runs with an empty numba cache (0: none)")
-    ap.add_argument("--keep-env", action="store_true",
-                    help="pass PYTHONDONTWRITEBYTECODE through to the runs (default: drop it, as a user's shell has it unset)")
+    ap.add_argument(
+        "--keep-env",
+        action="store_true",
+        help="pass PYTHONDONTWRITEBYTECODE through to the runs (default: drop it, as a user's shell has it unset)",
+    )
     args = ap.parse_args()
     global KEEP_ENV
     KEEP_ENV = args.keep_env
     if args.reps < 1:
         ap.error("--reps must be >= 1")
 
-    cli_args = ["generate", *([args.model] if args.model else []), "--prompt", args.prompt, "--max-tokens", "1",
-                "--temp", "0", *(["--threads", str(args.threads)] if args.threads else [])]
+    cli_args = [
+        "generate",
+        *([args.model] if args.model else []),
+        "--prompt",
+        args.prompt,
+        "--max-tokens",
+        "1",
+        "--temp",
+        "0",
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]
     cmd = mixcli_command() + cli_args
     print(f"$ {' '.join(cmd)}", file=sys.stderr)
-    print("warm-up run (fills the page cache and numba's JIT cache; pulls the default model if it is "
-          "not in the store yet)...", file=sys.stderr)
+    print(
+        "warm-up run (fills the page cache and numba's JIT cache; pulls the default model if it is "
+        "not in the store yet)...",
+        file=sys.stderr,
+    )
     _, warm_exit, text = timed_run(cmd)
     print(f"warm-up: {warm_exit:.2f} s, output {text!r}", file=sys.stderr)
 
@@ -266,12 +290,16 @@ def main() -> None:
         cf = [c[0] for c in cold]
         notice = all(COMPILE_NOTICE in c[2] for c in cold)
         same = all(c[1] == text for c in cold)  # stdout: the answer alone, as on a warm run
-        print(f"first run (empty numba cache): first token {', '.join(f'{v:.2f}' for v in cf)} s; goal < {COLD_GOAL_S} s: "
-              f"{'met' if max(cf) < COLD_GOAL_S else 'NOT met'}; compile notice on stderr: {'yes' if notice else 'NO'}; "
-              f"stdout equal to a warm run's: {'yes' if same else 'NO'}")
+        print(
+            f"first run (empty numba cache): first token {', '.join(f'{v:.2f}' for v in cf)} s; goal < {COLD_GOAL_S} s: "
+            f"{'met' if max(cf) < COLD_GOAL_S else 'NOT met'}; compile notice on stderr: {'yes' if notice else 'NO'}; "
+            f"stdout equal to a warm run's: {'yes' if same else 'NO'}"
+        )
     if max(firsts) > 1.5 * min(firsts):
-        print("warning: runs vary by more than 1.5x: a busy machine, or numba's cache rebuilt because a "
-              "kernel source changed during the run; rerun on a quiet machine")
+        print(
+            "warning: runs vary by more than 1.5x: a busy machine, or numba's cache rebuilt because a "
+            "kernel source changed during the run; rerun on a quiet machine"
+        )
 
     b = Table(title=f"breakdown: median of {len(runs)} instrumented runs")
     b.add_column("phase")

@@ -12,6 +12,7 @@ measures, with the files mapped (``load="mmap"``, how a 26 GB model is opened):
 
 Prints a table and the full-size figure extrapolated from the measured MB/s (26 GB / MB/s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,14 +69,27 @@ def main() -> None:
 
     hashed = max(2, a.reps // 2)
     rows = [  # (what, seconds, hashes everything)
-        ("open, verify=False (as before checksums)", timed(lambda: open_model_dir(model, load="mmap", verify=False), a.reps), False),
+        (
+            "open, verify=False (as before checksums)",
+            timed(lambda: open_model_dir(model, load="mmap", verify=False), a.reps),
+            False,
+        ),
         ("open, unchanged model (stamp matches)", timed(lambda: open_model_dir(model, load="mmap"), a.reps), False),
-        ("open after a change, files in page cache", timed(lambda: open_model_dir(model, load="mmap"), hashed, unstamp), True),
-        ("open after a change, files evicted (disk)", timed(lambda: open_model_dir(model, load="mmap"), hashed,
-                                                            lambda: (unstamp(), evict(model))), True),
+        (
+            "open after a change, files in page cache",
+            timed(lambda: open_model_dir(model, load="mmap"), hashed, unstamp),
+            True,
+        ),
+        (
+            "open after a change, files evicted (disk)",
+            timed(lambda: open_model_dir(model, load="mmap"), hashed, lambda: (unstamp(), evict(model))),
+            True,
+        ),
     ]
-    print(f"model: {model} ({size / 1e9:.2f} GB of data files), hash threads: {integrity.HASH_THREADS}, "
-          f"median of {a.reps} (2+ for the hashing rows)")
+    print(
+        f"model: {model} ({size / 1e9:.2f} GB of data files), hash threads: {integrity.HASH_THREADS}, "
+        f"median of {a.reps} (2+ for the hashing rows)"
+    )
     print(f"| {'what':<44} | {'median s':>9} | {'min s':>7} | {'MB/s':>6} | {'26 GB extrapolated':>18} |")
     print(f"|{'-' * 46}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 20}|")
     for what, ts, hashing in rows:

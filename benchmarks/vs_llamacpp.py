@@ -32,6 +32,7 @@ of a rep are back to back, so they share the machine's phase, where this VM's me
 drifts by 30% from one minute to the next and the two engines' medians can come from different
 phases. The medians of each engine are shown beside it, and the spread of the rep ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ sys.path.insert(0, str(HERE))
 
 import host  # noqa: E402
 
-VENV = Path(os.environ.get("MIXCLI_LLAMACPP_VENV",
-                           Path.home() / f".cache/mixcli-bench/llamacpp-venv-{host.build_key()}"))
+VENV = Path(
+    os.environ.get("MIXCLI_LLAMACPP_VENV", Path.home() / f".cache/mixcli-bench/llamacpp-venv-{host.build_key()}")
+)
 CMAKE_ARGS = host.llamacpp_cmake_args()
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PPL_TEXT = HERE / "data" / "ppl_text.txt"
@@ -93,8 +95,9 @@ def llamacpp(py: Path, *args) -> dict:
 
 def ours_speed(model_dir: Path, threads: int, pp: int, tg: int, seed: int, warmup: int) -> dict:
     """mixcli in a fresh process (this script's hidden --ours-speed mode), as llama.cpp runs."""
-    return _json_run([sys.executable, __file__, "--ours-speed", model_dir, threads, pp, tg, seed, warmup],
-                     "mixcli speed run")
+    return _json_run(
+        [sys.executable, __file__, "--ours-speed", model_dir, threads, pp, tg, seed, warmup], "mixcli speed run"
+    )
 
 
 def _ours_speed_main(argv: list[str]) -> None:
@@ -123,15 +126,27 @@ def _ours_speed_main(argv: list[str]) -> None:
     for tok in gen:
         m.decode(tok)
     tg_tps = tg / (time.perf_counter() - t)
-    print(json.dumps({"pp_tps": pp_tps, "tg_tps": tg_tps, "load_s": load_s, "threads": m.threads,
-                      "load": m.store.load, "kernels": m.kernels.label}))
+    print(
+        json.dumps(
+            {
+                "pp_tps": pp_tps,
+                "tg_tps": tg_tps,
+                "load_s": load_s,
+                "threads": m.threads,
+                "load": m.store.load,
+                "kernels": m.kernels.label,
+            }
+        )
+    )
 
 
-def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: int, reps: int,
-              warmup: int = 32) -> dict:
+def alternate(
+    py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: int, reps: int, warmup: int = 32
+) -> dict:
     """Medians over reps; the engine that goes first alternates rep by rep."""
     res: dict[str, list[float]] = {"ours_pp": [], "ours_tg": [], "ll_pp": [], "ll_tg": []}
     for i in range(reps):
+
         def ours():
             o = ours_speed(ours_dir, threads, pp, tg, seed=i, warmup=warmup)
             if o["threads"] != threads:
@@ -140,15 +155,18 @@ def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: i
             res["ours_tg"].append(o["tg_tps"])
 
         def ll():
-            o = llamacpp(py, "speed", gguf, "--threads", threads, "--pp", pp, "--tg", tg, "--seed", i,
-                         "--warmup", warmup)
+            o = llamacpp(
+                py, "speed", gguf, "--threads", threads, "--pp", pp, "--tg", tg, "--seed", i, "--warmup", warmup
+            )
             res["ll_pp"].append(o["pp_tps"])
             res["ll_tg"].append(o["tg_tps"])
 
-        for run in ((ours, ll) if i % 2 == 0 else (ll, ours)):
+        for run in (ours, ll) if i % 2 == 0 else (ll, ours):
             run()
-        log(f"  rep {i + 1}/{reps}, {threads} thr: mixcli pp {res['ours_pp'][-1]:.1f} tg {res['ours_tg'][-1]:.2f}"
-            f" | llama.cpp pp {res['ll_pp'][-1]:.1f} tg {res['ll_tg'][-1]:.2f} tok/s")
+        log(
+            f"  rep {i + 1}/{reps}, {threads} thr: mixcli pp {res['ours_pp'][-1]:.1f} tg {res['ours_tg'][-1]:.2f}"
+            f" | llama.cpp pp {res['ll_pp'][-1]:.1f} tg {res['ll_tg'][-1]:.2f} tok/s"
+        )
     pairs = {k: [a / b for a, b in zip(res[f"ours_{k}"], res[f"ll_{k}"])] for k in ("pp", "tg")}
     return {k: statistics.median(v) for k, v in res.items()} | {"samples": res, "pairs": pairs}
 
@@ -157,6 +175,7 @@ def alternate(py: Path, gguf: Path, ours_dir: Path, threads: int, pp: int, tg: i
 
 
 PREFILL_GOAL = ">= 0.8"  # issue 15: prefill at >= 0.8x llama.cpp, decode at >= 1.0x, both at 2 threads
+
 
 @dataclass
 class Row:
@@ -279,7 +298,8 @@ def same_blocks(gguf_path: Path, model_dir: Path) -> str:
             if qtype != exact[0]:  # row-tiled: the same blocks re-laid; compare them in GGUF's order
                 ours = deinterleave_rows({p: np.asarray(a) for p, a in ours.items()}, exact[0])
             if set(ours) == set(exact[1]) and all(
-                    np.asarray(ours[p]).tobytes() == np.ascontiguousarray(exact[1][p]).tobytes() for p in ours):
+                np.asarray(ours[p]).tobytes() == np.ascontiguousarray(exact[1][p]).tobytes() for p in ours
+            ):
                 same += 1
     return f"{same}/{len(names)} tensors bit-identical to the GGUF's blocks"
 
@@ -301,10 +321,26 @@ def default_model_rows(py: Path, tmp: Path, args) -> list[Row]:
     th = args.threads
     log(f"speed, {name}: pp{args.pp} / tg{args.tg}, {args.reps} reps")
     s = alternate(py, gguf_path, keep, th, args.pp, args.tg, args.reps)
-    rows.append(Row(f"{name} Q4_1", f"decode tok/s, tg{args.tg} ({th} thr)", s["ours_tg"], s["ll_tg"], ">= 1.0",
-                    pairs=s["pairs"]["tg"]))
-    rows.append(Row(f"{name} Q4_1", f"prefill tok/s, pp{args.pp} ({th} thr)", s["ours_pp"], s["ll_pp"], PREFILL_GOAL,
-                    pairs=s["pairs"]["pp"]))
+    rows.append(
+        Row(
+            f"{name} Q4_1",
+            f"decode tok/s, tg{args.tg} ({th} thr)",
+            s["ours_tg"],
+            s["ll_tg"],
+            ">= 1.0",
+            pairs=s["pairs"]["tg"],
+        )
+    )
+    rows.append(
+        Row(
+            f"{name} Q4_1",
+            f"prefill tok/s, pp{args.pp} ({th} thr)",
+            s["ours_pp"],
+            s["ll_pp"],
+            PREFILL_GOAL,
+            pairs=s["pairs"]["pp"],
+        )
+    )
 
     q4 = tmp / "smol-q4_0"
     convert_gguf(gguf_path, q4, quant="q4_0")
@@ -324,8 +360,11 @@ def default_model_rows(py: Path, tmp: Path, args) -> list[Row]:
     (tmp / "ppl_text.txt").write_text(text, encoding="utf-8")
     own = llamacpp(py, "tokenize", gguf_path, "--text", tmp / "ppl_text.txt")
     full = tok.encode(text, add_bos=add_bos, parse_special=False)
-    tok_note = "same token ids" if own["ids"] == full else (
-        f"TOKENIZERS DIFFER: llama.cpp {len(own['ids'])} ids, mixcli {len(full)}")
+    tok_note = (
+        "same token ids"
+        if own["ids"] == full
+        else (f"TOKENIZERS DIFFER: llama.cpp {len(own['ids'])} ids, mixcli {len(full)}")
+    )
     log(f"perplexity text: {len(full)} tokens ({tok_note}), scoring {len(ids) // PPL_CTX} chunks of {PPL_CTX}")
     tokfile = tmp / "tokens.json"
     tokfile.write_text(json.dumps(ids))
@@ -341,19 +380,37 @@ def default_model_rows(py: Path, tmp: Path, args) -> list[Row]:
     t = time.perf_counter()
     ll_keep = ll_ppl(gguf_path)
     ll_s = time.perf_counter() - t
-    log(f"  perplexity, Q4_1: mixcli {ours_keep.ppl:.4f} +/- {ours_keep.stderr:.4f} ({ours_s:.0f} s), "
-        f"llama.cpp {ll_keep['ppl']:.4f} +/- {ll_keep['stderr']:.4f} ({ll_s:.0f} s, incl. load)")
+    log(
+        f"  perplexity, Q4_1: mixcli {ours_keep.ppl:.4f} +/- {ours_keep.stderr:.4f} ({ours_s:.0f} s), "
+        f"llama.cpp {ll_keep['ppl']:.4f} +/- {ll_keep['stderr']:.4f} ({ll_s:.0f} s, incl. load)"
+    )
     ours_q4 = perplexity(mixcli.load(q4, ctx=PPL_CTX, threads=th), ids, PPL_CTX, bos)
     ll_q4 = ll_ppl(q4_gguf)
     log(f"  perplexity, Q4_0: mixcli {ours_q4.ppl:.4f}, llama.cpp {ll_q4['ppl']:.4f}")
     if ll_keep["scored"] != ours_keep.n_scored:
         raise RuntimeError(f"scored token counts differ: mixcli {ours_keep.n_scored}, llama.cpp {ll_keep['scored']}")
     n = ours_keep.n_scored
-    rows.append(Row(f"{name} Q4_1", f"perplexity, GGUF blocks kept ({n} tok)", ours_keep.ppl, ll_keep["ppl"],
-                    "<= 1.01", f"{tok_note}; {same_blocks(gguf_path, keep)}"))
-    rows.append(Row(f"{name} Q4_1->Q4_0", f"perplexity, re-quantized ({n} tok)", ours_q4.ppl, ll_q4["ppl"],
-                    "<= 1.01", "mixcli's q4_0 conversion vs llama.cpp on a Q4_0 GGUF quantized by gguf-py from "
-                               f"the same tensors; {same_blocks(q4_gguf, q4)}"))
+    rows.append(
+        Row(
+            f"{name} Q4_1",
+            f"perplexity, GGUF blocks kept ({n} tok)",
+            ours_keep.ppl,
+            ll_keep["ppl"],
+            "<= 1.01",
+            f"{tok_note}; {same_blocks(gguf_path, keep)}",
+        )
+    )
+    rows.append(
+        Row(
+            f"{name} Q4_1->Q4_0",
+            f"perplexity, re-quantized ({n} tok)",
+            ours_q4.ppl,
+            ll_q4["ppl"],
+            "<= 1.01",
+            "mixcli's q4_0 conversion vs llama.cpp on a Q4_0 GGUF quantized by gguf-py from "
+            f"the same tensors; {same_blocks(q4_gguf, q4)}",
+        )
+    )
     return rows
 
 
@@ -374,10 +431,27 @@ def mixtral_rows(py: Path, tmp: Path, args) -> list[Row]:
         log(f"speed, Mixtral-width: pp{args.mixtral_pp} / tg{args.mixtral_tg}, {th} thr, {args.reps} reps")
         s = alternate(py, gguf_path, ours, th, args.mixtral_pp, args.mixtral_tg, args.reps, warmup=args.mixtral_warmup)
         goal_tg, goal_pp = (">= 1.0", PREFILL_GOAL) if th == 2 else ("", "")
-        rows.append(Row("Mixtral-width 2L Q4_0", f"decode tok/s, tg{args.mixtral_tg} ({th} thr)",
-                        s["ours_tg"], s["ll_tg"], goal_tg, note if th == 1 else "", pairs=s["pairs"]["tg"]))
-        rows.append(Row("Mixtral-width 2L Q4_0", f"prefill tok/s, pp{args.mixtral_pp} ({th} thr)",
-                        s["ours_pp"], s["ll_pp"], goal_pp, pairs=s["pairs"]["pp"]))
+        rows.append(
+            Row(
+                "Mixtral-width 2L Q4_0",
+                f"decode tok/s, tg{args.mixtral_tg} ({th} thr)",
+                s["ours_tg"],
+                s["ll_tg"],
+                goal_tg,
+                note if th == 1 else "",
+                pairs=s["pairs"]["tg"],
+            )
+        )
+        rows.append(
+            Row(
+                "Mixtral-width 2L Q4_0",
+                f"prefill tok/s, pp{args.mixtral_pp} ({th} thr)",
+                s["ours_pp"],
+                s["ll_pp"],
+                goal_pp,
+                pairs=s["pairs"]["pp"],
+            )
+        )
     return rows
 
 
@@ -403,8 +477,9 @@ def print_table(rows: list[Row], title: str) -> None:
         t.add_column(c, justify="right")
     for r in rows:
         fmt = ".3f" if "perplexity" in r.measure else ".2f"
-        t.add_row(r.model, r.measure, f"{r.mixcli:{fmt}}", f"{r.llamacpp:{fmt}}", f"{r.ratio:.3f}", r.spread,
-                  r.goal, r.met)
+        t.add_row(
+            r.model, r.measure, f"{r.mixcli:{fmt}}", f"{r.llamacpp:{fmt}}", f"{r.ratio:.3f}", r.spread, r.goal, r.met
+        )
     Console(width=max(120, shutil.get_terminal_size().columns)).print(t)
     for r in rows:
         if r.note:
@@ -422,16 +497,24 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=None, help="default model prefill tokens (512; --quick 64)")
     ap.add_argument("--tg", type=int, default=None, help="default model decode steps (128; --quick 16)")
     ap.add_argument("--mixtral-pp", type=int, default=None, help="Mixtral-width prefill tokens (128; --quick 32)")
-    ap.add_argument("--mixtral-tg", type=int, default=None, help="Mixtral-width decode steps (128, llama-bench's tg128: "
-                    "a shorter run falls into this VM's 0.3-0.5 s slow phases too often; --quick 8)")
+    ap.add_argument(
+        "--mixtral-tg",
+        type=int,
+        default=None,
+        help="Mixtral-width decode steps (128, llama-bench's tg128: "
+        "a shorter run falls into this VM's 0.3-0.5 s slow phases too often; --quick 8)",
+    )
     ap.add_argument("--ppl-chunks", type=int, default=None, help="score at most this many chunks (all; --quick 2)")
     ap.add_argument("--gguf", type=Path, default=None, help="a local copy of the default model's GGUF (sha256-checked)")
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--skip-mixtral", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this file")
-    ap.add_argument("--act", choices=("int8x2", "int8", "f32"), default=None,
-                    help="mixcli's activation arithmetic (default: $MIXCLI_ACT or mixcli's default, int8x2; "
-                         "int8 is llama.cpp's)")
+    ap.add_argument(
+        "--act",
+        choices=("int8x2", "int8", "f32"),
+        default=None,
+        help="mixcli's activation arithmetic (default: $MIXCLI_ACT or mixcli's default, int8x2; int8 is llama.cpp's)",
+    )
     args = ap.parse_args()
     if args.act:  # the worker processes inherit it
         os.environ["MIXCLI_ACT"] = args.act
@@ -462,17 +545,34 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = " ".join(["python", "benchmarks/vs_llamacpp.py", *sys.argv[1:]])
     print(f"\n$ {cmd}   ({time.perf_counter() - t0:.0f} s)")
-    print_table(rows, f"mixcli (kernels {tier}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
-                      f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp")
+    print_table(
+        rows,
+        f"mixcli (kernels {tier}) vs llama.cpp ({LLAMA_CPP_PYTHON}), medians of {args.reps} "
+        f"alternating runs; speed ratio = median of the reps' own mixcli / llama.cpp",
+    )
     print(f"  host: {host.describe()}")
     print(f"  llama.cpp built with: {CMAKE_ARGS}")
     thp = thp_mode()
-    print(f"  host transparent huge pages: {thp} (mixcli's weights read into memory, as here, are on huge pages unless 'never'; "
-          f"llama.cpp's repacked copy only under 'always')")
+    print(
+        f"  host transparent huge pages: {thp} (mixcli's weights read into memory, as here, are on huge pages unless 'never'; "
+        f"llama.cpp's repacked copy only under 'always')"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"command": cmd, "reps": args.reps, "kernels": tier, "host": host.describe(),
-                                         "isa": host.isa_list(), "llamacpp_cmake": CMAKE_ARGS, "thp": thp,
-                                         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": cmd,
+                    "reps": args.reps,
+                    "kernels": tier,
+                    "host": host.describe(),
+                    "isa": host.isa_list(),
+                    "llamacpp_cmake": CMAKE_ARGS,
+                    "thp": thp,
+                    "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

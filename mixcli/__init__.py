@@ -9,6 +9,7 @@ Python API (mixcli/api.py)::
     for r in mixcli.stream_generate(model, "Once upon a time", max_tokens=32):
         print(r.text, end="")
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

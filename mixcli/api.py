@@ -13,6 +13,7 @@ A prompt is a list of messages (through the model's chat template), a string (ra
 encoding (``runtime.chat_tokens`` / ``raw_tokens``) and per-sequence loop (``generate.TokenStream``)
 over batched steps instead of the model's single KV cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -22,8 +23,17 @@ from .errors import UsageError
 from .generate import GenerationResponse
 
 
-def load(name_or_path: str | Path | None = None, ctx: int | None = None, threads: int | None = None, *,
-         max_memory: str | None = None, act: str | None = None, isa: str | None = None, load: str = "auto", **kw):
+def load(
+    name_or_path: str | Path | None = None,
+    ctx: int | None = None,
+    threads: int | None = None,
+    *,
+    max_memory: str | None = None,
+    act: str | None = None,
+    isa: str | None = None,
+    load: str = "auto",
+    **kw,
+):
     """A converted model directory, registry name or alias (None: the default model, fetched and
     converted on first use) -> the model (``logits(tokens)``, ``prefill``, ``decode``), carrying
     its ``tokenizer`` and ``chat_template``. ``load``: "auto", "memory" or "mmap"; ``max_memory``:
@@ -74,10 +84,22 @@ def prompt_tokens(model, prompt, chat: bool | None = None) -> list[int]:
     raise UsageError("a prompt is a string, a list of {'role', 'content'} messages, or a list of token ids")
 
 
-def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float | None = None,
-                    top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
-                    repeat_penalty: float | None = None, seed: int | None = None, stop: Sequence[str] | str = (),
-                    chat: bool | None = None, sampler=None, should_stop=None) -> Iterator[GenerationResponse]:
+def stream_generate(
+    model,
+    prompt,
+    *,
+    max_tokens: int = 256,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repeat_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str = (),
+    chat: bool | None = None,
+    sampler=None,
+    should_stop=None,
+) -> Iterator[GenerationResponse]:
     """Yield a ``GenerationResponse`` per generated token (``text``, ``token``), then a closing
     one with ``finish_reason`` ("stop", "length", or "interrupted" when ``should_stop()`` said so)
     and ``stats``. The model's KV cache keeps the sequence: a next prompt sharing its start
@@ -88,12 +110,19 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
 
     tokens = prompt_tokens(model, prompt, chat)
     if sampler is None:
-        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-                 "repeat_penalty": repeat_penalty, "seed": seed}
+        given = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "repeat_penalty": repeat_penalty,
+            "seed": seed,
+        }
         sampler = make_sampler(SamplerConfig(**{k: v for k, v in given.items() if v is not None}))
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    yield from _loop(model, text_tokenizer(model), tokens, sampler, max_tokens=max_tokens, stop=stops,
-                     should_stop=should_stop)
+    yield from _loop(
+        model, text_tokenizer(model), tokens, sampler, max_tokens=max_tokens, stop=stops, should_stop=should_stop
+    )
 
 
 def generate(model, prompt, **kw) -> str:

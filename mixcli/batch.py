@@ -12,6 +12,7 @@ through float rounding: the per-row arithmetic is the same.
 
 The weights and kernels are the ``Model``'s; its own single-sequence KV cache is not touched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -7,6 +7,7 @@ takes them). Field values are checked by the server's own rules (``openai_api``)
 the server would refuse is refused here, with its line number. Unknown fields are refused too: a
 typo such as ``max_token`` would otherwise be ignored for ten thousand prompts.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,13 +68,15 @@ def parse_line(obj, line: int) -> BatchItem:
         raise ValueError("give exactly one of 'prompt' (raw text) and 'messages' (a chat)")
     try:
         sampling = {}
-        for name, value in (("temperature", _number(obj, "temperature", 0.0, 2.0)),
-                            ("top_p", _number(obj, "top_p", 0.0, 1.0, lo_open=True)),
-                            ("min_p", _number(obj, "min_p", 0.0, 1.0)),
-                            ("repeat_penalty", _number(obj, "repeat_penalty", 0.0, 10.0, lo_open=True)),
-                            ("top_k", _integer(obj, "top_k", 0, 1 << 30)),
-                            ("seed", _integer(obj, "seed")),
-                            ("max_tokens", _integer(obj, "max_tokens", 1, MAX_TOKENS_LIMIT))):
+        for name, value in (
+            ("temperature", _number(obj, "temperature", 0.0, 2.0)),
+            ("top_p", _number(obj, "top_p", 0.0, 1.0, lo_open=True)),
+            ("min_p", _number(obj, "min_p", 0.0, 1.0)),
+            ("repeat_penalty", _number(obj, "repeat_penalty", 0.0, 10.0, lo_open=True)),
+            ("top_k", _integer(obj, "top_k", 0, 1 << 30)),
+            ("seed", _integer(obj, "seed")),
+            ("max_tokens", _integer(obj, "max_tokens", 1, MAX_TOKENS_LIMIT)),
+        ):
             if value is not None:
                 sampling[name] = value
         if obj.get("stop") is not None:
@@ -118,7 +121,9 @@ def read_input(path: Path, notify=None) -> list[BatchItem]:
             problems.append(f"{path}:{n}: {exc}")
             continue
         if item.key in seen:
-            problems.append(f"{path}:{n}: id {item.key} repeats line {seen[item.key]} (ids tie output lines to prompts)")
+            problems.append(
+                f"{path}:{n}: id {item.key} repeats line {seen[item.key]} (ids tie output lines to prompts)"
+            )
             continue
         seen[item.key] = n
         items.append(item)
@@ -126,7 +131,11 @@ def read_input(path: Path, notify=None) -> list[BatchItem]:
         if notify is not None:
             for p in problems[:SHOWN_PROBLEMS]:
                 notify(p)
-        more = f" (and {len(problems) - 1} more malformed line{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more malformed line{'s' if len(problems) > 2 else ''})"
+            if len(problems) > 1
+            else ""
+        )
         raise UsageError(f"{problems[0]}{more}; nothing was run", "fix the input lines and run again")
     if not items:
         raise UsageError(f"{path} holds no prompts", 'write one {"id": ..., "prompt": ...} object per line')

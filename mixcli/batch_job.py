@@ -6,6 +6,7 @@ then the workers start (Ray actors, mixcli/batch_ray.py; or one in this process 
 mixcli/batch_local.py) and each finished prompt is appended to the output at once
 (mixcli/batch_output.py) while a progress bar on stderr shows prompts, tokens/s and time left.
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,8 +75,13 @@ def physical_cores() -> int:
 
 
 def check_options(o: BatchOptions) -> None:
-    for name, value, lo in (("--workers", o.workers, 1), ("--threads-per-worker", o.threads_per_worker, 1),
-                            ("--parallel", o.parallel, 1), ("--retries", o.retries, 0), ("--max-tokens", o.max_tokens, 1)):
+    for name, value, lo in (
+        ("--workers", o.workers, 1),
+        ("--threads-per-worker", o.threads_per_worker, 1),
+        ("--parallel", o.parallel, 1),
+        ("--retries", o.retries, 0),
+        ("--max-tokens", o.max_tokens, 1),
+    ):
         if value is not None and value < lo:
             raise UsageError(f"{name} must be at least {lo}, got {value}")
     if o.ray_address is not None and not o.use_ray:
@@ -116,21 +122,29 @@ def run_batch(o: BatchOptions, *, notify=say_stderr, on_line=None) -> BatchSumma
             todo = [it for it in items if it.key not in existing.done]
             summary.skipped = len(items) - len(todo)
             if existing.torn_bytes:
-                notify(f"{o.output}: cutting off an unfinished last line ({existing.torn_bytes} bytes); "
-                       "its prompt runs again")
+                notify(
+                    f"{o.output}: cutting off an unfinished last line ({existing.torn_bytes} bytes); "
+                    "its prompt runs again"
+                )
             if o.resume:
                 extra = len(existing.done - {it.key for it in items})
-                notify(f"resume: {summary.skipped} of {len(items)} prompts already in {o.output}"
-                       + (f" ({existing.errors} of the lines are errors: delete those lines to run them again)"
-                          if existing.errors else "")
-                       + (f"; {extra} ids there are not in {o.input}" if extra else ""))
+                notify(
+                    f"resume: {summary.skipped} of {len(items)} prompts already in {o.output}"
+                    + (
+                        f" ({existing.errors} of the lines are errors: delete those lines to run them again)"
+                        if existing.errors
+                        else ""
+                    )
+                    + (f"; {extra} ids there are not in {o.input}" if extra else "")
+                )
             if not todo:
                 notify(f"nothing to run: every prompt of {o.input} has a line in {o.output}")
                 return summary
             _run(o, todo, existing.torn_bytes, summary, notify, on_line)
     except Busy as exc:
-        raise UsageError(f"another mixcli batch (process {exc.holder}) is writing {o.output}",
-                         "wait for it, or write elsewhere") from None
+        raise UsageError(
+            f"another mixcli batch (process {exc.holder}) is writing {o.output}", "wait for it, or write elsewhere"
+        ) from None
     return summary
 
 
@@ -141,14 +155,22 @@ def _pool(o: BatchOptions, notify):
     missing = ray_missing() if o.use_ray else "--no-ray"
     if missing is not None and o.ray_address is not None:
         raise UsageError(f"--ray-address needs Ray, which cannot be imported ({missing})", INSTALL_RAY)
-    kw = {"ctx": o.ctx, "max_memory": o.max_memory, "act": o.act, "sampling": dict(o.sampling),
-          "max_tokens": o.max_tokens, "stop": list(o.stop)}
+    kw = {
+        "ctx": o.ctx,
+        "max_memory": o.max_memory,
+        "act": o.act,
+        "sampling": dict(o.sampling),
+        "max_tokens": o.max_tokens,
+        "stop": list(o.stop),
+    }
     if missing is not None:
         from .batch_local import LocalPool
 
         if o.use_ray:
-            notify(f"Ray is not installed: running in this process, one worker; `{INSTALL_RAY}` runs --workers "
-                   "in parallel, here or on a Ray cluster (--ray-address)")
+            notify(
+                f"Ray is not installed: running in this process, one worker; `{INSTALL_RAY}` runs --workers "
+                "in parallel, here or on a Ray cluster (--ray-address)"
+            )
         elif o.workers not in (None, 1):
             notify(f"--no-ray runs one worker in this process (--workers {o.workers} ignored)")
         kw["model"] = str(resolve_here(o.model, notify))
@@ -172,9 +194,15 @@ def _pool(o: BatchOptions, notify):
         workers = workers or o.workers or nodes
         threads = threads or o.threads_per_worker or max(1, int(cpus // workers))
         mmap = True if o.mmap is None else o.mmap  # workers on one node share one mapped copy
-        pool = RayPool({**kw, "mmap": mmap}, workers=workers, threads=threads, parallel=o.parallel,
-                       retries=o.retries, memory_bytes=parse_size(o.max_memory) if o.max_memory else None,
-                       notify=notify)
+        pool = RayPool(
+            {**kw, "mmap": mmap},
+            workers=workers,
+            threads=threads,
+            parallel=o.parallel,
+            retries=o.retries,
+            memory_bytes=parse_size(o.max_memory) if o.max_memory else None,
+            notify=notify,
+        )
     except BaseException:
         cluster.__exit__(None, None, None)
         raise
@@ -197,15 +225,22 @@ def _run(o: BatchOptions, todo, cut_tail: int, summary: BatchSummary, notify, on
     pool, cluster = _pool(o, notify)
     summary.mode = "local" if cluster is None else "ray"
     try:
-        notify(f"starting {getattr(pool, 'workers', 1)} worker(s)"
-               + (" on Ray" if cluster is not None else " in this process") + f" for {len(todo)} prompts")
+        notify(
+            f"starting {getattr(pool, 'workers', 1)} worker(s)"
+            + (" on Ray" if cluster is not None else " in this process")
+            + f" for {len(todo)} prompts"
+        )
         summary.workers = pool.start()
         nodes = collections.Counter(w["node"] for w in summary.workers)
-        notify(f"workers ready: {len(summary.workers)} on {len(nodes)} node(s), {summary.workers[0]['threads']} "
-               f"threads and {o.parallel} sequences each, context {summary.workers[0]['ctx']}")
+        notify(
+            f"workers ready: {len(summary.workers)} on {len(nodes)} node(s), {summary.workers[0]['threads']} "
+            f"threads and {o.parallel} sequences each, context {summary.workers[0]['ctx']}"
+        )
         t0 = time.monotonic()
-        with ResultWriter(o.output, cut_tail=cut_tail) as writer, \
-                _BatchProgress("batch", unit="prompts", total=len(todo), count_unit="tok/s") as bar:
+        with (
+            ResultWriter(o.output, cut_tail=cut_tail) as writer,
+            _BatchProgress("batch", unit="prompts", total=len(todo), count_unit="tok/s") as bar,
+        ):
             written: set[str] = set()
 
             def on_result(line: dict, where) -> None:
@@ -227,8 +262,10 @@ def _run(o: BatchOptions, todo, cut_tail: int, summary: BatchSummary, notify, on
             try:
                 pool.run([it.to_dict() for it in todo], on_result)
             except BaseException:
-                notify(f"stopped: {summary.written} of {len(todo)} prompts written to {o.output}; "
-                       "run again with --resume for the rest")
+                notify(
+                    f"stopped: {summary.written} of {len(todo)} prompts written to {o.output}; "
+                    "run again with --resume for the rest"
+                )
                 raise
         summary.seconds = time.monotonic() - t0
         summary.per_node = dict(pool.per_node)

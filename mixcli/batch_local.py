@@ -4,6 +4,7 @@ The same ``BatchWorker`` as a Ray actor runs, fed by ``parallel + 2`` threads so
 always decodes ``parallel`` prompts together; there is no other process to lose, so nothing is
 retried (an exception in a prompt becomes its error line).
 """
+
 from __future__ import annotations
 
 import collections
@@ -48,8 +49,10 @@ class LocalPool:
                 except Exception as exc:  # a bug, not the prompt's fault: its line says so
                     done.put(error_line(item["id"], "generation_failed", f"{type(exc).__name__}: {exc}"))
 
-        feeders = [threading.Thread(target=feed, daemon=True, name=f"mixcli-batch-feed-{i}")
-                   for i in range(min(len(items), self.parallel + 2))]
+        feeders = [
+            threading.Thread(target=feed, daemon=True, name=f"mixcli-batch-feed-{i}")
+            for i in range(min(len(items), self.parallel + 2))
+        ]
         for t in feeders:
             t.start()
         try:

@@ -8,6 +8,7 @@ second of results while fast jobs are not slowed by a disk flush per line. A lin
 (a full disk, power lost mid-write) can only be the last one; ``--resume`` cuts it off and runs
 that prompt again.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ def scan_output(path: Path) -> ExistingOutput:
             obj = json.loads(data)
             ident = obj["id"]
         except (ValueError, TypeError, KeyError):
-            raise UsageError(f"{path}:{n} is not an output line of mixcli batch",
-                             "--resume appends to a file this command wrote; move the file away or pick another -o") from None
+            raise UsageError(
+                f"{path}:{n} is not an output line of mixcli batch",
+                "--resume appends to a file this command wrote; move the file away or pick another -o",
+            ) from None
         out.done.add(id_key(ident))
         if "error" in obj:
             out.errors += 1
@@ -74,7 +77,7 @@ class ResultWriter:
         data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:  # a regular file takes it in one call; a short write is continued, never dropped
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
         self.lines += 1
         now = time.monotonic()
         if now - self._synced >= FSYNC_EVERY_S:

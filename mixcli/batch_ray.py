@@ -13,6 +13,7 @@ a killed job is removed by the next). Ray's services listen on every interface (
 loopback-only mode; README says how to require a token). With an address the job joins that
 cluster.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,7 +47,7 @@ def _sweep_temp_dirs(notify) -> None:
     root = Path(tempfile.gettempdir())
     for d in root.glob(f"{TEMP_PREFIX}*"):
         try:
-            pid = int(d.name[len(TEMP_PREFIX):].split("-")[0])
+            pid = int(d.name[len(TEMP_PREFIX) :].split("-")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
@@ -80,11 +81,14 @@ class RayCluster:
             say(f"joining the Ray cluster at {self.address}")
             check_reachable(self.address)
             try:
-                ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR,
-                         namespace="mixcli-batch")
+                ray.init(
+                    address=self.address, log_to_driver=False, logging_level=logging.ERROR, namespace="mixcli-batch"
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise MixcliError(f"cannot join the Ray cluster at {self.address}: {first_line(exc)}",
-                                  "check the address (ray://HEAD:10001, HEAD:6379 or auto) and that it runs") from None
+                raise MixcliError(
+                    f"cannot join the Ray cluster at {self.address}: {first_line(exc)}",
+                    "check the address (ray://HEAD:10001, HEAD:6379 or auto) and that it runs",
+                ) from None
         self.started = True
         return self
 
@@ -109,8 +113,10 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise MixcliError(f"nothing answers at the Ray address {address} ({exc.strerror or exc})",
-                          "check the address (ray://HEAD:10001 or HEAD:6379) and that the cluster runs") from None
+        raise MixcliError(
+            f"nothing answers at the Ray address {address} ({exc.strerror or exc})",
+            "check the address (ray://HEAD:10001 or HEAD:6379) and that the cluster runs",
+        ) from None
 
 
 def start_local(num_cpus: int, temp_root: str | None = None) -> str:
@@ -120,9 +126,16 @@ def start_local(num_cpus: int, temp_root: str | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     temp_dir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=temp_root)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                 _temp_dir=temp_dir, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level=logging.ERROR, namespace="mixcli-batch")
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            namespace="mixcli-batch",
+        )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
@@ -194,8 +207,7 @@ def placement(workers: int, threads: int) -> list:
     nodes = sorted(((n["NodeID"], n["Resources"].get("CPU", 0.0)) for n in ray_nodes()), key=lambda n: -n[1])
     turns = itertools.zip_longest(*[[node] * int(cpus // threads) for node, cpus in nodes])
     order = [node for turn in turns for node in turn if node is not None]
-    return [NodeAffinitySchedulingStrategy(order[i], soft=True) if i < len(order) else "SPREAD"
-            for i in range(workers)]
+    return [NodeAffinitySchedulingStrategy(order[i], soft=True) if i < len(order) else "SPREAD" for i in range(workers)]
 
 
 def ray_nodes() -> list[dict]:
@@ -207,8 +219,17 @@ def ray_nodes() -> list[dict]:
 class RayPool:
     """``workers`` actors of ``threads`` CPUs each, spread over the cluster's nodes."""
 
-    def __init__(self, worker_kwargs: dict, *, workers: int, threads: int, parallel: int, retries: int,
-                 memory_bytes: int | None = None, notify=None):
+    def __init__(
+        self,
+        worker_kwargs: dict,
+        *,
+        workers: int,
+        threads: int,
+        parallel: int,
+        retries: int,
+        memory_bytes: int | None = None,
+        notify=None,
+    ):
         self.kwargs = {**worker_kwargs, "threads": threads, "parallel": parallel}
         self.workers, self.threads, self.parallel, self.retries = workers, threads, parallel, retries
         self.memory_bytes = memory_bytes
@@ -226,15 +247,23 @@ class RayPool:
         _, cpus = cluster_shape()
         need = self.workers * self.threads
         if need > cpus:
-            raise UsageError(f"{self.workers} workers x {self.threads} threads need {need} CPUs, the Ray cluster "
-                             f"has {cpus:g}", "lower --workers or --threads-per-worker")
-        opts = {"num_cpus": self.threads, "max_restarts": self.retries, "max_task_retries": 0,
-                "max_concurrency": self.parallel + EXTRA_DEPTH}
+            raise UsageError(
+                f"{self.workers} workers x {self.threads} threads need {need} CPUs, the Ray cluster has {cpus:g}",
+                "lower --workers or --threads-per-worker",
+            )
+        opts = {
+            "num_cpus": self.threads,
+            "max_restarts": self.retries,
+            "max_task_retries": 0,
+            "max_concurrency": self.parallel + EXTRA_DEPTH,
+        }
         if self.memory_bytes:
             opts["memory"] = self.memory_bytes
         cls = _actor_class()
-        self.actors = [cls.options(**opts, scheduling_strategy=where).remote(self.kwargs)
-                       for where in placement(self.workers, self.threads)]
+        self.actors = [
+            cls.options(**opts, scheduling_strategy=where).remote(self.kwargs)
+            for where in placement(self.workers, self.threads)
+        ]
         infos = []
         for ref in [a.ready.remote() for a in self.actors]:
             while True:
@@ -242,14 +271,17 @@ class RayPool:
                     info = ray.get(ref, timeout=PLACEMENT_NOTICE_S)
                     break
                 except ray.exceptions.GetTimeoutError:
-                    self.notify(f"still waiting for {self.workers - len(infos)} worker(s) to start: Ray may lack "
-                                "free CPUs or memory for them (`ray status` shows what is free)")
+                    self.notify(
+                        f"still waiting for {self.workers - len(infos)} worker(s) to start: Ray may lack "
+                        "free CPUs or memory for them (`ray status` shows what is free)"
+                    )
                 except ray.exceptions.RayError as exc:
                     raise MixcliError(f"a batch worker did not start: {last_line(exc)}") from None
             if info.get("error"):
-                raise MixcliError(f"the worker on Ray node {info['node'][:12]} could not load the model: {info['error']}",
-                                  "on a cluster, pass a path every node sees, or a registry name / Hub id "
-                                  "that each node pulls")
+                raise MixcliError(
+                    f"the worker on Ray node {info['node'][:12]} could not load the model: {info['error']}",
+                    "on a cluster, pass a path every node sees, or a registry name / Hub id that each node pulls",
+                )
             infos.append(info)
         return infos
 
@@ -272,8 +304,10 @@ class RayPool:
                     inflight[actor.run.remote(item)] = (item, i)
                     load[i] += 1
             if not any(alive):
-                raise MixcliError(f"every batch worker died ({len(pending) + len(inflight)} prompts left)",
-                                  "see the Ray logs for why; --resume runs the rest")
+                raise MixcliError(
+                    f"every batch worker died ({len(pending) + len(inflight)} prompts left)",
+                    "see the Ray logs for why; --resume runs the rest",
+                )
             ready, _ = ray.wait(list(inflight) + list(pinging), num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in pinging:
@@ -296,8 +330,14 @@ class RayPool:
                         pinging[self.actors[i].ready.remote()] = i
                     attempts[item["line"]] += 1
                     if attempts[item["line"]] > self.retries:
-                        on_result(error_line(item["id"], "worker_failed",
-                                             f"its worker died {attempts[item['line']]} times ({first_line(exc)})"), None)
+                        on_result(
+                            error_line(
+                                item["id"],
+                                "worker_failed",
+                                f"its worker died {attempts[item['line']]} times ({first_line(exc)})",
+                            ),
+                            None,
+                        )
                     else:
                         self.retried += 1
                         pending.appendleft(item)

@@ -10,6 +10,7 @@ A prompt that fails for its own reason (too long for the context, a chat templat
 it, bad sampling values) comes back as an output line with an ``error`` field; only a dead
 process loses a prompt, and the job retries those.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,17 +51,30 @@ def resolve_on_node(model: str | None, *, pull: bool) -> Path:
 class BatchWorker:
     """The model and an engine of ``parallel`` slots; ``run`` is safe to call from many threads."""
 
-    def __init__(self, model: str | None, *, parallel: int = 4, ctx: int | None = None, threads: int | None = None,
-                 max_memory: str | None = None, mmap: bool | None = True, act: str | None = None,
-                 sampling: dict | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, stop: list[str] | None = None,
-                 pull: bool = True, notify=None):
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        parallel: int = 4,
+        ctx: int | None = None,
+        threads: int | None = None,
+        max_memory: str | None = None,
+        mmap: bool | None = True,
+        act: str | None = None,
+        sampling: dict | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: list[str] | None = None,
+        pull: bool = True,
+        notify=None,
+    ):
         from .engine import Engine
         from .runtime import load_runtime
         from .sampling import SamplerConfig
 
         path = resolve_on_node(model, pull=pull)
-        self.rt = load_runtime(str(path), ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act,
-                               notify=notify)  # notify: the first-run compile notice (in the job's process)
+        self.rt = load_runtime(
+            str(path), ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify
+        )  # notify: the first-run compile notice (in the job's process)
         self.engine = Engine(self.rt.model, self.rt.tokenizer, parallel=parallel, max_queue=1 << 30)
         self.engine.start()
         self.ctx = self.engine.ctx
@@ -71,8 +85,13 @@ class BatchWorker:
 
     def describe(self) -> dict:
         m = self.rt.model
-        return {"model": self.rt.name, "ctx": self.ctx, "threads": m.threads, "pid": self.pid,
-                "slots": len(self.engine.decoder.slots)}
+        return {
+            "model": self.rt.name,
+            "ctx": self.ctx,
+            "threads": m.threads,
+            "pid": self.pid,
+            "slots": len(self.engine.decoder.slots),
+        }
 
     def encode(self, item: dict) -> list[int]:
         if "messages" in item:
@@ -94,9 +113,12 @@ class BatchWorker:
         if not tokens:
             return error_line(ident, "invalid_prompt", "the prompt is empty after encoding")
         if len(tokens) >= self.ctx:
-            return error_line(ident, "context_length_exceeded",
-                              f"the prompt is {len(tokens)} tokens, the context holds {self.ctx} "
-                              "(one more is needed for the answer; raise --ctx or shorten the prompt)")
+            return error_line(
+                ident,
+                "context_length_exceeded",
+                f"the prompt is {len(tokens)} tokens, the context holds {self.ctx} "
+                "(one more is needed for the answer; raise --ctx or shorten the prompt)",
+            )
         given = {k: item[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed") if k in item}
         try:
             cfg = replace(self.defaults, **given).validate()
@@ -115,8 +137,12 @@ class BatchWorker:
             parts.append(resp.text)
             if resp.finish_reason is not None:
                 st = resp.stats
-                return {"id": ident, "text": "".join(parts), "finish_reason": resp.finish_reason,
-                        "usage": usage(st.prompt_tokens, st.completion_tokens)}
+                return {
+                    "id": ident,
+                    "text": "".join(parts),
+                    "finish_reason": resp.finish_reason,
+                    "usage": usage(st.prompt_tokens, st.completion_tokens),
+                }
 
     def close(self) -> None:
         self.engine.shutdown(timeout=5)

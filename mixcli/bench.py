@@ -3,6 +3,7 @@ from an empty cache) and tg<M> (text generation: M single-token decode steps), e
 reported as mean and standard deviation of tokens per second. Token ids are random, as in
 llama-bench: speed does not depend on what the tokens mean (except through MoE routing, which
 random tokens spread like real text)."""
+
 from __future__ import annotations
 
 import statistics
@@ -51,7 +52,9 @@ def bench_tg(model, n: int, reps: int, seed: int = 0) -> list[float]:
     return out
 
 
-def run_bench(model, *, pp: int, tg: int, reps: int, threads: list[int], warmup: bool = True, progress=None) -> list[BenchRow]:
+def run_bench(
+    model, *, pp: int, tg: int, reps: int, threads: list[int], warmup: bool = True, progress=None
+) -> list[BenchRow]:
     """One row per (test, thread count). A warm-up run first takes JIT compile out of the figures."""
     rows = []
     if warmup:
@@ -63,8 +66,17 @@ def run_bench(model, *, pp: int, tg: int, reps: int, threads: list[int], warmup:
             if n <= 0:
                 continue
             s = fn(model, n, reps)
-            rows.append(BenchRow(f"{name}{n}", model.threads, n, reps, statistics.fmean(s),
-                                 statistics.stdev(s) if len(s) > 1 else 0.0, s))
+            rows.append(
+                BenchRow(
+                    f"{name}{n}",
+                    model.threads,
+                    n,
+                    reps,
+                    statistics.fmean(s),
+                    statistics.stdev(s) if len(s) > 1 else 0.0,
+                    s,
+                )
+            )
             if progress:
                 progress(rows[-1])
     return rows

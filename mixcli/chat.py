@@ -17,6 +17,7 @@ Ctrl-C while the prompt is still being processed abandons the turn at once and c
 cache (the next turn prefills the conversation again). Ctrl-C at the input prompt discards the
 line; Ctrl-D (end of input) or /exit leaves.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,12 +119,12 @@ def check_messages(data, where: str) -> tuple[str | None, list[dict]]:
     """A saved conversation (``{"messages": [...]}`` or a bare list) -> (system, turns)."""
     msgs = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(msgs, list):
-        raise ChatError(f"{where} holds no \"messages\" list", "load a file written by /save")
+        raise ChatError(f'{where} holds no "messages" list', "load a file written by /save")
     out: list[dict] = []
     for i, m in enumerate(msgs):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise ChatError(
-                f"{where}: message {i + 1} is not {{\"role\": system|user|assistant, \"content\": text}}",
+                f'{where}: message {i + 1} is not {{"role": system|user|assistant, "content": text}}',
                 "load a file written by /save",
             )
         out.append({"role": m["role"], "content": m["content"]})
@@ -139,19 +140,24 @@ def check_messages(data, where: str) -> tuple[str | None, list[dict]]:
                 "load a file written by /save",
             )
     if len(out) % 2:
-        raise ChatError(f"{where}: the conversation ends with an unanswered user message",
-                        "remove it, or load a file written by /save")
+        raise ChatError(
+            f"{where}: the conversation ends with an unanswered user message",
+            "remove it, or load a file written by /save",
+        )
     return system, out
 
 
 class ChatSession:
     """The conversation with one loaded model (``runtime.Runtime``); no terminal I/O here."""
 
-    def __init__(self, runtime, sampler, *, system: str | None = None, max_tokens: int | None = None,
-                 stop: Sequence[str] = ()):
+    def __init__(
+        self, runtime, sampler, *, system: str | None = None, max_tokens: int | None = None, stop: Sequence[str] = ()
+    ):
         if runtime.template is None:
-            raise MixcliError(f"{runtime.name} has no chat template, so it cannot chat",
-                              "use an instruct model, or `mixcli generate --raw` for a base model")
+            raise MixcliError(
+                f"{runtime.name} has no chat template, so it cannot chat",
+                "use an instruct model, or `mixcli generate --raw` for a base model",
+            )
         self.rt = runtime
         self.model = runtime.model
         self.sampler = sampler
@@ -209,8 +215,13 @@ class ChatSession:
             )
         return turn
 
-    def reply(self, user: str, *, should_stop: Callable[[], bool] | None = None,
-              on_notice: Callable[[str], None] | None = None) -> Iterator[GenerationResponse]:
+    def reply(
+        self,
+        user: str,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> Iterator[GenerationResponse]:
         """Answer ``user``: yields generate()'s responses. When the loop ends (EOS, stop string,
         length, or ``should_stop``), the turn joins the conversation, unless the answer stopped
         by ``should_stop`` is empty. If the consumer abandons the generator (an exception such as
@@ -226,8 +237,14 @@ class ChatSession:
         final: GenerationResponse | None = None
         done = False
         try:
-            for resp in stream_generate(self.model, turn.tokens, sampler=self.sampler,
-                                        max_tokens=max_tokens, stop=self.stop, should_stop=should_stop):
+            for resp in stream_generate(
+                self.model,
+                turn.tokens,
+                sampler=self.sampler,
+                max_tokens=max_tokens,
+                stop=self.stop,
+                should_stop=should_stop,
+            ):
                 parts.append(resp.text)
                 final = resp
                 yield resp
@@ -251,8 +268,7 @@ class ChatSession:
         if final.finish_reason == "interrupted" and not answer:
             return  # nothing was shown: the question goes too, as if never asked
         t.dropped_turns += turn.dropped
-        self.messages = turn.kept + [{"role": "user", "content": turn.user},
-                                     {"role": "assistant", "content": answer}]
+        self.messages = turn.kept + [{"role": "user", "content": turn.user}, {"role": "assistant", "content": answer}]
 
     def reset(self) -> None:
         """Forget the turns; the system message stays. The KV cache is kept: its prefix (the
@@ -272,7 +288,9 @@ class ChatSession:
         try:  # a temporary beside it, fsynced, renamed over it: a full disk keeps the previous save whole
             write_atomic(p, data.encode("utf-8"))
         except OSError as exc:
-            raise ChatError(f"cannot write {p}: {exc.strerror or exc}", "the previous file, if any, is unchanged") from None
+            raise ChatError(
+                f"cannot write {p}: {exc.strerror or exc}", "the previous file, if any, is unchanged"
+            ) from None
         return p
 
     def load(self, path: str | os.PathLike) -> int:

@@ -9,6 +9,7 @@ controls), so a prompt rendered here is the one the model was tuned on, characte
 Mixtral-Instruct's template accepts no system role; ``prepare_messages`` notices the refusal and
 folds the system text into the first user turn, as Mistral's own guidance suggests, and says so.
 """
+
 from __future__ import annotations
 
 import functools
@@ -201,16 +202,18 @@ def prepare_messages(
     """
     msgs = _plain(messages)
     try:
-        render_chat(template, msgs, bos_token=bos_token, eos_token=eos_token,
-                    add_generation_prompt=add_generation_prompt)
+        render_chat(
+            template, msgs, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        )
         return msgs, None
     except TemplateError as err:
         if not msgs or msgs[0].get("role") != "system":
             raise
         folded = _fold_system(msgs)
         try:
-            render_chat(template, folded, bos_token=bos_token, eos_token=eos_token,
-                        add_generation_prompt=add_generation_prompt)
+            render_chat(
+                template, folded, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+            )
         except TemplateError:
             raise err from None
     return folded, (

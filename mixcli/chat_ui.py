@@ -4,6 +4,7 @@ Answers and command output go to stdout; notices, hints and errors to stderr (er
 ``error: ...`` line, as everywhere in mixcli). Colour follows rich's rules (off when the output is
 not a terminal, or with NO_COLOR set).
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,8 +47,7 @@ class ChatUI:
         self._print(self.err, f"note: {text}", "yellow")
 
     def error(self, text: str) -> None:
-        self.err.print(f"error: {text}", style="red", markup=False, highlight=False, emoji=False,
-                       soft_wrap=True)
+        self.err.print(f"error: {text}", style="red", markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     def show_conversation(self, session) -> None:
         """After /load: the conversation, one line per message (long ones shortened)."""

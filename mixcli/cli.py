@@ -5,6 +5,7 @@ with ``mixcli.errors.exit_code``: 1 for a model/checkpoint/file problem, 2 for b
 Ctrl-C. A Python traceback appears only with ``--debug``. Heavy modules are imported inside the
 commands so ``mixcli --help`` and the first token come quickly.
 """
+
 from __future__ import annotations
 
 import errno
@@ -174,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         if _DEBUG:
             raise
         if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG) and exc.filename is None:
-            _err(f"cannot write the output: {exc.strerror} (free space on the disk that stdout goes to, or write elsewhere)")
+            _err(
+                f"cannot write the output: {exc.strerror} (free space on the disk that stdout goes to, or write elsewhere)"
+            )
             _silence_stdout()
         else:
             _err(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")

@@ -8,6 +8,7 @@ Then each sequence samples its token (``generate.TokenStream``) and its response
 caller through the ``emit`` function it gave (thread-safe; the server posts them to its event
 loop). The model and the tokenizer are only ever used from this thread.
 """
+
 from __future__ import annotations
 
 import collections
@@ -92,8 +93,12 @@ class Engine:
     def status(self) -> dict:
         with self._cv:
             busy = len(self.active)
-            return {"slots_idle": len(self.decoder.slots) - busy, "slots_processing": busy,
-                    "requests_waiting": len(self.waiting), "requests_completed": self.completed}
+            return {
+                "slots_idle": len(self.decoder.slots) - busy,
+                "slots_processing": busy,
+                "requests_waiting": len(self.waiting),
+                "requests_completed": self.completed,
+            }
 
     # ---- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -129,8 +134,14 @@ class Engine:
     def _stop_all(self) -> None:
         for job in list(self.active):
             if job.stream is None:
-                job.stream = TokenStream(self.tokenizer, job.prompt, job.sampler, job.max_tokens, job.stop,
-                                         GenerationStats(prompt_tokens=len(job.prompt)))
+                job.stream = TokenStream(
+                    self.tokenizer,
+                    job.prompt,
+                    job.sampler,
+                    job.max_tokens,
+                    job.stop,
+                    GenerationStats(prompt_tokens=len(job.prompt)),
+                )
             self.decoder.release(job.slot, clear=bool(job.pending))
             self._finish(job, job.stream.close("length"))
         while self.waiting:
@@ -146,9 +157,15 @@ class Engine:
             free = [s.index for s in self.decoder.slots if s.index not in busy]
             job.slot, keep = self.decoder.pick_slot(job.prompt, free)
             job.pending = job.prompt[keep:]
-            job.stream = TokenStream(self.tokenizer, job.prompt, job.sampler, job.max_tokens, job.stop,
-                                     GenerationStats(prompt_tokens=len(job.prompt), prefilled_tokens=len(job.pending)),
-                                     ignore_eos=job.ignore_eos)
+            job.stream = TokenStream(
+                self.tokenizer,
+                job.prompt,
+                job.sampler,
+                job.max_tokens,
+                job.stop,
+                GenerationStats(prompt_tokens=len(job.prompt), prefilled_tokens=len(job.pending)),
+                ignore_eos=job.ignore_eos,
+            )
             self.active.append(job)
 
     def _drop_cancelled(self) -> None:

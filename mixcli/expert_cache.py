@@ -18,6 +18,7 @@ weight), and never touches expert pages through the store's memory map. Its part
 Results are bit-identical to the memory-mapped provider: a slot holds the same bytes at the same
 alignment (both page-aligned), and the same kernels run on them.
 """
+
 from __future__ import annotations
 
 import collections
@@ -172,9 +173,19 @@ class ExpertCache:
     """The caching ``ExpertProvider`` (see the module docstring): ``attach``, ``on_route`` and
     ``get`` are the model's hooks; ``cstats`` counts what the cache did (``ui.cache_report``)."""
 
-    def __init__(self, store: ModelStore, kernels=None, max_memory: int = 0, *, prefetch: bool = True,
-                 policy: str = DEFAULT_POLICY, half_life: float = DEFAULT_HALF_LIFE,
-                 drop_page_cache: bool = True, predict_with_next_norm: bool = True, direct: bool = DEFAULT_DIRECT):
+    def __init__(
+        self,
+        store: ModelStore,
+        kernels=None,
+        max_memory: int = 0,
+        *,
+        prefetch: bool = True,
+        policy: str = DEFAULT_POLICY,
+        half_life: float = DEFAULT_HALF_LIFE,
+        drop_page_cache: bool = True,
+        predict_with_next_norm: bool = True,
+        direct: bool = DEFAULT_DIRECT,
+    ):
         cfg = store.config
         self.store = store
         self.config = cfg
@@ -195,8 +206,9 @@ class ExpertCache:
         self._slots, self._arena = _allocate_slots(self.n_slots, self.slot_bytes)
         self._where: dict[tuple[int, int], _Slot] = {}
         self._bound: dict[tuple[int, tuple], ExpertWeights] = {}  # (slot, layout) -> weights over the slot
-        self.reader = ExpertReader(store.path, (f for (f, _, _, _) in self._regions.values()),
-                                   direct=direct, drop_page_cache=drop_page_cache)
+        self.reader = ExpertReader(
+            store.path, (f for (f, _, _, _) in self._regions.values()), direct=direct, drop_page_cache=drop_page_cache
+        )
 
         self._needed: set[tuple[int, int]] = set()  # this layer's routed experts not yet handed out
         self._wanted: set[tuple[int, int]] = set()  # what the loader may still read
@@ -208,8 +220,9 @@ class ExpertCache:
         self.prefetch = bool(prefetch)
         self._thread: threading.Thread | None = None
         if self.prefetch:
-            self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self),),
-                                            name="mixcli-expert-loader", daemon=True)
+            self._thread = threading.Thread(
+                target=_loader_main, args=(weakref.ref(self),), name="mixcli-expert-loader", daemon=True
+            )
             self._thread.start()
 
     def _slots_in_budget(self, name: str, n_experts: int) -> int:
@@ -385,8 +398,10 @@ class ExpertCache:
             first = False
             self._raise_pending_locked()
             if self._thread is None or not self._thread.is_alive():
-                raise ExpertLoadError("the expert loader thread stopped while reading an expert",
-                                      "run again; if it repeats, run without --max-memory and report it")
+                raise ExpertLoadError(
+                    "the expert loader thread stopped while reading an expert",
+                    "run again; if it repeats, run without --max-memory and report it",
+                )
             self._cv.wait(WAIT_POLL)
         self._raise_pending_locked()
         self.cstats.stall_seconds += time.perf_counter() - t0
@@ -402,8 +417,10 @@ class ExpertCache:
         self._error = None
         if isinstance(err, MixcliError):
             raise err
-        raise ExpertLoadError(f"the expert loader thread failed: {type(err).__name__}: {err}",
-                              "run again; if it repeats, run without --max-memory and report it") from err
+        raise ExpertLoadError(
+            f"the expert loader thread failed: {type(err).__name__}: {err}",
+            "run again; if it repeats, run without --max-memory and report it",
+        ) from err
 
     def _fail(self, exc: BaseException) -> None:
         with self._cv:
@@ -469,8 +486,10 @@ class ExpertCache:
                 self._kernels = _kernel_module()
             lin = []
             for tl in layout:
-                parts = {p: slot.buf[q.rel : q.rel + int(np.prod(q.shape)) * q.dtype.itemsize].view(q.dtype).reshape(q.shape)
-                         for p, q in tl.parts}
+                parts = {
+                    p: slot.buf[q.rel : q.rel + int(np.prod(q.shape)) * q.dtype.itemsize].view(q.dtype).reshape(q.shape)
+                    for p, q in tl.parts
+                }
                 qt = QTensor(tl.name, tl.qtype, tl.shape, parts, "", 0, tl.nbytes)
                 lin.append(Linear(qt, self._kernels))
             bound = ExpertWeights(lin[0], lin[1], lin[2], nbytes)

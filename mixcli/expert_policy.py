@@ -10,6 +10,7 @@ use (a token walks the layers in a cycle, and a cycle longer than the pool defea
 random routing it keeps the most used experts, as LFU does. "lfu" (decayed use count) and "lru"
 (last use) remain selectable; ``benchmarks/expert_cache.py`` compares them on recorded routing.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ The guess is better when that input is rescaled elementwise by ffn_norm[l+1] / f
 then what layer l+1's router would see if the residual stream did not move between the two
 layers. Both guesses, corrected and raw, are scored, so the correction's worth stays measured.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ class NextLayerPredictor:
     def __init__(self, n_layers: int, n_experts: int, top_k: int, use_next_norm: bool = True):
         self.L, self.E, self.K = n_layers, n_experts, top_k
         self.use_next_norm = use_next_norm
-        self._gates_next: list[np.ndarray | None] = [None] * n_layers  # [E, D] layer l's gate, norm-corrected for l-1's input
+        self._gates_next: list[np.ndarray | None] = [
+            None
+        ] * n_layers  # [E, D] layer l's gate, norm-corrected for l-1's input
         self._gates_raw: list[np.ndarray | None] = [None] * n_layers  # [E, D]
         self._guess: dict[int, tuple[set[int], set[int]]] = {}  # layer -> (guess, raw guess), one token
 

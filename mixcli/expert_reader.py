@@ -7,6 +7,7 @@ expert at about disk speed (benchmarks/expert_cache.py), so control decides: a r
 buffer finishes at a known moment, holds exactly the bytes we count and cannot be evicted behind
 our back. ``preadv`` releases the GIL, so a read overlaps the kernels' compute.
 """
+
 from __future__ import annotations
 
 import errno
@@ -60,8 +61,9 @@ class ExpertReader:
                 self._fds[fname] = os.open(self.model_dir / fname, os.O_RDONLY)
             except OSError as exc:
                 self.close()
-                raise ExpertLoadError(f"cannot open {self.model_dir / fname}: {exc.strerror}",
-                                      "check that the model directory is intact") from None
+                raise ExpertLoadError(
+                    f"cannot open {self.model_dir / fname}: {exc.strerror}", "check that the model directory is intact"
+                ) from None
         if direct and hasattr(os, "O_DIRECT"):
             for fname in self._fds:
                 try:
@@ -75,8 +77,16 @@ class ExpertReader:
         """Whether reads bypass the page cache (O_DIRECT)."""
         return bool(self._dfds)
 
-    def read(self, key: tuple[int, int], file: str, offset: int, nbytes: int, buf: np.ndarray,
-             stale: Callable[[], bool] | None = None, count: Callable[[int], None] | None = None) -> bool:
+    def read(
+        self,
+        key: tuple[int, int],
+        file: str,
+        offset: int,
+        nbytes: int,
+        buf: np.ndarray,
+        stale: Callable[[], bool] | None = None,
+        count: Callable[[int], None] | None = None,
+    ) -> bool:
         """Read expert key = (layer, expert)'s region (file, offset, nbytes) into buf [>= nbytes]
         u1, page-aligned. ``stale``: asked between chunks; True abandons the read (returns
         False). ``count(n)``: told of every n bytes read. An ExpertLoadError names the expert."""
@@ -115,8 +125,7 @@ class ExpertReader:
                     return False
         except OSError as exc:
             raise ExpertLoadError(
-                f"reading expert {key[1]} of layer {key[0]} from {self.model_dir / file} failed: "
-                f"{exc.strerror or exc}",
+                f"reading expert {key[1]} of layer {key[0]} from {self.model_dir / file} failed: {exc.strerror or exc}",
                 "check that the model directory is intact and the disk readable",
             ) from None
         finally:

@@ -6,6 +6,7 @@ provider which experts the router chose (``on_route``), then asks for each one's
 ``MappedExperts`` hands out views of the model's memory map and counts; ``ExpertCache``
 (expert_cache.py) holds experts in a budgeted pool and reads ahead on ``on_route``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

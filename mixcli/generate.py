@@ -4,6 +4,7 @@ all consume (mlx-lm's shape: the loop yields, the caller renders).
 The prompt is matched against what the model's KV cache already holds, and only the new suffix is
 prefilled: in a chat, each turn costs only its own tokens.
 """
+
 from __future__ import annotations
 
 import time
@@ -98,8 +99,16 @@ class TokenStream:
     below drives it over the model's own KV cache; the server drives one per request over a slot
     of a batch (mixcli/batch.py)."""
 
-    def __init__(self, tokenizer, prompt: Sequence[int], sampler, max_tokens: int, stop: Sequence[str] = (),
-                 stats: GenerationStats | None = None, ignore_eos: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        prompt: Sequence[int],
+        sampler,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        stats: GenerationStats | None = None,
+        ignore_eos: bool = False,
+    ):
         self.history = [int(t) for t in prompt]
         self.sampler = sampler
         self.max_tokens = max_tokens

@@ -16,6 +16,7 @@ Everything network-facing goes through the Hub's own client (its endpoint, ``HF_
 Environment variables are read when a function runs, not when huggingface_hub was imported, so
 ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` set by a caller (or a test) apply.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,7 @@ def parse_ref(text: str) -> HubRef | None:
     t = text.strip()
     for prefix in _URL_PREFIXES:
         if t.lower().startswith(prefix):
-            t = t[len(prefix):]
+            t = t[len(prefix) :]
             break
     repo, tag = t, None
     if ":" in t:
@@ -93,8 +94,10 @@ def hf_cache_dir() -> Path:
 
 # -- errors --------------------------------------------------------------------------------------
 def _login_hint(repo: str) -> str:
-    return (f"accept its terms at {endpoint()}/{repo} while logged in, then `hf auth login` "
-            f"(or set HF_TOKEN) on this machine, and run the command again")
+    return (
+        f"accept its terms at {endpoint()}/{repo} while logged in, then `hf auth login` "
+        f"(or set HF_TOKEN) on this machine, and run the command again"
+    )
 
 
 @contextlib.contextmanager
@@ -107,28 +110,35 @@ def hub_errors(repo: str, what: str) -> Iterator[None]:
     except MixcliError:
         raise
     except he.GatedRepoError:
-        raise MixcliError(f"{repo} is a gated repo and the Hub refused access (401/403) while {what}",
-                          _login_hint(repo)) from None
+        raise MixcliError(
+            f"{repo} is a gated repo and the Hub refused access (401/403) while {what}", _login_hint(repo)
+        ) from None
     except he.RepositoryNotFoundError:
-        raise MixcliError(f"no model {repo} on the Hugging Face Hub ({endpoint()})",
-                          "check the name (owner/name, as in the repo's URL); a private repo also needs "
-                          "`hf auth login` or HF_TOKEN") from None
+        raise MixcliError(
+            f"no model {repo} on the Hugging Face Hub ({endpoint()})",
+            "check the name (owner/name, as in the repo's URL); a private repo also needs `hf auth login` or HF_TOKEN",
+        ) from None
     except he.RevisionNotFoundError:
         raise MixcliError(f"{repo} has no such revision", "check the reference") from None
     except (he.OfflineModeIsEnabled, he.LocalEntryNotFoundError) as exc:
         if offline():
-            raise MixcliError(f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({hf_cache_dir()})",
-                              "unset HF_HUB_OFFLINE to download it") from None
+            raise MixcliError(
+                f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({hf_cache_dir()})",
+                "unset HF_HUB_OFFLINE to download it",
+            ) from None
         raise _unreachable(repo, what, exc) from None
     except he.HfHubHTTPError as exc:
         code = exc.response.status_code if exc.response is not None else None
         if code == 401:
-            raise MixcliError(f"the Hub rejected the token while {what} {repo} (401)",
-                              "run `hf auth login` again or fix HF_TOKEN") from None
+            raise MixcliError(
+                f"the Hub rejected the token while {what} {repo} (401)", "run `hf auth login` again or fix HF_TOKEN"
+            ) from None
         if code in (403,):
             raise MixcliError(f"the Hub refused access to {repo} (403) while {what}", _login_hint(repo)) from None
-        raise MixcliError(f"the Hub answered {code} while {what} {repo}",
-                          "try again later; files already downloaded are kept and resumed") from None
+        raise MixcliError(
+            f"the Hub answered {code} while {what} {repo}",
+            "try again later; files already downloaded are kept and resumed",
+        ) from None
     except _transport_errors() as exc:
         raise _unreachable(repo, what, exc) from None
 
@@ -139,8 +149,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     import importlib
 
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         try:
             m = importlib.import_module(module)
         except ImportError:
@@ -151,9 +164,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 def _unreachable(repo: str, what: str, exc: BaseException) -> MixcliError:
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return MixcliError(f"cannot reach the Hugging Face Hub at {endpoint()} while {what} {repo} ({detail[:160]})",
-                       "check the network (or HF_ENDPOINT); run the command again to resume, "
-                       "or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache")
+    return MixcliError(
+        f"cannot reach the Hugging Face Hub at {endpoint()} while {what} {repo} ({detail[:160]})",
+        "check the network (or HF_ENDPOINT); run the command again to resume, "
+        "or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache",
+    )
 
 
 # -- listings --------------------------------------------------------------------------------------
@@ -185,8 +200,12 @@ def list_repo(repo: str) -> RepoListing:
     files = {}
     for s in info.siblings or []:
         lfs = s.lfs
-        files[s.rfilename] = RepoFile(s.rfilename, s.size if s.size is not None else (lfs.size if lfs else None),
-                                      lfs.sha256 if lfs else None, None if lfs else s.blob_id)
+        files[s.rfilename] = RepoFile(
+            s.rfilename,
+            s.size if s.size is not None else (lfs.size if lfs else None),
+            lfs.sha256 if lfs else None,
+            None if lfs else s.blob_id,
+        )
     return RepoListing(repo, info.sha or "main", files)
 
 
@@ -196,8 +215,10 @@ def _cached_listing(repo: str) -> RepoListing:
     commit = ref.read_text().strip() if ref.is_file() else None
     snap = folder / "snapshots" / commit if commit else None
     if snap is None or not snap.is_dir():
-        raise MixcliError(f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({hf_cache_dir()})",
-                          "unset HF_HUB_OFFLINE to download it")
+        raise MixcliError(
+            f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({hf_cache_dir()})",
+            "unset HF_HUB_OFFLINE to download it",
+        )
     files = {}
     for p in snap.rglob("*"):
         if p.is_file():
@@ -233,8 +254,9 @@ def verify(path: Path, f: RepoFile) -> None:
     got_size = path.stat().st_size
     if f.size is not None and got_size != f.size:
         path.unlink(missing_ok=True)
-        raise MixcliError(f"download of {f.name} has {got_size} bytes, the Hub lists {f.size}; deleted it",
-                          "run the command again")
+        raise MixcliError(
+            f"download of {f.name} has {got_size} bytes, the Hub lists {f.size}; deleted it", "run the command again"
+        )
     if f.sha256:
         kind, want, got = "sha256", f.sha256.lower(), file_hash(path)
     elif f.blob_id:
@@ -243,8 +265,10 @@ def verify(path: Path, f: RepoFile) -> None:
         return
     if got != want:
         path.unlink(missing_ok=True)
-        raise MixcliError(f"checksum mismatch for {f.name}: {kind} {got}, the Hub lists {want}; deleted the download",
-                          "run the command again; if it repeats, the download path alters files: report it")
+        raise MixcliError(
+            f"checksum mismatch for {f.name}: {kind} {got}, the Hub lists {want}; deleted the download",
+            "run the command again; if it repeats, the download path alters files: report it",
+        )
 
 
 def _open_part(part: Path):
@@ -260,8 +284,10 @@ def _lock(fh, name: str) -> None:
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise MixcliError(f"another process is downloading {name} into the same place (a second `mixcli pull`?)",
-                          "wait for it to finish, then run the command again") from None
+        raise MixcliError(
+            f"another process is downloading {name} into the same place (a second `mixcli pull`?)",
+            "wait for it to finish, then run the command again",
+        ) from None
 
 
 def part_path(dest: Path) -> Path:
@@ -279,8 +305,10 @@ def download(listing: RepoListing, name: str, dest: Path, notify: Notify | None 
 
     f = listing.files[name]
     if listing.cached_only:
-        raise MixcliError(f"HF_HUB_OFFLINE is set and {name} of {listing.repo} is not in the Hugging Face cache",
-                          "unset HF_HUB_OFFLINE to download it")
+        raise MixcliError(
+            f"HF_HUB_OFFLINE is set and {name} of {listing.repo} is not in the Hugging Face cache",
+            "unset HF_HUB_OFFLINE to download it",
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
     url = hf_hub_url(listing.repo, name, revision=listing.commit, endpoint=endpoint())
@@ -300,29 +328,42 @@ def download(listing: RepoListing, name: str, dest: Path, notify: Notify | None 
     try:
         with hub_errors(listing.repo, f"downloading {name} from"), _open_part(part) as fh:
             _lock(fh, name)
-            http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=size,
-                     displayed_filename=Path(name).name)
+            http_get(
+                meta.location,
+                fh,
+                resume_size=have,
+                headers=headers,
+                expected_size=size,
+                displayed_filename=Path(name).name,
+            )
     except OSError as exc:
         got = part.stat().st_size if part.exists() else 0
         of = f"{format_size(got)} of {format_size(size)}" if size else format_size(got)
         if exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(part.parent).free
-            raise MixcliError(f"disk full while downloading {name} ({of} done, {format_size(free)} free in {part.parent})",
-                              "free some space and run the command again: the download resumes") from None
-        raise MixcliError(f"download of {name} stopped at {of} ({str(exc).splitlines()[0][:160]})",
-                          "run the command again: the download resumes where it stopped") from None
+            raise MixcliError(
+                f"disk full while downloading {name} ({of} done, {format_size(free)} free in {part.parent})",
+                "free some space and run the command again: the download resumes",
+            ) from None
+        raise MixcliError(
+            f"download of {name} stopped at {of} ({str(exc).splitlines()[0][:160]})",
+            "run the command again: the download resumes where it stopped",
+        ) from None
     except MixcliError as exc:
         got = part.stat().st_size if part.exists() else 0
         if got:
-            raise MixcliError(f"{exc.message}; {format_size(got)} of {format_size(size or 0)} kept in {part.name}",
-                              exc.hint) from None
+            raise MixcliError(
+                f"{exc.message}; {format_size(got)} of {format_size(size or 0)} kept in {part.name}", exc.hint
+            ) from None
         raise
     verify(part, f)
     os.replace(part, dest)
     return dest
 
 
-def fetch(listing: RepoListing, names: list[str], into: Path, notify: Notify | None = None) -> tuple[dict[str, Path], set[str]]:
+def fetch(
+    listing: RepoListing, names: list[str], into: Path, notify: Notify | None = None
+) -> tuple[dict[str, Path], set[str]]:
     """Bring ``names`` to disk: from the Hugging Face cache where they are there, else downloaded
     into ``into`` (kept files from an earlier ``--keep-source`` pull count as there).
     Returns ({name: path}, names that were downloaded into ``into``, now or earlier)."""
@@ -382,28 +423,38 @@ def choose_gguf(ref: HubRef, listing: RepoListing) -> tuple[str, list[str]]:
     if ref.tag:
         files = groups.get(ref.tag.upper())
         if files is None:
-            raise MixcliError(f"{ref.repo} has no GGUF file for :{ref.tag} (it has {labels})",
-                              f"pick one of those, e.g. mixcli pull {ref.repo}:{sorted(groups)[0]}")
+            raise MixcliError(
+                f"{ref.repo} has no GGUF file for :{ref.tag} (it has {labels})",
+                f"pick one of those, e.g. mixcli pull {ref.repo}:{sorted(groups)[0]}",
+            )
         label = ref.tag.upper()
     elif "Q4_K_M" in groups:
         label, files = "Q4_K_M", groups["Q4_K_M"]
     elif len(groups) == 1:
         label, files = next(iter(groups.items()))
     else:
-        raise UsageError(f"{ref.repo} has several GGUF quants ({labels}): name one",
-                         f"e.g. mixcli pull {ref.repo}:{sorted(groups)[0]}")
+        raise UsageError(
+            f"{ref.repo} has several GGUF quants ({labels}): name one",
+            f"e.g. mixcli pull {ref.repo}:{sorted(groups)[0]}",
+        )
     shards = [n for n in files if SHARD_RE.match(Path(n).name[:-5])]
     if shards and len(shards) != len(files):
-        raise MixcliError(f"{ref.repo} has both split and whole GGUF files for {label} ({', '.join(files)})",
-                          "download the one you want yourself and run `mixcli convert FILE -o DIR`")
+        raise MixcliError(
+            f"{ref.repo} has both split and whole GGUF files for {label} ({', '.join(files)})",
+            "download the one you want yourself and run `mixcli convert FILE -o DIR`",
+        )
     if not shards and len(files) > 1:
-        raise MixcliError(f"{ref.repo} has {len(files)} GGUF files for {label} ({', '.join(files)})",
-                          "download the one you want yourself and run `mixcli convert FILE -o DIR`")
+        raise MixcliError(
+            f"{ref.repo} has {len(files)} GGUF files for {label} ({', '.join(files)})",
+            "download the one you want yourself and run `mixcli convert FILE -o DIR`",
+        )
     if shards:
         count = int(SHARD_RE.match(Path(shards[0]).name[:-5]).group("count"))
         if len(shards) != count:
-            raise MixcliError(f"{ref.repo} lists {len(shards)} of the {count} shards of {label}",
-                              "the repo is incomplete: pick another quant or repo")
+            raise MixcliError(
+                f"{ref.repo} lists {len(shards)} of the {count} shards of {label}",
+                "the repo is incomplete: pick another quant or repo",
+            )
     return label, files
 
 
@@ -417,8 +468,10 @@ def safetensors_files(listing: RepoListing, index: dict | None) -> list[str]:
         weights = sorted(set(index.get("weight_map", {}).values()))
         unknown = [w for w in weights if w not in listing.files]
         if unknown:
-            raise MixcliError(f"{listing.repo}'s model.safetensors.index.json names {unknown[0]}, which the repo lacks",
-                              "the repo is incomplete: report it to its owner")
+            raise MixcliError(
+                f"{listing.repo}'s model.safetensors.index.json names {unknown[0]}, which the repo lacks",
+                "the repo is incomplete: report it to its owner",
+            )
         weights = ["model.safetensors.index.json", *weights]
     elif "model.safetensors" in listing.files:
         weights = ["model.safetensors"]
@@ -429,7 +482,7 @@ def safetensors_files(listing: RepoListing, index: dict | None) -> list[str]:
 
 
 def repo_kind(listing: RepoListing) -> str:
-    """"gguf" or "safetensors"; an error for a repo mixcli cannot use."""
+    """ "gguf" or "safetensors"; an error for a repo mixcli cannot use."""
     has_st = "config.json" in listing.files and any(n.endswith(".safetensors") for n in listing.files)
     has_gguf = bool(gguf_groups(listing))
     if has_gguf and not has_st:

@@ -15,6 +15,7 @@ The one cost: on a VM that returns free memory to its host (virtio-balloon free 
 fresh huge pages fault in on the host, several times slower than 4 KiB ones. ``--mmap`` starts at
 once there, and the page cache keeps its own large folios between runs.
 """
+
 from __future__ import annotations
 
 import errno
@@ -51,4 +52,3 @@ def anonymous(size: int, populate: bool = False) -> mmap.mmap:
                 buf.close()
                 buf = mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))
     return buf
-

@@ -13,6 +13,7 @@ buffer that grows with the window (an fp16 chunk whose buffer would be at most S
 runs the decode kernel over one, which is faster there). Positions past those written are never read, so ``np.zeros``
 costs memory only as far as the cache is filled.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,10 @@ class KVCache:
             self.v = np.zeros((L, KVH, S, HD), np.float16)  # [L, KVH, S, HD]
         else:
             if HD % QK:
-                raise UsageError(f"--kv-type q8_0 needs a head dim that is a multiple of {QK}, this model's is {HD}",
-                                 "use --kv-type f16")
+                raise UsageError(
+                    f"--kv-type q8_0 needs a head dim that is a multiple of {QK}, this model's is {HD}",
+                    "use --kv-type f16",
+                )
             self.k = np.zeros((L, KVH, S, HD), np.int8)  # [L, KVH, S, HD] q8_0 values
             self.v = np.zeros((L, KVH, S, HD), np.int8)
             self.k_d = np.zeros((L, KVH, S, HD // QK), np.float16)  # [L, KVH, S, HD/32] block scales
@@ -87,8 +90,9 @@ class KVCache:
             qs[layer, :, sl, :] = parts["qs"].reshape(T, KVH, HD).transpose(1, 0, 2)
             d[layer, :, sl, :] = parts["d"].reshape(T, KVH, HD // QK).transpose(1, 0, 2)
 
-    def attend(self, kernels, layer: int, q3: np.ndarray, pos0: int, scale, out: np.ndarray,
-               scratch: np.ndarray | None) -> None:
+    def attend(
+        self, kernels, layer: int, q3: np.ndarray, pos0: int, scale, out: np.ndarray, scratch: np.ndarray | None
+    ) -> None:
         """out [T, H, HD] = causal attention of q3 [T, H, HD] (query t at pos0+t) over positions
         0..pos0+T-1 of ``layer``; ``scratch`` [H, >= pos0+1] f32 holds decode scores (T == 1)."""
         T = q3.shape[0]

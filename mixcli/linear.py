@@ -4,6 +4,7 @@ The forward pass never looks at quant types: it calls ``matvec`` (decode, one to
 ``matmul`` (prefill, a batch of tokens) and this class dispatches on the storage type once, at
 load time, so the per-token path is one Python call per matrix.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -12,6 +12,7 @@ get a smaller budget for it). v2 reads ``memory.max`` /
 Everything here takes the cgroup root and the ``/proc/self/cgroup`` text as arguments, so tests
 run it on fake trees.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -102,7 +103,9 @@ def cgroup_limits(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> l
             if limit is None or limit >= UNLIMITED_V1:
                 continue
             usage = _read_int(d / "memory.usage_in_bytes") or 0
-            out.append(CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "total_active_file", "total_inactive_file")))
+            out.append(
+                CgroupLimit(d, limit, usage, _stat(d / "memory.stat", "total_active_file", "total_inactive_file"))
+            )
         return out
     if v2_rel is not None:
         for d in _chain(root, v2_rel):
@@ -124,8 +127,9 @@ def meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def available_memory(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None,
-                     meminfo: Path = Path("/proc/meminfo")) -> int | None:
+def available_memory(
+    root: Path = CGROUP_ROOT, proc_cgroup: str | None = None, meminfo: Path = Path("/proc/meminfo")
+) -> int | None:
     """Bytes this process can still allocate: MemAvailable, capped by every cgroup limit's room."""
     rooms = [c.room for c in cgroup_limits(root, proc_cgroup)]
     avail = meminfo_available(meminfo)

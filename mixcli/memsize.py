@@ -6,6 +6,7 @@ what a user with "16 GB of RAM" has. A number with no unit is bytes. ``available
 the kernel how much is free for new allocations, within the cgroup limit (the store's load rule and
 the automatic memory budget size themselves by it; the converter uses quant.memory's, cgroup-blind).
 """
+
 from __future__ import annotations
 
 import re

@@ -10,6 +10,7 @@ nothing of size D or larger) and the fp16 *KV cache*. Each ``Block`` is
 Prefill runs the prompt in batches of up to ``batch`` tokens: each matrix is read once per batch,
 and the MoE layer groups the batch's tokens by routed expert, so each chosen expert is read once.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,21 +81,42 @@ class RunState:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, T: int, S: int) -> RunState:
-        D, H, KVH, HD, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        D, H, KVH, HD, F = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
         E, K = cfg.num_local_experts, cfg.num_experts_per_tok
 
         def f32(*shape):
             return np.zeros(shape, np.float32)
 
-        return cls(x=f32(T, D), xb=f32(T, D), q=f32(T, H * HD), k=f32(T, KVH * HD), v=f32(T, KVH * HD),
-                   att=f32(T, H * HD), attn_out=f32(T, D), scores=f32(H, S), router_logits=f32(T, E),
-                   route_weights=f32(T, K), route_experts=np.zeros((T, K), np.int32), h1=f32(T, F), h3=f32(T, F),
-                   expert_out=f32(T, D), moe_out=f32(T, D), pos=np.zeros(T, np.int64))
+        return cls(
+            x=f32(T, D),
+            xb=f32(T, D),
+            q=f32(T, H * HD),
+            k=f32(T, KVH * HD),
+            v=f32(T, KVH * HD),
+            att=f32(T, H * HD),
+            attn_out=f32(T, D),
+            scores=f32(H, S),
+            router_logits=f32(T, E),
+            route_weights=f32(T, K),
+            route_experts=np.zeros((T, K), np.int32),
+            h1=f32(T, F),
+            h3=f32(T, F),
+            expert_out=f32(T, D),
+            moe_out=f32(T, D),
+            pos=np.zeros(T, np.int64),
+        )
 
     def rows(self, T: int) -> RunState:
         """The first T rows of every per-token buffer (views): a smaller step in this state."""
-        return RunState(**{f.name: getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:T]
-                           for f in fields(self)})
+        return RunState(
+            **{f.name: getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:T] for f in fields(self)}
+        )
 
 
 @dataclass
@@ -145,8 +167,15 @@ class Attention:
         rows = slice(seq.row0, seq.row0 + n)
         seq.kv.store(self.layer, p0, st.k[rows].reshape(n, KVH, HD), st.v[rows].reshape(n, KVH, HD))
         # one token: scores in the preallocated [H, S] buffer; a prompt chunk: the cache picks a kernel
-        seq.kv.attend(self.kernels, self.layer, st.q[rows].reshape(n, H, HD), p0, self.scale,
-                      st.att[rows].reshape(n, H, HD), st.scores)
+        seq.kv.attend(
+            self.kernels,
+            self.layer,
+            st.q[rows].reshape(n, H, HD),
+            p0,
+            self.scale,
+            st.att[rows].reshape(n, H, HD),
+            st.scores,
+        )
 
 
 class MoELayer:
@@ -247,9 +276,16 @@ class Model:
     add_bos = False  # a raw prompt starts with BOS
     path: Path | None = None
 
-    def __init__(self, store: ModelStore, ctx: int | None = None, threads: int | None = None,
-                 batch: int = DEFAULT_BATCH, experts: ExpertProvider | None = None, kernels=None,
-                 kv_type: str | None = None):
+    def __init__(
+        self,
+        store: ModelStore,
+        ctx: int | None = None,
+        threads: int | None = None,
+        batch: int = DEFAULT_BATCH,
+        experts: ExpertProvider | None = None,
+        kernels=None,
+        kv_type: str | None = None,
+    ):
         cfg = store.config
         self.store = store
         self.config: ModelConfig = cfg
@@ -266,7 +302,9 @@ class Model:
         self.layers = [Block(store, i, cfg, self.kernels, provider) for i in range(cfg.num_hidden_layers)]
         self.tok_embeddings = Linear(store.tensor("tok_embeddings"), self.kernels)  # [V, D]
         self.norm = _f32_vector(store, "norm")  # [D]
-        self.output = Linear(store.tensor("tok_embeddings" if cfg.tie_word_embeddings else "output"), self.kernels)  # [V, D]
+        self.output = Linear(
+            store.tensor("tok_embeddings" if cfg.tie_word_embeddings else "output"), self.kernels
+        )  # [V, D]
         self._experts = provider
         provider.attach(self)  # a caching provider takes the router weights to predict with
 
@@ -356,8 +394,7 @@ class Model:
         if self.pos + n > self.ctx:
             raise UsageError(
                 f"{self.pos + n} tokens do not fit the context of {self.ctx}",
-                "raise --ctx (the model allows up to "
-                f"{self.config.max_position_embeddings}) or shorten the input",
+                f"raise --ctx (the model allows up to {self.config.max_position_embeddings}) or shorten the input",
             )
 
     def _check_tokens(self, tokens) -> np.ndarray:
@@ -397,7 +434,8 @@ class Model:
         except (ZeroDivisionError, FloatingPointError, OverflowError) as exc:
             raise ModelFormatError(
                 f"{self.store.path}: the forward pass broke down ({type(exc).__name__}): the weights hold values "
-                "far outside any trained model's range", "run `mixcli verify`, or convert the model again from an intact source",
+                "far outside any trained model's range",
+                "run `mixcli verify`, or convert the model again from an intact source",
             ) from None
 
     def logits(self, tokens) -> np.ndarray:
@@ -406,8 +444,16 @@ class Model:
         return self.prefill(tokens, want_all=True)
 
 
-def load(path: str | Path, ctx: int | None = None, threads: int | None = None, load: str = "auto",
-         isa: str | None = None, act: str | None = None, verify: bool = True, **kw) -> Model:
+def load(
+    path: str | Path,
+    ctx: int | None = None,
+    threads: int | None = None,
+    load: str = "auto",
+    isa: str | None = None,
+    act: str | None = None,
+    verify: bool = True,
+    **kw,
+) -> Model:
     """Open a converted model directory and build the runtime model. ``load``: "memory" reads the
     weights into memory (faster decode), "mmap" maps them (instant start, less memory), "auto"
     reads when the model fits comfortably in available memory (``store.resolve_load_mode``).

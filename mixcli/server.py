@@ -7,6 +7,7 @@ handlers check the body (mixcli/openai_api.py), hand a Job to the engine thread
 A client that disconnects cancels its sequence at the engine's next step. SIGTERM / Ctrl-C: the
 listener closes, running streams end with finish_reason "length", the process exits 0.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,7 @@ def error_response(err: ApiError) -> JSONResponse:
 class ServerState:
     """What the handlers share: the engine, the model's text side, names and settings."""
 
-    def __init__(self, engine: Engine, model, names: tuple[str, ...], defaults: SamplerConfig,
-                 api_key: str | None):
+    def __init__(self, engine: Engine, model, names: tuple[str, ...], defaults: SamplerConfig, api_key: str | None):
         self.engine = engine
         self.model = model
         self.names = names
@@ -58,20 +58,21 @@ def make_app(state: ServerState) -> Starlette:
         auth = request.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     async def read_json(request: Request):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is {int(size)} bytes, the limit is {MAX_BODY_BYTES}",
-                           code="request_too_large")
+            raise ApiError(
+                413, f"the request body is {int(size)} bytes, the limit is {MAX_BODY_BYTES}", code="request_too_large"
+            )
         data = bytearray()
         async for part in request.stream():
             data += part
             if len(data) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
-                               code="request_too_large")
+                raise ApiError(
+                    413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", code="request_too_large"
+                )
         try:
             return json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -82,8 +83,12 @@ def make_app(state: ServerState) -> Starlette:
 
     async def models(request: Request) -> Response:
         await check_key(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": state.names[0], "object": "model", "created": state.created, "owned_by": "mixcli"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": state.names[0], "object": "model", "created": state.created, "owned_by": "mixcli"}],
+            }
+        )
 
     async def chat(request: Request) -> Response:
         return await complete(request, "chat")
@@ -95,8 +100,9 @@ def make_app(state: ServerState) -> Starlette:
         await check_key(request)
         body = await read_json(request)
         # tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing
-        req = await run_in_threadpool(parse_request, kind, body, state.model, state.names, state.defaults,
-                                      state.engine.ctx)
+        req = await run_in_threadpool(
+            parse_request, kind, body, state.model, state.names, state.defaults, state.engine.ctx
+        )
         try:
             sampler = make_sampler(req.sampling)
         except Exception as exc:
@@ -111,13 +117,20 @@ def make_app(state: ServerState) -> Starlette:
         try:
             state.engine.submit(job)
         except QueueFull:
-            raise ApiError(503, "the server is busy: too many requests are waiting; retry shortly",
-                           code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503,
+                "the server is busy: too many requests are waiting; retry shortly",
+                code="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", code="shutting_down") from None
         if req.stream:
-            return StreamingResponse(stream_events(request, req, job, queue), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream_events(request, req, job, queue),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await whole(request, req, job, queue)
 
     async def next_item(request: Request, job: Job, queue: asyncio.Queue):
@@ -149,8 +162,17 @@ def make_app(state: ServerState) -> Starlette:
         finally:
             state.engine.cancel(job)  # a no-op once finished
         st = resp.stats
-        return JSONResponse(full_response(req, new_id(req.kind), now(), "".join(parts),
-                                          _finish(resp.finish_reason), st.prompt_tokens, st.completion_tokens))
+        return JSONResponse(
+            full_response(
+                req,
+                new_id(req.kind),
+                now(),
+                "".join(parts),
+                _finish(resp.finish_reason),
+                st.prompt_tokens,
+                st.completion_tokens,
+            )
+        )
 
     async def stream_events(request: Request, req: TextRequest, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
         rid, created = new_id(req.kind), now()
@@ -178,7 +200,9 @@ def make_app(state: ServerState) -> Starlette:
                 yield sse(chunk(req, rid, created, None, _finish(resp.finish_reason)))
                 if req.include_usage:
                     st = resp.stats
-                    yield sse(chunk(req, rid, created, None, None, usage_obj=usage(st.prompt_tokens, st.completion_tokens)))
+                    yield sse(
+                        chunk(req, rid, created, None, None, usage_obj=usage(st.prompt_tokens, st.completion_tokens))
+                    )
                 yield "data: [DONE]\n\n"
                 return
         finally:  # normal end, disconnect (cancelled / closed generator) or error alike
@@ -206,8 +230,9 @@ def make_app(state: ServerState) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
-                                                        Exception: on_error})
+    return Starlette(
+        routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_error}
+    )
 
 
 def _finish(reason: str | None) -> str:
@@ -250,8 +275,14 @@ def serve(state: ServerState, sock) -> int:
                 self.should_exit = True
             state.engine.shutdown()
 
-    config = uvicorn.Config(make_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="off", server_header=False)
+    config = uvicorn.Config(
+        make_app(state),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+        server_header=False,
+    )
     server = Server(config)
     state.engine.start()
     try:

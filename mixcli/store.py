@@ -16,6 +16,7 @@ whose read takes seconds at worst; a bigger model would cost more start-up than 
 ``mixcli generate`` wins back. It is mapped instead (and ``--max-memory`` brings in the expert
 cache); ``--no-mmap`` reads it anyway, for long chat sessions.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,7 +115,7 @@ READ_CHUNK = 64 << 20
 
 
 def resolve_load_mode(load: str, total_bytes: int, budget: int | None = None) -> str:
-    """"memory" or "mmap" for a model of ``total_bytes``. "auto" reads a model of at most
+    """ "memory" or "mmap" for a model of ``total_bytes``. "auto" reads a model of at most
     AUTO_MAX_BYTES that fits the --max-memory ``budget`` when one is given, else takes at most
     AUTO_MEMORY_FRACTION of the available memory (leaving the rest to the KV cache, the page cache
     and other programs)."""
@@ -144,8 +145,10 @@ def _read_file(fpath: Path, size: int) -> np.ndarray:
     try:
         buf = hugepages.anonymous(size, populate=True)
     except (OSError, MemoryError, OverflowError) as exc:
-        raise MixcliError(f"cannot hold the model's {format_size(size)} data file {fpath.name} in memory ({exc})",
-                          "pass --mmap to map it instead") from None
+        raise MixcliError(
+            f"cannot hold the model's {format_size(size)} data file {fpath.name} in memory ({exc})",
+            "pass --mmap to map it instead",
+        ) from None
     view = memoryview(buf)
     try:
         with open(fpath, "rb", buffering=0) as fh:
@@ -159,8 +162,9 @@ def _read_file(fpath: Path, size: int) -> np.ndarray:
                     )
                 done += n
     except OSError as exc:
-        raise ModelFormatError(f"cannot read data file {fpath}: {exc.strerror or exc}",
-                               "check the disk, or re-run `mixcli convert`") from None
+        raise ModelFormatError(
+            f"cannot read data file {fpath}: {exc.strerror or exc}", "check the disk, or re-run `mixcli convert`"
+        ) from None
     finally:
         view.release()
     arr = np.frombuffer(buf, dtype=np.uint8)
@@ -183,8 +187,9 @@ def _file_size(path: Path, name: str) -> int | None:
         return None
 
 
-def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = None, verify: bool = True,
-                   notify=None) -> ModelStore:
+def open_model_dir(
+    path: str | Path, load: str = "mmap", budget: int | None = None, verify: bool = True, notify=None
+) -> ModelStore:
     """Validate a converted model (``quant.formats.check_manifest``: nothing reaches a kernel
     unchecked), map or read its data files (``load``: "mmap", "memory" or "auto", see
     ``resolve_load_mode``) and, with ``verify``, check every tensor's sha256 unless the files are
@@ -202,8 +207,11 @@ def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = No
     mode = resolve_load_mode(load, sum(files.values()), budget)
     maps: dict[str, np.ndarray] = {}
     for name, size in files.items():
-        maps[name] = np.zeros(0, dtype=np.uint8) if size == 0 else (
-            _read_file(path / name, size) if mode == "memory" else _map_file(path / name))
+        maps[name] = (
+            np.zeros(0, dtype=np.uint8)
+            if size == 0
+            else (_read_file(path / name, size) if mode == "memory" else _map_file(path / name))
+        )
     if verify:
         verify_model(path, manifest, maps, notify)
 
@@ -215,8 +223,11 @@ def open_model_dir(path: str | Path, load: str = "mmap", budget: int | None = No
             nb = int(np.prod(p["shape"])) * dt.itemsize
             parts[pname] = buf[p["offset"] : p["offset"] + nb].view(dt).reshape(p["shape"])
         tensors[name] = QTensor(name, t["type"], tuple(t["shape"]), parts, t["file"], t["offset"], t["nbytes"])
-    experts = {(layer, e): ExpertRegion(**manifest["experts"][formats.expert_region_name(layer, e)])
-               for layer in range(config.num_hidden_layers) for e in range(config.num_local_experts)}
+    experts = {
+        (layer, e): ExpertRegion(**manifest["experts"][formats.expert_region_name(layer, e)])
+        for layer in range(config.num_hidden_layers)
+        for e in range(config.num_local_experts)
+    }
     return ModelStore(path, manifest, config, tensors, experts, maps, load=mode)
 
 
@@ -232,12 +243,16 @@ def verify_model(path: Path, manifest: dict, maps: dict[str, np.ndarray], notify
         return
     total = sum(int(f["size"]) for f in manifest["files"])
     if notify is not None and total >= VERIFY_NOTICE_BYTES:
-        notify(f"checking the sha256 of {format_size(total)} of weights in {path.name} (once after a change; "
-               "--no-verify skips it)")
+        notify(
+            f"checking the sha256 of {format_size(total)} of weights in {path.name} (once after a change; "
+            "--no-verify skips it)"
+        )
     bad = integrity.verify_tensors(manifest, maps.__getitem__)
     if bad:
         integrity.remove_stamp(path)
         more = f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else ""
-        raise ModelFormatError(f"{path}: tensor {bad[0]} fails its sha256 check (the data file is damaged{more})",
-                               "run `mixcli verify` for the full list; convert or pull the model again")
+        raise ModelFormatError(
+            f"{path}: tensor {bad[0]} fails its sha256 check (the data file is damaged{more})",
+            "run `mixcli verify` for the full list; convert or pull the model again",
+        )
     integrity.write_stamp(path, manifest)

@@ -3,6 +3,7 @@
 ``$MIXCLI_HOME`` when set (tests and users with a big disk elsewhere), else ``mixcli`` under the
 XDG cache directory, as a model is re-creatable data: deleting it costs a download, not work.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ optional with a priority; optional columns join in priority order while the tabl
 rendering still fits the width. What was left out is returned, so the caller can say where to
 see it (a wider terminal, ``--json``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,13 @@ def fit_table(width: int, cols: list[Col], rows: list[list[str]], **table_kw):
             c = cols[i]
             # rich measures a cell by its longest word; a one-line column needs its longest cell
             whole = max([cell_len(c.header)] + [cell_len(line) for r in rows for line in r[i].splitlines()])
-            t.add_column(c.header, justify=c.justify, no_wrap=not c.wrap, overflow="fold",
-                         min_width=c.min_width if c.wrap else whole)
+            t.add_column(
+                c.header,
+                justify=c.justify,
+                no_wrap=not c.wrap,
+                overflow="fold",
+                min_width=c.min_width if c.wrap else whole,
+            )
         for r in rows:
             t.add_row(*(r[i] for i in keep))
         return t

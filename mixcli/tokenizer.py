@@ -17,6 +17,7 @@
    byte-level tokens) and keeps SentencePiece's "no space before the first word" rule, so the
    concatenation of everything it emits equals ``decode(all_ids)``.
 """
+
 from __future__ import annotations
 
 import abc
@@ -116,9 +117,9 @@ class StreamDecoder:
         text = self._decode(self._ids)
         if len(text) <= len(self._prefix) or text.endswith(_REPLACEMENT):
             return ""
-        out = text[len(self._prefix):]
+        out = text[len(self._prefix) :]
         # the next window starts at the first id printed just now, so its leading-space rule holds
-        self._ids = self._ids[self._read:]
+        self._ids = self._ids[self._read :]
         self._read = len(self._ids)
         self._prefix = self._decode(self._ids)
         return out
@@ -126,7 +127,7 @@ class StreamDecoder:
     def flush(self) -> str:
         """Return whatever is held back (end of generation) and start afresh."""
         text = self._decode(self._ids)
-        out = text[len(self._prefix):] if len(text) > len(self._prefix) else ""
+        out = text[len(self._prefix) :] if len(text) > len(self._prefix) else ""
         self._ids, self._read, self._prefix = [], 0, ""
         return out
 

@@ -1,5 +1,6 @@
 """Text the user sees about a run: speed, context, expert usage, the expert cache. Rendering only,
 no state: `generate --stats`, the REPL's /stats and answer line, and `bench` format through here."""
+
 from __future__ import annotations
 
 from .memsize import format_size
@@ -82,5 +83,7 @@ def expert_share_line(model) -> str | None:
 def answer_footer(model, st, finish: str | None) -> str:
     """The REPL's line under an answer: tokens, speed, prompt reuse, context, why it stopped."""
     why = {"interrupted": " · stopped (Ctrl-C)", "length": " · stopped: length limit"}.get(finish or "", "")
-    return (f"[{st.completion_tokens} tok · {st.decode_tps:.1f} tok/s · prompt {st.prompt_tokens} tok "
-            f"({st.prefilled_tokens} new, {st.prefill_tps:.0f} tok/s) · context {model.pos}/{model.ctx}{why}]")
+    return (
+        f"[{st.completion_tokens} tok · {st.decode_tps:.1f} tok/s · prompt {st.prompt_tokens} tok "
+        f"({st.prefilled_tokens} new, {st.prefill_tps:.0f} tok/s) · context {model.pos}/{model.ctx}{why}]"
+    )

@@ -4,6 +4,7 @@ A failure at any point (disk full, EIO, Ctrl-C) leaves the previous version of t
 removes the temporary; only a SIGKILL or power loss between write and rename can leave a
 ``.NAME.tmp-PID-START`` behind, which ``quant.leftovers`` recognises and removes on a later run.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Dense Llama/Mistral checkpoints are the same network as Mixtral with one always-
 ``ModelConfig`` describes both: ``num_local_experts == 1`` and ``num_experts_per_tok == 1`` means
 dense, and every later stage treats it as a MoE layer with a single expert of weight 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,7 +97,9 @@ class ModelConfig:
                 f"config.json lacks the field {exc.args[0]!r}", "use the config.json that came with the checkpoint"
             ) from None
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"config.json has an invalid value: {exc}", "use the config.json that came with the checkpoint") from None
+            raise CheckpointError(
+                f"config.json has an invalid value: {exc}", "use the config.json that came with the checkpoint"
+            ) from None
         cfg.validate()
         return cfg
 
@@ -107,5 +110,6 @@ class ModelConfig:
         try:
             check_config(self.to_dict())
         except FormatError as exc:
-            raise CheckpointError(f"config.json is invalid: {exc.message.removeprefix('config.')}",
-                                  "check the checkpoint's config.json") from None
+            raise CheckpointError(
+                f"config.json is invalid: {exc.message.removeprefix('config.')}", "check the checkpoint's config.json"
+            ) from None

@@ -12,6 +12,7 @@ leave a ``.partial-`` directory, never something that looks like a model, and th
 that directory removes it (``quant.leftovers``). One conversion per output at a time: a second
 refuses while the first holds the output's lock (``quant.locks``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +83,9 @@ def tokenizer_section(src: Path, arch: str) -> dict[str, Any] | None:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{p} is not valid JSON ({exc})", "download it again from the model's Hugging Face repo") from None
+            raise CheckpointError(
+                f"{p} is not valid JSON ({exc})", "download it again from the model's Hugging Face repo"
+            ) from None
         return data if isinstance(data, dict) else {}
 
     tc, stm, gen = load("tokenizer_config.json"), load("special_tokens_map.json"), load("generation_config.json")
@@ -187,8 +190,14 @@ def _write_model(ckpt: HFCheckpoint, tmp: Path, quant: str, src: Path, progress:
             nrows = t.shape[0] if len(t.shape) == 2 else 1
             row_bytes = t.nbytes // nrows
 
-            def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
-                         rb: int = row_bytes) -> None:
+            def on_chunk(
+                rows_done: int,
+                rows_total: int,
+                name: str = name,
+                i: int = i,
+                base: int = done_bytes,
+                rb: int = row_bytes,
+            ) -> None:
                 if progress is not None:
                     progress(name, i, len(names), base + rows_done * rb, total_bytes)
 
@@ -234,7 +243,9 @@ def convert_checkpoint(
             if not force:
                 raise OutputError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
             if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-                raise ArgumentError(f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint")
+                raise ArgumentError(
+                    f"output {out} contains the source checkpoint {src}", "choose an output outside the checkpoint"
+                )
         ckpt = open_hf_checkpoint(src)
         with ckpt:
             ckpt.warm()  # the disk starts now; the quantizer (numba) loads meanwhile
@@ -253,7 +264,6 @@ def convert_checkpoint(
         max_err_tensor=stats.get("max_err_tensor"),
         source_bytes=ckpt.nbytes,
     )
-
 
 
 def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> dict:
@@ -293,16 +303,21 @@ def install_model_dir(out: Path, need: int, write: Callable[[Path], dict]) -> di
             os.replace(tmp, out)
     except KeyboardInterrupt:
         _cleanup(tmp, created)
-        raise ConversionInterrupted(f"conversion to {out} interrupted; nothing was written", "run the command again") from None
+        raise ConversionInterrupted(
+            f"conversion to {out} interrupted; nothing was written", "run the command again"
+        ) from None
     except OSError as exc:
         _cleanup(tmp, created)
         if exc.errno == errno.ENOSPC:
             raise _disk_full(out, need) from None
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}", "check the output path and its permissions") from None
+        raise OutputError(
+            f"cannot write {out}: {exc.strerror or exc}", "check the output path and its permissions"
+        ) from None
     except BaseException:
         _cleanup(tmp, created)
         raise
     return manifest
+
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -318,8 +333,10 @@ def output_lock(out: Path) -> Iterator[None]:
         with locks.exclusive(out):
             yield
     except locks.Busy as exc:
-        raise OutputError(f"another mixcli (process {exc.holder}) is writing {out} right now",
-                          "wait for it to finish, or choose another -o") from None
+        raise OutputError(
+            f"another mixcli (process {exc.holder}) is writing {out} right now",
+            "wait for it to finish, or choose another -o",
+        ) from None
     except BaseException:
         _remove_empty_dirs(created)
         raise

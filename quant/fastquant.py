@@ -29,6 +29,7 @@ time; a numba ``parallel=True`` region and a second quantizing thread both measu
 Shapes: raw [N, K] row chunk, NB = K // 32 blocks per row, G = 32; W bytes of qs per row (K/2 for
 q4_0, K for q8_0); R rows per tile (1: row-major).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -310,8 +311,9 @@ def decode(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def quantize_chunk(raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None, *, tile: int = 1,
-                   keep_x: bool = True) -> tuple[dict[str, np.ndarray], float, int, np.ndarray | None]:
+def quantize_chunk(
+    raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None, *, tile: int = 1, keep_x: bool = True
+) -> tuple[dict[str, np.ndarray], float, int, np.ndarray | None]:
     """Stored rows [N, K] (float32, float16, or uint16 bf16 bits) -> (parts exactly as
     quant.q4.quantize gives them, max |dequant - x|, number of blocks holding NaN/inf, X [N, K]
     float32 or None). When the count is non-zero the parts are meaningless.

@@ -1,5 +1,6 @@
 """Source float formats as numpy sees them. Kept apart from the writer so that reading a
 checkpoint does not import numba (``mixcli convert`` starts reading while numba loads)."""
+
 from __future__ import annotations
 
 import numpy as np

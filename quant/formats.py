@@ -77,6 +77,7 @@ them (no ``--quant`` preset names them: they come from GGUF files only).
 Dimension letters: N output rows, K input columns (the reduction axis), G quant group (32),
 NB = K / 32 blocks per row, NS = ceil(NB / 8) q4_k super-blocks per row (K / 256 for q6_k, q5_k).
 """
+
 from __future__ import annotations
 
 import math
@@ -118,8 +119,10 @@ class QuantType:
     def part_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shape and numpy dtype string of each part for an [N, K] matrix (or [K] vector, n=0)."""
         if self.rows > 1:  # the base type's bytes, ROW_TILE rows to a line: [N / 16, 16 * ...]
-            return {p: ((n // self.rows, self.rows * shape[1]), dt)
-                    for p, (shape, dt) in QUANT_TYPES[self.base].part_shapes(n, k).items()}
+            return {
+                p: ((n // self.rows, self.rows * shape[1]), dt)
+                for p, (shape, dt) in QUANT_TYPES[self.base].part_shapes(n, k).items()
+            }
         lead = (n,) if n else ()
         if self.name == "f32":
             return {"w": (lead + (k,), "<f4")}
@@ -146,11 +149,20 @@ class QuantType:
             }
         ns = k // QK_K
         if self.name == "q6_k":
-            return {"ql": (lead + (ns * 128,), "u1"), "qh": (lead + (ns * 64,), "u1"),
-                    "sc": (lead + (ns * 16,), "i1"), "d": (lead + (ns,), "<f2")}
+            return {
+                "ql": (lead + (ns * 128,), "u1"),
+                "qh": (lead + (ns * 64,), "u1"),
+                "sc": (lead + (ns * 16,), "i1"),
+                "d": (lead + (ns,), "<f2"),
+            }
         if self.name == "q5_k":
-            return {"qs": (lead + (ns * 128,), "u1"), "qh": (lead + (ns * 32,), "u1"),
-                    "s": (lead + (ns * 12,), "u1"), "d": (lead + (ns,), "<f2"), "m": (lead + (ns,), "<f2")}
+            return {
+                "qs": (lead + (ns * 128,), "u1"),
+                "qh": (lead + (ns * 32,), "u1"),
+                "s": (lead + (ns * 12,), "u1"),
+                "d": (lead + (ns,), "<f2"),
+                "m": (lead + (ns,), "<f2"),
+            }
         raise KeyError(self.name)
 
 
@@ -411,7 +423,9 @@ def check_config(c: Any) -> SimpleNamespace:
     if not isinstance(c, dict):
         raise FormatError(f"config is {type(c).__name__}, not an object")
     if c.get("architecture") not in SUPPORTED_ARCHITECTURES:
-        raise FormatError(f"config.architecture is {c.get('architecture')!r}, expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise FormatError(
+            f"config.architecture is {c.get('architecture')!r}, expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     for key, (kind, low, *high) in CONFIG_RULES.items():
         v = c.get(key)
         if kind == "int" and not (_is_int(v) and low <= v <= CONFIG_LIMIT):
@@ -424,18 +438,24 @@ def check_config(c: Any) -> SimpleNamespace:
     if cfg.head_dim % 2:
         raise FormatError(f"config.head_dim is {cfg.head_dim}, rotary embeddings need an even head_dim")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise FormatError(f"config.num_key_value_heads is {cfg.num_key_value_heads}, which does not divide "
-                          f"num_attention_heads {cfg.num_attention_heads}")
+        raise FormatError(
+            f"config.num_key_value_heads is {cfg.num_key_value_heads}, which does not divide "
+            f"num_attention_heads {cfg.num_attention_heads}"
+        )
     if cfg.num_experts_per_tok > cfg.num_local_experts:
-        raise FormatError(f"config.num_experts_per_tok is {cfg.num_experts_per_tok}, more than num_local_experts "
-                          f"{cfg.num_local_experts}")
+        raise FormatError(
+            f"config.num_experts_per_tok is {cfg.num_experts_per_tok}, more than num_local_experts "
+            f"{cfg.num_local_experts}"
+        )
     for key in ("bos_token_id", "eos_token_id"):
         ids = c.get(key)
         for i in ids if isinstance(ids, list) else [ids]:
             if i is not None and not (_is_int(i) and 0 <= i < cfg.vocab_size):
                 raise FormatError(f"config.{key} is {ids!r}, expected token ids in 0..{cfg.vocab_size - 1} or null")
     scaling = c.get("rope_scaling")
-    if scaling not in (None, {}) and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in ("default", None)):
+    if scaling not in (None, {}) and not (
+        isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in ("default", None)
+    ):
         raise FormatError(f"config.rope_scaling is {scaling!r}, which this mixcli does not support")
     cfg.moe = cfg.num_local_experts > 1
     return cfg
@@ -457,10 +477,19 @@ def check_manifest(m: Any, file_size: Callable[[str], int | None]) -> SimpleName
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise FormatError(f"format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT_NAME!r}")
     if m.get("version") not in READABLE_VERSIONS:
-        raise FormatError(f"format version {m.get('version')!r}, this mixcli reads versions "
-                          f"{', '.join(map(str, READABLE_VERSIONS))}", "convert the model again with this mixcli")
-    for key, kind in (("config", dict), ("quant", dict), ("source", dict), ("files", list), ("tensors", dict),
-                      ("experts", dict), ("stats", dict)):
+        raise FormatError(
+            f"format version {m.get('version')!r}, this mixcli reads versions {', '.join(map(str, READABLE_VERSIONS))}",
+            "convert the model again with this mixcli",
+        )
+    for key, kind in (
+        ("config", dict),
+        ("quant", dict),
+        ("source", dict),
+        ("files", list),
+        ("tensors", dict),
+        ("experts", dict),
+        ("stats", dict),
+    ):
         if not isinstance(m.get(key), kind):
             raise FormatError(f"manifest field {key!r} is {type(m.get(key)).__name__}, expected {kind.__name__}")
     if not (m.get("tokenizer") is None or isinstance(m["tokenizer"], dict)):
@@ -483,13 +512,18 @@ def check_manifest(m: Any, file_size: Callable[[str], int | None]) -> SimpleName
     tensors = m["tensors"]
     n_want = tensor_count(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
     if n_want != len(tensors):
-        raise FormatError(f"the config implies {n_want} tensors (num_hidden_layers {cfg.num_hidden_layers}, "
-                          f"num_local_experts {cfg.num_local_experts}), the tensor table holds {len(tensors)}")
+        raise FormatError(
+            f"the config implies {n_want} tensors (num_hidden_layers {cfg.num_hidden_layers}, "
+            f"num_local_experts {cfg.num_local_experts}), the tensor table holds {len(tensors)}"
+        )
     want = tensor_names(cfg.num_hidden_layers, cfg.num_local_experts, cfg.moe, cfg.tie_word_embeddings)
     missing, extra = tensor_set_difference(want, tensors)
     if missing or extra:
-        raise FormatError(f"tensor table does not match the config: it lacks {missing[0]}" if missing
-                          else f"tensor table does not match the config: it has no place for {extra[0]}")
+        raise FormatError(
+            f"tensor table does not match the config: it lacks {missing[0]}"
+            if missing
+            else f"tensor table does not match the config: it has no place for {extra[0]}"
+        )
     for name in want:
         _check_tensor(name, tensors[name], cfg, sizes)
     _check_experts(m["experts"], tensors, cfg, sizes)
@@ -505,8 +539,10 @@ def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]
         raise FormatError(f"{what} entry is {type(t).__name__}, not an object")
     qt = QUANT_TYPES.get(t.get("type")) if isinstance(t.get("type"), str) else None
     if qt is None:
-        raise FormatError(f"{what} has storage type {t.get('type')!r}, which this mixcli does not know",
-                          "upgrade mixcli (a newer one converted this model), or convert the model again with this one")
+        raise FormatError(
+            f"{what} has storage type {t.get('type')!r}, which this mixcli does not know",
+            "upgrade mixcli (a newer one converted this model), or convert the model again with this one",
+        )
     shape, want = t.get("shape"), expected_shape(cfg, name)
     if not isinstance(shape, list) or tuple(shape) != want or not all(_is_int(s) for s in shape):
         raise FormatError(f"{what} has shape {shape!r}, the config implies {list(want)}")
@@ -520,19 +556,27 @@ def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]
     if offset % TENSOR_ALIGN:
         raise FormatError(f"{what} starts at {offset}, not a multiple of {TENSOR_ALIGN}")
     if offset + nbytes > sizes[fname]:
-        raise FormatError(f"{what} (bytes {offset}..{offset + nbytes}) runs past the end of {fname} ({sizes[fname]} bytes)")
+        raise FormatError(
+            f"{what} (bytes {offset}..{offset + nbytes}) runs past the end of {fname} ({sizes[fname]} bytes)"
+        )
     if not isinstance(t.get("sha256"), str) or not _SHA_RE.match(t["sha256"]):
         raise FormatError(f"{what} has sha256 {t.get('sha256')!r}, expected 64 hex digits")
     if t.get("max_abs_err") is not None and not _is_num(t["max_abs_err"]):
         raise FormatError(f"{what} has max_abs_err {t['max_abs_err']!r}, expected a finite number")
     parts, expect = t.get("parts"), qt.part_shapes(n, k)
     if not isinstance(parts, dict) or list(parts) != list(expect):
-        raise FormatError(f"{what} has parts {list(parts) if isinstance(parts, dict) else parts!r}, {qt.name} needs {list(expect)}")
+        raise FormatError(
+            f"{what} has parts {list(parts) if isinstance(parts, dict) else parts!r}, {qt.name} needs {list(expect)}"
+        )
     prev_end = offset
     for pname, (pshape, dtype) in expect.items():
         p = parts[pname]
-        if not isinstance(p, dict) or p.get("shape") != list(pshape) or p.get("dtype") != dtype \
-                or not all(_is_int(x) for x in p["shape"]):
+        if (
+            not isinstance(p, dict)
+            or p.get("shape") != list(pshape)
+            or p.get("dtype") != dtype
+            or not all(_is_int(x) for x in p["shape"])
+        ):
             raise FormatError(f"{what} part {pname} is {p!r}, expected shape {list(pshape)} dtype {dtype}")
         poff = _int_field(p, "offset", f"{what} part {pname}")
         if poff % PART_ALIGN or poff < prev_end:
@@ -543,17 +587,31 @@ def _check_tensor(name: str, t: Any, cfg: SimpleNamespace, sizes: dict[str, int]
 
 
 def _check_experts(regions: dict, tensors: dict, cfg: SimpleNamespace, sizes: dict[str, int]) -> None:
-    want = [expert_region_name(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
+    want = [
+        expert_region_name(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)
+    ]
     missing, extra = tensor_set_difference(want, regions)
     if missing or extra:
-        raise FormatError(f"expert regions do not match the config: {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
+        raise FormatError(
+            f"expert regions do not match the config: {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}"
+        )
     for rname in want:
         r = regions[rname]
         if not isinstance(r, dict) or not isinstance(r.get("file"), str) or r["file"] not in sizes:
             raise FormatError(f"expert region {rname} is malformed or lies in an unlisted file")
-        offset, nbytes = _int_field(r, "offset", f"expert region {rname}"), _int_field(r, "nbytes", f"expert region {rname}")
+        offset, nbytes = (
+            _int_field(r, "offset", f"expert region {rname}"),
+            _int_field(r, "nbytes", f"expert region {rname}"),
+        )
         w1, w3, w2 = (tensors[f"{rname}.{w}"] for w in ("w1", "w3", "w2"))
-        if {w1["file"], w3["file"], w2["file"]} != {r["file"]} or offset != w1["offset"] \
-                or not w1["offset"] < w3["offset"] < w2["offset"] or offset + nbytes != w2["offset"] + w2["nbytes"] \
-                or w1["offset"] + w1["nbytes"] > w3["offset"] or w3["offset"] + w3["nbytes"] > w2["offset"]:
-            raise FormatError(f"expert region {rname} (offset {offset}, {nbytes} bytes) does not cover exactly its w1, w3, w2 in order")
+        if (
+            {w1["file"], w3["file"], w2["file"]} != {r["file"]}
+            or offset != w1["offset"]
+            or not w1["offset"] < w3["offset"] < w2["offset"]
+            or offset + nbytes != w2["offset"] + w2["nbytes"]
+            or w1["offset"] + w1["nbytes"] > w3["offset"]
+            or w3["offset"] + w3["nbytes"] > w2["offset"]
+        ):
+            raise FormatError(
+                f"expert region {rname} (offset {offset}, {nbytes} bytes) does not cover exactly its w1, w3, w2 in order"
+            )

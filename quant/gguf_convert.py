@@ -19,6 +19,7 @@ All-or-nothing like ``quant.convert.convert_checkpoint`` (whose clean-up helpers
 model is written into a hidden ``.<name>.partial-<pid>`` directory beside ``out`` and renamed into
 place only when complete; any error or Ctrl-C removes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,9 @@ def gguf_storage_type(ckpt: GGUFCheckpoint, name: str, quant: str) -> str:
     if quant != KEEP:
         return storage_type(name, ref.shape, quant)
     if ref.ggml_type in EXACT_TYPES:  # the same blocks, row-tiled where the rows allow
-        return row_tiled(EXACT_TYPES[ref.ggml_type], ref.shape[0]) if len(ref.shape) == 2 else EXACT_TYPES[ref.ggml_type]
+        return (
+            row_tiled(EXACT_TYPES[ref.ggml_type], ref.shape[0]) if len(ref.shape) == 2 else EXACT_TYPES[ref.ggml_type]
+        )
     return "f16" if ref.ggml_type in _FLOAT_GGUF_TYPES else storage_type(name, ref.shape, "q8_0")
 
 
@@ -88,8 +91,15 @@ def planned_bytes(ckpt: GGUFCheckpoint, types: dict[str, str]) -> int:
     return total
 
 
-def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, str], src: Path,
-                 progress: Progress | None, requantized_out: list[str]) -> dict[str, Any]:
+def _write_model(
+    ckpt: GGUFCheckpoint,
+    tmp: Path,
+    quant: str,
+    types: dict[str, str],
+    src: Path,
+    progress: Progress | None,
+    requantized_out: list[str],
+) -> dict[str, Any]:
     names = list(ckpt.tensors)
     total_bytes = ckpt.total_bytes
     done_bytes = 0
@@ -101,7 +111,10 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
             src_bytes = ckpt.nbytes(name)
             if name.endswith(".w1") and ".experts." in name:
                 layer, expert = int(name.split(".")[1]), int(name.split(".")[3])
-                region = sum(q4.nbytes(types[name[:-2] + w], *ckpt.tensors[name[:-2] + w].shape) + 4096 for w in ("w1", "w3", "w2"))
+                region = sum(
+                    q4.nbytes(types[name[:-2] + w], *ckpt.tensors[name[:-2] + w].shape) + 4096
+                    for w in ("w1", "w3", "w2")
+                )
                 writer.begin_expert(layer, expert, region)
             base = base_type(qtype)
             exact = ckpt.exact_parts(name) if EXACT_TYPES.get(ref.ggml_type) == base else None
@@ -113,13 +126,25 @@ def _write_model(ckpt: GGUFCheckpoint, tmp: Path, quant: str, types: dict[str, s
                     requantized.append(ref.gguf_name)
                 nrows = ref.shape[0] if len(ref.shape) == 2 else 1
 
-                def on_chunk(rows_done: int, rows_total: int, name: str = name, i: int = i, base: int = done_bytes,
-                             rb: float = src_bytes / nrows) -> None:
+                def on_chunk(
+                    rows_done: int,
+                    rows_total: int,
+                    name: str = name,
+                    i: int = i,
+                    base: int = done_bytes,
+                    rb: float = src_bytes / nrows,
+                ) -> None:
                     if progress is not None:
                         progress(name, i, len(names), base + int(rows_done * rb), total_bytes)
 
-                writer.add_tensor(name, qtype, ref.shape, lambda a, b, name=name: ckpt.rows(name, a, b),
-                                  progress=on_chunk, label=ref.gguf_name)
+                writer.add_tensor(
+                    name,
+                    qtype,
+                    ref.shape,
+                    lambda a, b, name=name: ckpt.rows(name, a, b),
+                    progress=on_chunk,
+                    label=ref.gguf_name,
+                )
             done_bytes += src_bytes
             if name.endswith(".w2") and ".experts." in name:
                 writer.end_expert()
@@ -152,15 +177,18 @@ def convert_gguf(
             if not force:
                 raise OutputError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
             if src.exists() and out.resolve() in src.resolve().parents:
-                raise ArgumentError(f"output {out} contains the source file {src}", "choose an output outside its directory")
+                raise ArgumentError(
+                    f"output {out} contains the source file {src}", "choose an output outside its directory"
+                )
         ckpt = open_gguf(src)
         types = plan_types(ckpt, quant)
         need = planned_bytes(ckpt, types)
         source_bytes = ckpt.total_bytes
         requantized: list[str] = []
         with ckpt:
-            manifest = install_model_dir(out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress,
-                                                                             requantized))
+            manifest = install_model_dir(
+                out, need, lambda tmp: _write_model(ckpt, tmp, quant, types, src, progress, requantized)
+            )
     stats = manifest["stats"]
     return ConvertSummary(
         out=out,

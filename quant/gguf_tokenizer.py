@@ -10,6 +10,7 @@ Hugging Face's ``tokenizers`` library, piece for piece as transformers does when
 same file -- the reference our parity tests compare against. transformers is not a runtime
 dependency, hence the re-statement here rather than a call.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,19 @@ _GPT4O_SPLIT = (
 )
 PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
-         "dbrx", "smaug-bpe"),
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+        ),
         _LLAMA3_SPLIT,
     ),
     "tekken": _TEKKEN_SPLIT,
@@ -77,7 +89,9 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     best score first (transformers' ``generate_merges`` with scores, same tie order)."""
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local = [
+            (piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
         local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
         merges.extend(local)
     merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
@@ -94,12 +108,19 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str | None) -> Any:
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
     pairs = [tuple(m.split(" ")) for m in merges]
-    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+        )
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     split = PRE_TOKENIZER_SPLITS.get(pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     tok.decoder = decoders.ByteLevel()
     return tok, alphabet
@@ -114,7 +135,9 @@ def _sentencepiece(tokens: list[str], scores: list[float], add_prefix_space: boo
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     tok.normalizer = None
     # LlamaTokenizer (legacy=False): a prefix space before the first piece only
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix_space:
         steps.append(decoders.Strip(content=" ", left=1))
@@ -122,8 +145,13 @@ def _sentencepiece(tokens: list[str], scores: list[float], add_prefix_space: boo
     return tok
 
 
-def build_tokenizer(meta: dict[str, Any], tokens: list[str], token_types: list[int] | None,
-                    merges: list[str] | None, scores: list[float] | None) -> Any:
+def build_tokenizer(
+    meta: dict[str, Any],
+    tokens: list[str],
+    token_types: list[int] | None,
+    merges: list[str] | None,
+    scores: list[float] | None,
+) -> Any:
     """A ``tokenizers.Tokenizer`` from GGUF tokenizer metadata (``meta`` holds the scalar keys)."""
     from tokenizers import AddedToken
 
@@ -131,12 +159,16 @@ def build_tokenizer(meta: dict[str, Any], tokens: list[str], token_types: list[i
     types = list(token_types or [])
     if model == "gpt2":
         if merges is None:
-            raise CheckpointError("the GGUF's byte-level BPE tokenizer has no merges", "use an unmodified llama.cpp GGUF")
+            raise CheckpointError(
+                "the GGUF's byte-level BPE tokenizer has no merges", "use an unmodified llama.cpp GGUF"
+            )
         tok, alphabet = _byte_level(tokens, merges, meta.get("tokenizer.ggml.pre"))
         control_ok = lambda t: set(t) <= alphabet  # noqa: E731 - llama.cpp mislabels; transformers skips those
     elif model == "llama":
         if scores is None:
-            raise CheckpointError("the GGUF's SentencePiece tokenizer has no scores", "use an unmodified llama.cpp GGUF")
+            raise CheckpointError(
+                "the GGUF's SentencePiece tokenizer has no scores", "use an unmodified llama.cpp GGUF"
+            )
         # transformers' LlamaTokenizer always prepends the space; llama.cpp's add_space_prefix says
         # the same for every Llama/Mistral GGUF
         tok = _sentencepiece(tokens, scores, add_prefix_space=True)
@@ -146,11 +178,19 @@ def build_tokenizer(meta: dict[str, Any], tokens: list[str], token_types: list[i
             f"the GGUF's tokenizer type {model or '(none given)'!s} is not supported",
             "mixcli reads GGUF tokenizers of type gpt2 (byte-level BPE) and llama (SentencePiece)",
         )
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL and control_ok(t)]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == TOKEN_CONTROL and control_ok(t)
+    ]
     if control:
         tok.add_special_tokens(control)
     vocab = tok.get_vocab(with_added_tokens=False)
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED and t in vocab]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types)
+        if ty == TOKEN_USER_DEFINED and t in vocab
+    ]
     if user:
         tok.add_tokens(user)
     return tok
@@ -222,4 +262,3 @@ def write_tokenizer(ckpt: Any, out_dir: Path) -> dict[str, Any] | None:
         "chat_template": template if isinstance(template, str) else None,
         "template_family": family,
     }
-

@@ -8,6 +8,7 @@ a copied, edited, re-downloaded or truncated-and-regrown file changes the stamp 
 hashes everything again. ``mixcli verify`` ignores the stamp. A model directory we cannot write
 (a read-only store) is simply verified on every open.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -60,9 +61,12 @@ def remove_stamp(model_dir: Path) -> None:
         pass
 
 
-def verify_tensors(manifest: dict[str, Any], buffer_of: Callable[[str], Any],
-                   progress: Callable[[str, int], None] | None = None,
-                   threads: int = HASH_THREADS) -> list[str]:
+def verify_tensors(
+    manifest: dict[str, Any],
+    buffer_of: Callable[[str], Any],
+    progress: Callable[[str, int], None] | None = None,
+    threads: int = HASH_THREADS,
+) -> list[str]:
     """Hash every tensor of a (checked) manifest; the names whose sha256 differs, in file order.
     ``buffer_of(file name)`` gives the data file's bytes (a memoryview-able buffer: a map or the
     bytes read into memory); ``progress(name, nbytes)`` is called as each tensor finishes."""
@@ -74,7 +78,7 @@ def verify_tensors(manifest: dict[str, Any], buffer_of: Callable[[str], Any],
         t = tensors[name]
         h = hashlib.sha256()
         if t["nbytes"]:
-            h.update(views[t["file"]][t["offset"]:t["offset"] + t["nbytes"]])
+            h.update(views[t["file"]][t["offset"] : t["offset"] + t["nbytes"]])
         return h.hexdigest() == t["sha256"]
 
     bad = []

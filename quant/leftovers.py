@@ -9,6 +9,7 @@ the directory: an entry whose process no longer runs (no such PID, or a PID reus
 started at another time) is removed, and the space freed is reported. An ``old`` entry whose model
 is missing (killed between the two renames of a replacement) is renamed back instead.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -18,7 +19,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|download|tmp)-(?P<pid>\d+)(?:-(?P<start>\d+))?(?:-.*)?$")
+LEFTOVER_RE = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>partial|old|download|tmp)-(?P<pid>\d+)(?:-(?P<start>\d+))?(?:-.*)?$"
+)
 LOCK_RE = re.compile(r"^\..+\.lock$")
 
 
@@ -29,7 +32,7 @@ def start_ticks(pid: int) -> int | None:
     except OSError:
         return None
     try:
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; the name in (...) may hold spaces
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name in (...) may hold spaces
     except (ValueError, IndexError):
         return None
 
@@ -110,8 +113,10 @@ def sweep(directory: str | os.PathLike, notify: Callable[[str], None] | None = N
         removed += 1
     if notify is not None:
         if removed:
-            notify(f"note: removed {removed} leftover{'s' if removed > 1 else ''} of interrupted mixcli runs in "
-                   f"{directory} ({freed / 1e6:.1f} MB freed)")
+            notify(
+                f"note: removed {removed} leftover{'s' if removed > 1 else ''} of interrupted mixcli runs in "
+                f"{directory} ({freed / 1e6:.1f} MB freed)"
+            )
         for name in restored:
             notify(f"note: restored {directory / name}, which an interrupted replacement had moved aside")
     return freed

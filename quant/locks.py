@@ -5,6 +5,7 @@ the file itself is removed by the holder on release and, after a crash, by the n
 ``quant.leftovers.sweep``. Because a releasing holder unlinks the file, a locker checks after
 locking that the path still names the file it locked, and otherwise tries again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,13 @@ def _holder(fd: int) -> int | None:
 
 
 @contextlib.contextmanager
-def exclusive(target: str | os.PathLike, *, kind: str = "", wait: bool = False,
-              on_wait: Callable[[int | None], None] | None = None) -> Iterator[Path]:
+def exclusive(
+    target: str | os.PathLike,
+    *,
+    kind: str = "",
+    wait: bool = False,
+    on_wait: Callable[[int | None], None] | None = None,
+) -> Iterator[Path]:
     """Hold the lock of ``target`` (a path that may not exist yet). Busy if another process holds
     it, unless ``wait``: then ``on_wait(holder)`` is called once and this blocks until it is free."""
     path = lock_path(Path(target), kind)

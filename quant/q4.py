@@ -9,6 +9,7 @@ bit for bit on imported blocks.
 Shapes: W [N, K] float32 in, parts out; ``NB = K // 32`` blocks per row.
 Everything is vectorised over whole row chunks; no Python loop touches a block.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ the runtime's loader makes, plus every tensor's sha256 (``quant.integrity``).
 
 Dimension letters: N rows, K columns (reduction axis), NB = K / 32 blocks per row.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -84,7 +85,9 @@ def warm_quantizers(kinds: set[tuple[str, str]]) -> None:
         encode_chunk(np.zeros((rows, QK), _RAW_DTYPES[dtype]), qtype)
 
 
-def encode_chunk(raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float, np.ndarray | None]:
+def encode_chunk(
+    raw: np.ndarray, qtype: str, scratch: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], float, np.ndarray | None]:
     """Source rows [N, K] (float32, float16, or uint16 bf16 bits) -> (parts, max |dequant - x|,
     x as float32 when it holds NaN/inf else None). ``scratch`` (flat uint32) may hold the
     decoded rows; the returned parts never alias it."""
@@ -133,8 +136,14 @@ class _Sink(threading.Thread):
 class ModelWriter:
     """Writes tensors into ``out_dir``; ``finish`` writes manifest.json and returns it."""
 
-    def __init__(self, out_dir: str | Path, *, file_limit: int = FILE_LIMIT, chunk_weights: int = CHUNK_WEIGHTS,
-                 quant_threads: int | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        file_limit: int = FILE_LIMIT,
+        chunk_weights: int = CHUNK_WEIGHTS,
+        quant_threads: int | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.file_limit = file_limit
@@ -162,7 +171,7 @@ class ModelWriter:
     def _write_raw(self, fh: Any, buf: memoryview) -> None:
         """The one place bytes reach the disk (runs on the sink thread)."""
         while len(buf):  # an unbuffered write may take less than all
-            buf = buf[fh.write(buf):]
+            buf = buf[fh.write(buf) :]
         self._start_writeback(fh)
 
     def _start_writeback(self, fh: Any) -> None:
@@ -197,7 +206,9 @@ class ModelWriter:
         self.files.append({"name": name, "size": 0})
         self._pos = 0
 
-    def _start_tensor(self, name: str, qtype: str, shape: tuple[int, ...]) -> tuple[int, dict[str, dict[str, Any]], int]:
+    def _start_tensor(
+        self, name: str, qtype: str, shape: tuple[int, ...]
+    ) -> tuple[int, dict[str, dict[str, Any]], int]:
         """Reserve space for a tensor: (offset, part layout, nbytes); rolls to a new file if needed."""
         if self._closed:
             raise RuntimeError("writer already finished")
@@ -229,10 +240,27 @@ class ModelWriter:
             self._expert["tensors"].append(name)
         return offset, layout, rel
 
-    def _record(self, name: str, qtype: str, shape: tuple[int, ...], offset: int, layout: dict, nbytes: int,
-                hasher: Any, err: float | None) -> dict[str, Any]:
-        entry = {"type": qtype, "shape": list(shape), "file": self.files[-1]["name"], "offset": offset,
-                 "nbytes": nbytes, "sha256": None, "parts": layout, "max_abs_err": err}
+    def _record(
+        self,
+        name: str,
+        qtype: str,
+        shape: tuple[int, ...],
+        offset: int,
+        layout: dict,
+        nbytes: int,
+        hasher: Any,
+        err: float | None,
+    ) -> dict[str, Any]:
+        entry = {
+            "type": qtype,
+            "shape": list(shape),
+            "file": self.files[-1]["name"],
+            "offset": offset,
+            "nbytes": nbytes,
+            "sha256": None,
+            "parts": layout,
+            "max_abs_err": err,
+        }
         self.tensors[name] = entry
         self._hashers[name] = hasher
         if err is not None and err > self.max_abs_err:
@@ -314,8 +342,15 @@ class ModelWriter:
             concurrent.futures.wait([second])  # never leave the pool working on a chunk we dropped
         return [(0, *first), (h, *second.result())]
 
-    def add_tensor_parts(self, name: str, qtype: str, shape: tuple[int, ...], parts: dict[str, np.ndarray],
-                         max_abs_err: float | None = None, label: str | None = None) -> dict[str, Any]:
+    def add_tensor_parts(
+        self,
+        name: str,
+        qtype: str,
+        shape: tuple[int, ...],
+        parts: dict[str, np.ndarray],
+        max_abs_err: float | None = None,
+        label: str | None = None,
+    ) -> dict[str, Any]:
         """Write an already-quantized tensor (e.g. GGUF Q4_0 blocks split into qs and d); NaN or inf
         in a float part is refused as at quantization. ``label`` names the tensor in errors."""
         shape = tuple(int(s) for s in shape)
@@ -326,7 +361,9 @@ class ModelWriter:
         for p, spec in layout.items():
             arr = np.asarray(parts[p])
             if list(arr.shape) != spec["shape"] or arr.dtype != np.dtype(spec["dtype"]):
-                raise ValueError(f"tensor {name} part {p}: {arr.shape} {arr.dtype}, expected {spec['shape']} {spec['dtype']}")
+                raise ValueError(
+                    f"tensor {name} part {p}: {arr.shape} {arr.dtype}, expected {spec['shape']} {spec['dtype']}"
+                )
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # weights, scales, mins: copied, not quantized
                 raise CheckpointError(
                     f"tensor {label or name} has {int((~np.isfinite(arr)).sum())} NaN or inf value(s) in its "
@@ -354,8 +391,11 @@ class ModelWriter:
         if region["tensors"] != want:
             raise ValueError(f"expert region {region['name']} holds {region['tensors']}, expected {want}")
         last = self.tensors[want[-1]]
-        self.experts[region["name"]] = {"file": region["file"], "offset": region["offset"],
-                                        "nbytes": last["offset"] + last["nbytes"] - region["offset"]}
+        self.experts[region["name"]] = {
+            "file": region["file"],
+            "offset": region["offset"],
+            "nbytes": last["offset"] + last["nbytes"] - region["offset"],
+        }
 
     def _drain(self) -> None:
         if self._pool is not None:
@@ -369,8 +409,16 @@ class ModelWriter:
             self._fh.close()
             self._fh = None
 
-    def finish(self, config: Any, quant: dict[str, Any], tokenizer: dict[str, Any] | None, source: dict[str, Any],
-               extra: dict[str, Any] | None = None, *, fsync: bool = True) -> dict[str, Any]:
+    def finish(
+        self,
+        config: Any,
+        quant: dict[str, Any],
+        tokenizer: dict[str, Any] | None,
+        source: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+        *,
+        fsync: bool = True,
+    ) -> dict[str, Any]:
         """Flush data, then write manifest.json (last, so its presence means complete)."""
         if self._expert is not None:
             raise RuntimeError(f"expert region {self._expert['name']} not ended")
@@ -459,14 +507,18 @@ def verify_model_dir(model_dir: str | Path, check_sha: bool = True) -> dict[str,
         m = json.loads(path.read_text(encoding="utf-8"))
         check_manifest(m, lambda name: _size_or_none(model_dir / name))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{model_dir} is not a valid mixcli model: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+        raise FormatError(
+            f"{model_dir} is not a valid mixcli model: {MANIFEST_NAME} is not valid JSON ({exc})"
+        ) from None
     except FormatError as exc:
         raise FormatError(f"{model_dir} is not a valid mixcli model: {exc.message}", exc.hint) from None
     if check_sha:
         bad = verify_tensors(m, lambda name: _map_read_only(model_dir / name))
         if bad:
-            raise FormatError(f"{model_dir} is not a valid mixcli model: tensor {bad[0]} fails its sha256 check "
-                              f"(the file is damaged{f'; {len(bad) - 1} more tensors too' if len(bad) > 1 else ''})")
+            raise FormatError(
+                f"{model_dir} is not a valid mixcli model: tensor {bad[0]} fails its sha256 check "
+                f"(the file is damaged{f'; {len(bad) - 1} more tensors too' if len(bad) > 1 else ''})"
+            )
     return m
 
 

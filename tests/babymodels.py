@@ -8,6 +8,7 @@ for parity tests. Dependencies: numpy and safetensors only.
 bf16 files are written by hand (8-byte header length, JSON header, data) because numpy has no
 bf16 dtype and the safetensors numpy API cannot save one; f32/f16 go through the library.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,14 @@ BABY_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:

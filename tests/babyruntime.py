@@ -10,6 +10,7 @@ deterministic under ``--temp 0`` and the model answers in milliseconds. No piece
 
 ``baby_chat_model(dir)`` builds once and reuses what an earlier call left in ``dir``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def write_tokenizer(d: Path, template: str = CHATML) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def baby_chat_model(root: str | Path, *, name: str = "baby-chat", template: str = CHATML,
-                    max_positions: int = 4096, seed: int = 3) -> Path:
+def baby_chat_model(
+    root: str | Path, *, name: str = "baby-chat", template: str = CHATML, max_positions: int = 4096, seed: int = 3
+) -> Path:
     """A converted (q4_0) baby Mixtral with a trained byte-level BPE and ``template``, in root/name."""
     from quant.convert import convert_checkpoint
 
@@ -62,7 +64,13 @@ def baby_chat_model(root: str | Path, *, name: str = "baby-chat", template: str 
         return out
     src = root / f"{name}-src"
     vocab = write_tokenizer(src / "tok", template)
-    make_hf_checkpoint(src / "hf", "mixtral", vocab_size=vocab, max_position_embeddings=max_positions,
-                       seed=seed, tokenizer_dir=src / "tok")
+    make_hf_checkpoint(
+        src / "hf",
+        "mixtral",
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        seed=seed,
+        tokenizer_dir=src / "tok",
+    )
     convert_checkpoint(src / "hf", out, "q4_0")
     return out

@@ -5,6 +5,7 @@ rounding moves them, so greedy agreement under quantization would measure ties, 
 A few hundred AdamW steps on tests/data/tok_corpus.txt (bytes modulo the vocabulary) give
 peaked, text-like next-token distributions, as a trained model has. Needs torch + transformers.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def _hub_names(state: dict, cfg: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def train_checkpoint(path: str | Path, steps: int = 300, lr: float = 1e-2, seed: int = 0, text_tokens: int | None = None) -> Path:
+def train_checkpoint(
+    path: str | Path, steps: int = 300, lr: float = 1e-2, seed: int = 0, text_tokens: int | None = None
+) -> Path:
     """Train the checkpoint in ``path`` (written by babymodels.make_hf_checkpoint) in place."""
     import torch
     from safetensors.numpy import save_file
@@ -70,6 +73,9 @@ def train_checkpoint(path: str | Path, steps: int = 300, lr: float = 1e-2, seed:
     dtype = {"float16": np.float16, "float32": np.float32}[cfg.get("torch_dtype", "float32")]
     for old in list(path.glob("*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
-    save_file({n: np.ascontiguousarray(a, dtype=dtype) for n, a in weights.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {n: np.ascontiguousarray(a, dtype=dtype) for n, a in weights.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path

@@ -1,4 +1,5 @@
 """Shared test setup: tests/ on sys.path (for babymodels.py), and a private model store."""
+
 from __future__ import annotations
 
 import sys

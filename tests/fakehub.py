@@ -7,6 +7,7 @@ resolution (``HEAD``/``GET /owner/name/resolve/REV/PATH`` with ``X-Repo-Commit``
 GatedRepo without the right token, as the real Hub does. Tests can cut a file's transfer
 mid-way, take the server "down" (503), corrupt what it serves, and read the request log.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,15 @@ class FakeHub:
                     self.wfile.write(body)
 
             def _error(self, code: int, error_code: str, message: str = "") -> None:
-                self._send(code, {"X-Error-Code": error_code, "X-Error-Message": message or error_code,
-                                  "Content-Type": "application/json"}, json.dumps({"error": message or error_code}).encode())
+                self._send(
+                    code,
+                    {
+                        "X-Error-Code": error_code,
+                        "X-Error-Message": message or error_code,
+                        "Content-Type": "application/json",
+                    },
+                    json.dumps({"error": message or error_code}).encode(),
+                )
 
             def _authorized(self, repo: Repo) -> bool:
                 return not repo.gated or self.headers.get("Authorization") == f"Bearer {GOOD_TOKEN}"
@@ -102,8 +110,16 @@ class FakeHub:
                     if name.endswith(LFS_SUFFIXES):
                         s["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
                     siblings.append(s)
-                body = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                        "gated": "manual" if repo.gated else False, "siblings": siblings, "tags": [], "downloads": 0}
+                body = {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": repo.commit,
+                    "private": False,
+                    "gated": "manual" if repo.gated else False,
+                    "siblings": siblings,
+                    "tags": [],
+                    "downloads": 0,
+                }
                 self._send(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
 
             def _resolve(self, repo_id: str, rev: str, name: str):

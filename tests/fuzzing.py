@@ -10,6 +10,7 @@ first, so numba's kernels are compiled before the first fork.
 
     python tests/fuzzing.py --n 200 --seed 0        # one table, as benchmarks/fuzz.py prints
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,48 @@ def gguf_data_start(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # mutations
 # ---------------------------------------------------------------------------------------------
-INTERESTING = [0, -1, 1, 2, 3, 7, 64, 4095, 4096, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**64, 10**12, -(2**63),
-               0.5, 1e-30, 1e308, float("nan"), float("inf"), -float("inf"), "", "x", "weights-00000.bin",
-               "../manifest.json", "q4_0", "q8_0r16", "f32", None, True, False, [], {}, [0], [1, 1], [64, 64],
-               [4096, 64], {"x": 1}, "a" * 10000]
+INTERESTING = [
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    64,
+    4095,
+    4096,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**63 - 1,
+    2**64,
+    10**12,
+    -(2**63),
+    0.5,
+    1e-30,
+    1e308,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    "",
+    "x",
+    "weights-00000.bin",
+    "../manifest.json",
+    "q4_0",
+    "q8_0r16",
+    "f32",
+    None,
+    True,
+    False,
+    [],
+    {},
+    [0],
+    [1, 1],
+    [64, 64],
+    [4096, 64],
+    {"x": 1},
+    "a" * 10000,
+]
 
 
 def _paths(obj, prefix=()):
@@ -140,7 +179,7 @@ def mutate_gguf(rng: random.Random, data: bytes, header_end: int) -> tuple[bytes
         i = rng.randrange(4, header_end - 8)
         width = rng.choice([4, 8])
         v = rng.choice([0, 1, 2**31 - 1, 2**32 - 1, 2**40, 2**63 - 1, 2**64 - 1, rng.randrange(2**16)])
-        b[i:i + width] = (v % 2**(8 * width)).to_bytes(width, "little")
+        b[i : i + width] = (v % 2 ** (8 * width)).to_bytes(width, "little")
         return bytes(b), f"{width}-byte field at {i} = {v}"
     if r < 0.75:  # a few random bytes in the header
         for _ in range(rng.choice([1, 1, 2, 4])):
@@ -149,8 +188,8 @@ def mutate_gguf(rng: random.Random, data: bytes, header_end: int) -> tuple[bytes
         return bytes(b), "header bytes flipped"
     if r < 0.9:  # a small integer nudged (counts, lengths, dims, types)
         i = rng.randrange(4, header_end - 4)
-        v = int.from_bytes(b[i:i + 4], "little")
-        b[i:i + 4] = ((v + rng.choice([-2, -1, 1, 2, 32, 4096])) % 2**32).to_bytes(4, "little")
+        v = int.from_bytes(b[i : i + 4], "little")
+        b[i : i + 4] = ((v + rng.choice([-2, -1, 1, 2, 32, 4096])) % 2**32).to_bytes(4, "little")
         return bytes(b), f"u32 at {i} nudged"
     cut = rng.randrange(len(b))
     return bytes(b[:cut]), f"cut at {cut}"
@@ -256,7 +295,9 @@ def _tree(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
-def prepare_case(kind: str, rng: random.Random, seeds: dict[str, Path], work: Path, cache: dict) -> tuple[Path, str, set[str]]:
+def prepare_case(
+    kind: str, rng: random.Random, seeds: dict[str, Path], work: Path, cache: dict
+) -> tuple[Path, str, set[str]]:
     """A fresh case directory; returns (dir, description, names allowed to exist afterwards)."""
     case = work / "case"
     if case.exists():
@@ -288,7 +329,11 @@ def prepare_case(kind: str, rng: random.Random, seeds: dict[str, Path], work: Pa
         data, what = mutate_gguf(rng, raw, header_end)
         (case / "in.gguf").write_bytes(data)
         (case / "out").mkdir()
-        allowed = _tree(case) | {"out/model"} | {f"out/model/{p}" for p in cache.setdefault("gguf_tree", _converted_tree(src, work))}
+        allowed = (
+            _tree(case)
+            | {"out/model"}
+            | {f"out/model/{p}" for p in cache.setdefault("gguf_tree", _converted_tree(src, work))}
+        )
     return case, what, allowed
 
 
@@ -306,7 +351,9 @@ def warm_up(seeds: dict[str, Path]) -> None:
     _run_model(seeds["model"])
     from quant.writer import warm_quantizers
 
-    warm_quantizers({(d, q) for d in ("f16", "f32", "bf16") for q in ("q4_0", "q4_0r16", "q8_0", "q8_0r16", "f16", "f32")})
+    warm_quantizers(
+        {(d, q) for d in ("f16", "f32", "bf16") for q in ("q4_0", "q4_0r16", "q8_0", "q8_0r16", "f16", "f32")}
+    )
 
 
 def campaign(kinds: dict[str, int], seed: int, work: Path, progress=None) -> dict[str, dict]:
@@ -338,15 +385,22 @@ def campaign(kinds: dict[str, int], seed: int, work: Path, progress=None) -> dic
 
 
 def table(report: dict[str, dict]) -> str:
-    lines = ["| class | tried | ok | refused cleanly | other exceptions | signals | hangs | memory | leftovers | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"manifest": "mutated manifests, load + logits", "data": "damaged data files, load + logits",
-             "gguf": "mutated GGUF headers, convert + load + logits"}
+    lines = [
+        "| class | tried | ok | refused cleanly | other exceptions | signals | hangs | memory | leftovers | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "manifest": "mutated manifests, load + logits",
+        "data": "damaged data files, load + logits",
+        "gguf": "mutated GGUF headers, convert + load + logits",
+    }
     for kind, r in report.items():
         c = r["counts"]
-        lines.append(f"| {names[kind]} | {sum(c.values())} | {c.get('ok', 0)} | {c.get('clean', 0)} | "
-                     f"{c.get('exception', 0)} | {c.get('signal', 0)} | {c.get('hang', 0)} | {c.get('memory', 0)} | "
-                     f"{c.get('leftover', 0)} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {names[kind]} | {sum(c.values())} | {c.get('ok', 0)} | {c.get('clean', 0)} | "
+            f"{c.get('exception', 0)} | {c.get('signal', 0)} | {c.get('hang', 0)} | {c.get('memory', 0)} | "
+            f"{c.get('leftover', 0)} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -363,9 +417,11 @@ def main(argv=None) -> int:
     import tempfile
 
     work = a.work or Path(tempfile.mkdtemp(prefix="mixcli-fuzz-"))
-    kinds = {"manifest": a.manifest if a.manifest is not None else a.n,
-             "data": a.data if a.data is not None else max(1, a.n // 4),
-             "gguf": a.gguf if a.gguf is not None else a.n}
+    kinds = {
+        "manifest": a.manifest if a.manifest is not None else a.n,
+        "data": a.data if a.data is not None else max(1, a.n // 4),
+        "gguf": a.gguf if a.gguf is not None else a.n,
+    }
     report = campaign(kinds, a.seed, work)
     if a.json:
         print(json.dumps(report))

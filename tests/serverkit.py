@@ -1,4 +1,5 @@
 """Start `mixcli serve` on a free 127.0.0.1 port in a subprocess, as a user would, for the server tests."""
+
 from __future__ import annotations
 
 import http.client
@@ -27,8 +28,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mixcli", "serve", str(model), "--port", str(self.port), *args]
         self.log = open(Path(os.environ.get("PYTEST_DEBUG_TEMPROOT", "/tmp")) / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -51,11 +53,17 @@ class ServerProcess:
     def client(self, **kw):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
-                             timeout=kw.pop("timeout", 120), **kw)
+        return openai.OpenAI(
+            base_url=self.url + "/v1",
+            api_key=kw.pop("api_key", "unused"),
+            max_retries=0,
+            timeout=kw.pop("timeout", 120),
+            **kw,
+        )
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 60):
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60
+    ):
         """(status, headers with lower-case names, parsed JSON body) of one plain HTTP request."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:

@@ -7,6 +7,7 @@ arithmetic; the modes are different arithmetic on every host (their perplexities
 ``bench --json`` reports the mode and the instruction-set tier it ran; a misspelt mode or tier, by
 flag or by environment variable, is one usage line and exit 2 before any model is opened.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,13 @@ def test_bench_json_reports_the_mode_and_tier(baby, capsys):  # noqa: F811
 
 def test_forced_tier_runs_and_is_reported(baby):  # noqa: F811
     env = {**os.environ, "MIXCLI_ISA": "generic"}
-    r = subprocess.run([sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "2", "--json"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "2", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     timings = json.loads(r.stdout)["timings"]
     assert (timings["isa"], timings["activations"]) == ("generic", "int8x2")
@@ -59,8 +65,13 @@ def test_bad_or_unrunnable_tier_is_a_usage_error(baby):  # noqa: F811
         bad.append((missing[0], "this CPU cannot execute it"))
     for name, msg in bad:
         env = {**os.environ, "MIXCLI_ISA": name}
-        r = subprocess.run([sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "1"],
-                           env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 2 and r.stdout == ""
         assert msg in r.stderr and r.stderr.startswith("error: $MIXCLI_ISA") and len(r.stderr.strip().splitlines()) <= 2
 
@@ -69,12 +80,19 @@ def test_bad_act_flag_is_a_usage_error(baby, capsys):  # noqa: F811
     for args in (["generate", baby[0], "-p", "hi", "--act", "int4"], ["bench", baby[0], "--act", "fp8"]):
         code, out, err = run_cli(capsys, *args)
         assert code == 2 and out == ""
-        assert err.startswith("error: --act must be one of int8x2, int8, f32, got ") and len(err.strip().splitlines()) == 1
+        assert (
+            err.startswith("error: --act must be one of int8x2, int8, f32, got ") and len(err.strip().splitlines()) == 1
+        )
 
 
 def test_bad_environment_mode_is_a_usage_error(baby):  # noqa: F811
     env = {**os.environ, "MIXCLI_ACT": "int4"}
-    r = subprocess.run([sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "1"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "mixcli", "generate", str(baby[0]), "-p", "hi", "-n", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: $MIXCLI_ACT must be one of int8x2, int8, f32, got 'int4'"

@@ -1,6 +1,7 @@
 """The Python API for text (mixcli/api.py): load carries the tokenizer and template; generate and
 stream_generate take messages, raw text or token ids. Prompts are checked against Hugging Face
 ``tokenizers`` on the same tokenizer.json with the template rendered by plain jinja2."""
+
 from __future__ import annotations
 
 import jinja2
@@ -44,8 +45,9 @@ def test_messages_go_through_the_chat_template(model, ref_tok):
     assert via_messages == mixcli.generate(model, ids, max_tokens=10, temperature=0)
     assert via_messages == mixcli.generate(model, "the dog ran", chat=True, max_tokens=10, temperature=0)
     raw_ids = ref_tok.encode("the dog ran", add_special_tokens=False).ids
-    assert mixcli.generate(model, "the dog ran", max_tokens=10, temperature=0) == \
-        mixcli.generate(model, raw_ids, max_tokens=10, temperature=0)
+    assert mixcli.generate(model, "the dog ran", max_tokens=10, temperature=0) == mixcli.generate(
+        model, raw_ids, max_tokens=10, temperature=0
+    )
 
 
 def test_stream_generate_yields_responses_then_the_finish(model):

@@ -2,6 +2,7 @@
 ``kernels.ref.attention`` and against torch's scaled_dot_product_attention (in float64, the GQA
 kv heads repeated, a causal mask offset by pos0), on decode and prefill shapes: no GQA, groups of
 2, 3 and 4, and head dims that are not a multiple of the kernel's 16 lanes."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ The difference is float rounding only (the batch runs the matmul kernels over T 
 runs the matvec kernels, and the MoE sums experts in another order): measured at about 4e-7 of
 logits up to 1.8 on the baby model. The bound is the one the incremental-decode test uses.
 """
+
 from __future__ import annotations
 
 import numpy as np

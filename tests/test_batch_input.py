@@ -4,6 +4,7 @@ The input is refused whole, before any work, with each malformed line's number; 
 never overwritten without --resume, and --resume finds the ids already answered, cutting off a
 last line that a killed job left unfinished.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,18 @@ def write_lines(path: Path, lines: list) -> Path:
 
 
 def test_good_lines_keep_their_fields_and_blank_lines_are_skipped(tmp_path):
-    p = write_lines(tmp_path / "in.jsonl", [
-        {"id": 1, "prompt": "raw text", "max_tokens": 5, "temperature": 0, "stop": "x", "seed": 7},
-        "",
-        {"id": "a", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
-         "top_p": 0.5},
-    ])
+    p = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "prompt": "raw text", "max_tokens": 5, "temperature": 0, "stop": "x", "seed": 7},
+            "",
+            {
+                "id": "a",
+                "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                "top_p": 0.5,
+            },
+        ],
+    )
     a, b = read_input(p)
     assert (a.id, a.line, a.prompt, a.messages) == (1, 1, "raw text", None)
     assert a.sampling == {"max_tokens": 5, "temperature": 0.0, "stop": ["x"], "seed": 7}
@@ -42,20 +49,23 @@ def test_good_lines_keep_their_fields_and_blank_lines_are_skipped(tmp_path):
     assert id_key(1) != id_key("1")  # an integer id and a string id are different prompts
 
 
-@pytest.mark.parametrize("line, words", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ({"prompt": "x"}, "missing 'id'"),
-    ({"id": True, "prompt": "x"}, "'id' must be"),
-    ({"id": 1}, "exactly one of 'prompt'"),
-    ({"id": 1, "prompt": "x", "messages": []}, "exactly one of 'prompt'"),
-    ({"id": 1, "prompt": ""}, "'prompt' must be a non-empty string"),
-    ({"id": 1, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"id": 1, "prompt": "x", "max_token": 3}, "unknown field 'max_token'"),
-    ({"id": 1, "prompt": "x", "temperature": 3}, "temperature must be in [0, 2]"),
-    ({"id": 1, "prompt": "x", "max_tokens": 0}, "max_tokens must be between 1"),
-    ({"id": 1, "prompt": "x", "stop": 5}, "stop must be a string or a list"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"prompt": "x"}, "missing 'id'"),
+        ({"id": True, "prompt": "x"}, "'id' must be"),
+        ({"id": 1}, "exactly one of 'prompt'"),
+        ({"id": 1, "prompt": "x", "messages": []}, "exactly one of 'prompt'"),
+        ({"id": 1, "prompt": ""}, "'prompt' must be a non-empty string"),
+        ({"id": 1, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"id": 1, "prompt": "x", "max_token": 3}, "unknown field 'max_token'"),
+        ({"id": 1, "prompt": "x", "temperature": 3}, "temperature must be in [0, 2]"),
+        ({"id": 1, "prompt": "x", "max_tokens": 0}, "max_tokens must be between 1"),
+        ({"id": 1, "prompt": "x", "stop": 5}, "stop must be a string or a list"),
+    ],
+)
 def test_each_malformed_line_is_named_with_its_number(tmp_path, line, words):
     p = write_lines(tmp_path / "in.jsonl", [{"id": "ok", "prompt": "fine"}, line])
     shown = []
@@ -99,8 +109,14 @@ def test_resume_refuses_a_file_it_did_not_write(tmp_path):
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "mixcli", "batch", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "mixcli", "batch", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_cli_refuses_malformed_input_before_loading_anything(tmp_path):
@@ -109,8 +125,10 @@ def test_cli_refuses_malformed_input_before_loading_anything(tmp_path):
     r = _cli(tmp_path / "no-such-model", src, "-o", out)  # the model does not exist: the input is checked first
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert lines[0] == f"{src}:2: unknown field 'promt' (known: id, prompt, messages, max_tokens, temperature, " \
-                       "top_p, stop, seed, top_k, min_p, repeat_penalty)"
+    assert (
+        lines[0] == f"{src}:2: unknown field 'promt' (known: id, prompt, messages, max_tokens, temperature, "
+        "top_p, stop, seed, top_k, min_p, repeat_penalty)"
+    )
     assert lines[1].startswith(f"{src}:3: not valid JSON")
     assert lines[-1].startswith(f"error: {src}:2: ") and "and 1 more malformed line" in lines[-1]
     assert "no-such-model" not in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,7 @@ temperature 0: what `mixcli generate --temp 0` prints), on the baby chat model (
 a real BPE tokenizer, a ChatML template). Batched decoding differs from it only in float rounding
 (tests/test_batch.py), so the greedy texts are equal.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,16 @@ def alone(model, line: dict, max_tokens: int = 256) -> dict:
         parts.append(r.text)
         last = r
     st = last.stats
-    return {"id": line["id"], "text": "".join(parts), "finish_reason": last.finish_reason,
-            "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
-                      "total_tokens": st.prompt_tokens + st.completion_tokens}}
+    return {
+        "id": line["id"],
+        "text": "".join(parts),
+        "finish_reason": last.finish_reason,
+        "usage": {
+            "prompt_tokens": st.prompt_tokens,
+            "completion_tokens": st.completion_tokens,
+            "total_tokens": st.prompt_tokens + st.completion_tokens,
+        },
+    }
 
 
 def write_jsonl(path: Path, lines: list[dict]) -> Path:
@@ -101,17 +109,25 @@ def test_answers_equal_each_prompt_alone_and_a_long_prompt_is_an_error_line(clus
     lines.insert(4, {"id": 99, "prompt": long_text})
     src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     seen = []
-    summary = run_batch(options(baby, src, out, workers=2, threads_per_worker=1, parallel=3),
-                        notify=lambda m: None, on_line=lambda line, where: seen.append(where))
+    summary = run_batch(
+        options(baby, src, out, workers=2, threads_per_worker=1, parallel=3),
+        notify=lambda m: None,
+        on_line=lambda line, where: seen.append(where),
+    )
     got = read_jsonl(out)
     assert summary.mode == "ray" and summary.written == len(lines) == len(got)
     by_id = {x["id"]: x for x in got}
     assert len(by_id) == len(got)
     err = by_id.pop(99)
     n_long = len(reference.tokenizer.encode(long_text, add_bos=reference.add_bos, parse_special=False))
-    assert err == {"id": 99, "error": {"type": "context_length_exceeded", "message":
-                   f"the prompt is {n_long} tokens, the context holds {CTX} (one more is needed for the "
-                   "answer; raise --ctx or shorten the prompt)"}}
+    assert err == {
+        "id": 99,
+        "error": {
+            "type": "context_length_exceeded",
+            "message": f"the prompt is {n_long} tokens, the context holds {CTX} (one more is needed for the "
+            "answer; raise --ctx or shorten the prompt)",
+        },
+    }
     for line in lines:
         if line["id"] != 99:
             assert by_id[line["id"]] == alone(reference, line), line
@@ -129,8 +145,11 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_prompts_retried(cluster, b
             os.kill(where["pid"], signal.SIGKILL)  # the actor's process, mid-job: it holds queued prompts
             killed.append(where["pid"])
 
-    summary = run_batch(options(baby, src, out, workers=2, threads_per_worker=1, parallel=2, retries=2),
-                        notify=lambda m: None, on_line=kill_first_worker)
+    summary = run_batch(
+        options(baby, src, out, workers=2, threads_per_worker=1, parallel=2, retries=2),
+        notify=lambda m: None,
+        on_line=kill_first_worker,
+    )
     got = read_jsonl(out)
     assert sorted(x["id"] for x in got) == sorted(x["id"] for x in lines)  # none missing, none twice
     by_id = {x["id"]: x for x in got}
@@ -140,8 +159,14 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_prompts_retried(cluster, b
 
 
 def _batch_cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "mixcli", "batch", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixcli", "batch", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_resume_after_killing_the_job_half_way(cluster, baby, reference, tmp_path):
@@ -149,8 +174,24 @@ def test_resume_after_killing_the_job_half_way(cluster, baby, reference, tmp_pat
     for line in lines:
         line["max_tokens"] = 48
     src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
-    common = [baby, src, "-o", out, "--ray-address", cluster, "--workers", "1", "--threads-per-worker", "1",
-              "--parallel", "2", "--temp", "0", "--ctx", CTX]
+    common = [
+        baby,
+        src,
+        "-o",
+        out,
+        "--ray-address",
+        cluster,
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+        "--parallel",
+        "2",
+        "--temp",
+        "0",
+        "--ctx",
+        CTX,
+    ]
     job = _batch_cli(*common)
     deadline = time.monotonic() + 240
     while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
@@ -163,8 +204,9 @@ def test_resume_after_killing_the_job_half_way(cluster, baby, reference, tmp_pat
     assert 2 <= first < len(lines), first
 
     said = []  # the rest in this process (one start-up less than a second command)
-    summary = run_batch(options(baby, src, out, workers=1, threads_per_worker=1, parallel=2, resume=True),
-                        notify=said.append)
+    summary = run_batch(
+        options(baby, src, out, workers=1, threads_per_worker=1, parallel=2, resume=True), notify=said.append
+    )
     assert f"resume: {first} of {len(lines)} prompts already in {out}" in said
     assert summary.skipped == first and summary.written == len(lines) - first
     got = read_jsonl(out)
@@ -198,10 +240,27 @@ def test_two_nodes_share_the_job(cluster, baby, reference, tmp_path):
     """A second Ray node joins as its own process (`ray start --address`), with 1 CPU and a marker
     resource; two single-thread workers spread over the nodes, and each node answers prompts."""
     node = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--address", cluster, "--num-cpus", "1",
-         "--resources", '{"second_node": 1}', "--node-ip-address", "127.0.0.1", "--block", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--address",
+            cluster,
+            "--num-cpus",
+            "1",
+            "--resources",
+            '{"second_node": 1}',
+            "--node-ip-address",
+            "127.0.0.1",
+            "--block",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -215,8 +274,18 @@ def test_two_nodes_share_the_job(cluster, baby, reference, tmp_path):
         lines = prompts(12, seed=4)
         src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
         summary = run_batch(options(baby, src, out, workers=2, threads_per_worker=1, parallel=2), notify=print)
-        print("workers:", [(w["node"][:8], w["pid"]) for w in summary.workers], "per-node counts:", summary.per_node,
-              "second node:", second[0][:8], "restarts:", summary.restarts, "errors:", summary.errors)
+        print(
+            "workers:",
+            [(w["node"][:8], w["pid"]) for w in summary.workers],
+            "per-node counts:",
+            summary.per_node,
+            "second node:",
+            second[0][:8],
+            "restarts:",
+            summary.restarts,
+            "errors:",
+            summary.errors,
+        )
         assert len(alive) == 2 and set(summary.per_node) == {n["NodeID"] for n in alive}
         assert sorted(w["node"] for w in summary.workers) == sorted(n["NodeID"] for n in alive)  # one worker each
         assert summary.per_node[second[0]] > 0 and sum(summary.per_node.values()) == len(lines)

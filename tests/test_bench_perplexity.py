@@ -11,6 +11,7 @@ on each chunk from an empty cache, numpy log-softmax, and only the second half s
 (the logits at j predict token j+1, for j in [ctx/2, ctx-1)). PPL = exp(mean NLL); the standard
 error is llama.cpp's PPL * sqrt(var(NLL) / (n - 1)).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,12 @@ def baby(tmp_path_factory) -> tuple[Path, Path]:
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(keepends=True), trainer)
     assert tok.token_to_id("<s>") == BOS
     tok.save(str(tokdir / "tokenizer.json"))
-    (tokdir / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
-    src = make_hf_checkpoint(d / "src", "mixtral", tokenizer_dir=tokdir, vocab_size=tok.get_vocab_size(),
-                             max_position_embeddings=128)
+    (tokdir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    )
+    src = make_hf_checkpoint(
+        d / "src", "mixtral", tokenizer_dir=tokdir, vocab_size=tok.get_vocab_size(), max_position_embeddings=128
+    )
     out = d / "model"
     convert_checkpoint(src, out, quant="q8_0")
     return out, tokdir / "tokenizer.json"
@@ -117,12 +120,15 @@ def test_bench_tg_one_token(baby, capsys):
     assert row["test"] == "tg1" and all(s > 0 for s in row["samples"])
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--reps", "0"], "--reps"),
-    (["-t", "one,two"], "--threads"),
-    (["-t", "-1"], "--threads"),  # 0 means all physical cores, as on generate and chat
-    (["--pp", "-1"], "--pp"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--reps", "0"], "--reps"),
+        (["-t", "one,two"], "--threads"),
+        (["-t", "-1"], "--threads"),  # 0 means all physical cores, as on generate and chat
+        (["--pp", "-1"], "--pp"),
+    ],
+)
 def test_bench_bad_usage(baby, capsys, args, needle):
     code, out, err = run_cli(capsys, "bench", baby[0], *args)
     assert code == 2 and out == ""
@@ -132,8 +138,9 @@ def test_bench_bad_usage(baby, capsys, args, needle):
 # ---------------------------------------------------------------- perplexity
 
 
-def reference_perplexity(model_dir: Path, tokenizer_json: Path, text: str, ctx: int, max_chunks: int | None = None,
-                         act: str | None = None):
+def reference_perplexity(
+    model_dir: Path, tokenizer_json: Path, text: str, ctx: int, max_chunks: int | None = None, act: str | None = None
+):
     """llama.cpp's method, written out independently of mixcli.perplexity (``act``: the kernels'
     activation mode, None for the default)."""
     ids = [BOS] + HFTokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
@@ -143,7 +150,7 @@ def reference_perplexity(model_dir: Path, tokenizer_json: Path, text: str, ctx: 
     m = mixcli.load(model_dir, ctx=ctx, act=act)
     nlls = []
     for c in range(n_chunks):
-        chunk = ids[c * ctx:(c + 1) * ctx]
+        chunk = ids[c * ctx : (c + 1) * ctx]
         chunk[0] = BOS
         z = m.logits(chunk).astype(np.float64)  # [ctx, V]
         z = z - z.max(axis=1, keepdims=True)
@@ -219,7 +226,12 @@ def test_perplexity_not_utf8(baby, tmp_path, capsys):
 
 def test_perplexity_subprocess_exit_code(baby, tmp_path):
     """The installed entry point: a missing file is one error line and exit status 1."""
-    r = subprocess.run([sys.executable, "-m", "mixcli", "perplexity", str(baby[0]), str(tmp_path / "missing.txt")],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "mixcli", "perplexity", str(baby[0]), str(tmp_path / "missing.txt")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: text file") and len(r.stderr.strip().splitlines()) == 1

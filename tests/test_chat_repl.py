@@ -5,6 +5,7 @@ runs are greedy (``--temp 0``) and single-threaded (``-t 1``, robust on a busy t
 Each reply ends with a line ``[N tok · X tok/s · prompt P tok (M new, ...) · context C/S ...]``:
 M is how many prompt tokens were actually run, the rest came from the KV cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,9 @@ from mixcli.chat_ui import ChatUI
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ">>> "
-STATS = re.compile(r"\[(\d+) tok · [\d.]+ tok/s · prompt (\d+) tok \((\d+) new, [^)]*\) · context (\d+)/(\d+)([^\]]*)\]")
+STATS = re.compile(
+    r"\[(\d+) tok · [\d.]+ tok/s · prompt (\d+) tok \((\d+) new, [^)]*\) · context (\d+)/(\d+)([^\]]*)\]"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,15 @@ class Chat:
 
     def __init__(self, model: Path, *args: str, timeout: float = 180):
         env = dict(os.environ, TERM="dumb", NO_COLOR="1", COLUMNS="200", PYTHONIOENCODING="utf-8")
-        self.child = pexpect.spawn(sys.executable, ["-m", "mixcli", "chat", str(model), "--temp", "0", "-t", "1",
-                                                    *args],
-                                   cwd=str(ROOT), env=env, encoding="utf-8", timeout=timeout,
-                                   dimensions=(50, 200))
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", "mixcli", "chat", str(model), "--temp", "0", "-t", "1", *args],
+            cwd=str(ROOT),
+            env=env,
+            encoding="utf-8",
+            timeout=timeout,
+            dimensions=(50, 200),
+        )
         self.child.expect_exact(PROMPT)
         self.banner = self.child.before
 
@@ -198,8 +206,14 @@ def test_ctrl_d_leaves_with_status_0(baby):
 
 
 def test_bad_model_is_one_line_and_status_1(tmp_path):
-    p = pexpect.spawn(sys.executable, ["-m", "mixcli", "chat", "mixtrl-8x7b-instruct"], cwd=str(ROOT),
-                      encoding="utf-8", timeout=180, env=dict(os.environ, TERM="dumb"))
+    p = pexpect.spawn(
+        sys.executable,
+        ["-m", "mixcli", "chat", "mixtrl-8x7b-instruct"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=180,
+        env=dict(os.environ, TERM="dumb"),
+    )
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 1
@@ -273,12 +287,25 @@ def test_parse_command():
 
 
 def test_check_messages():
-    system, msgs = check_messages({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                                                {"role": "assistant", "content": "a", "extra": 1}]}, "f")
+    system, msgs = check_messages(
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a", "extra": 1},
+            ]
+        },
+        "f",
+    )
     assert system == "s" and msgs == [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     assert check_messages([], "f") == (None, [])
-    for bad in ({"nope": []}, [{"role": "user"}], [{"role": "assistant", "content": "a"}],
-                [{"role": "user", "content": "u"}], [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]):
+    for bad in (
+        {"nope": []},
+        [{"role": "user"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "u"}],
+        [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}],
+    ):
         with pytest.raises(ChatError):
             check_messages(bad, "f")
 
@@ -293,8 +320,12 @@ def test_turns_extend_the_cache_exactly(runtime):
     assert st.prompt_tokens == len(new_turn)
     # what ran is the prompt minus the first turn's prompt and its (decoded) answer tokens
     assert st.prefilled_tokens <= st.prompt_tokens - f1.stats.prompt_tokens - (f1.stats.completion_tokens - 1) + 2
-    assert s.messages == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": a1},
-                          {"role": "user", "content": "Again"}, {"role": "assistant", "content": a2}]
+    assert s.messages == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": a2},
+    ]
 
 
 def test_context_overflow_drops_oldest_turns_and_keeps_the_system(runtime):
@@ -369,8 +400,20 @@ def test_mixtral_template_folds_the_system_message_once(runtime):
 
 
 def test_repl_loop_without_a_terminal(runtime, tmp_path):
-    lines = iter(["/help", "Hello there", "/stats", "/nonsense", "/save", f"/save {tmp_path / 'c.json'}",
-                  "//slash start", "/system", "/exit", "never read"])
+    lines = iter(
+        [
+            "/help",
+            "Hello there",
+            "/stats",
+            "/nonsense",
+            "/save",
+            f"/save {tmp_path / 'c.json'}",
+            "//slash start",
+            "/system",
+            "/exit",
+            "never read",
+        ]
+    )
     out, err = io.StringIO(), io.StringIO()
     ui = ChatUI(Console(file=out, width=200), Console(file=err, width=200))
     s = ChatSession(runtime(), greedy(), max_tokens=5)

@@ -3,6 +3,7 @@
 The transformers tokenizer is built offline from a tiny ``tokenizers`` model trained here; only
 its chat template and special-token strings matter for rendering.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -80,8 +81,11 @@ def _ours(template, messages, gen, bos="<s>", eos="</s>"):
     return render_chat(template, messages, bos_token=bos, eos_token=eos, add_generation_prompt=gen)
 
 
-@pytest.mark.parametrize("template", [MIXTRAL, CHATML, FEATURES, *FALLBACK_TEMPLATES.values()],
-                         ids=["mixtral", "chatml", "features", *FALLBACK_TEMPLATES])
+@pytest.mark.parametrize(
+    "template",
+    [MIXTRAL, CHATML, FEATURES, *FALLBACK_TEMPLATES.values()],
+    ids=["mixtral", "chatml", "features", *FALLBACK_TEMPLATES],
+)
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("gen", [True, False])
 def test_render_matches_transformers(hf_backend, template, conv, gen):
@@ -107,15 +111,22 @@ def test_missing_special_token_renders_empty_like_transformers(hf_backend):
 
 def test_mixtral_renders_the_documented_prompt():
     """DESIGN.md: `<s>[INST] q1 [/INST]a1</s>[INST] q2 [/INST]`."""
-    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}]
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
     assert _ours(MIXTRAL, msgs, True) == "<s>[INST] q1 [/INST]a1</s>[INST] q2 [/INST]"
     assert FALLBACK_TEMPLATES["mistral"] == MIXTRAL
 
 
 def test_system_prompt_folded_for_mixtral(hf_backend):
-    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    msgs = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     with pytest.raises(TemplateError, match="Conversation roles must alternate"):
         _ours(MIXTRAL, msgs, True)
     prompt, notice = render_conversation(MIXTRAL, msgs, bos_token="<s>", eos_token="</s>")

@@ -6,6 +6,7 @@ one ``error:`` line on stderr, a non-zero exit code from mixcli.errors, and an e
 All runs use ``-t 1``: a model this small is dominated by thread hand-offs, which collapse when
 the CI machine's two cores are shared with other work.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,9 @@ def baby(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def raising(tmp_path_factory) -> Path:
     """The same baby, but its chat template raises on every conversation."""
-    return babyruntime.baby_chat_model(tmp_path_factory.getbasetemp() / "babyruntime", name="baby-raising",
-                                       template=babyruntime.RAISING)
+    return babyruntime.baby_chat_model(
+        tmp_path_factory.getbasetemp() / "babyruntime", name="baby-raising", template=babyruntime.RAISING
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +68,13 @@ class Run:
 
 def run_cli(mode: str, args: list[str], capsys=None, stdin: bytes | None = None, monkeypatch=None) -> Run:
     if mode == "subprocess":
-        p = subprocess.run([sys.executable, "-m", "mixcli", *args], input=stdin if stdin is not None else b"",
-                           capture_output=True, cwd=ROOT, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "mixcli", *args],
+            input=stdin if stdin is not None else b"",
+            capture_output=True,
+            cwd=ROOT,
+            timeout=300,
+        )
         return Run(p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8"))
     from mixcli.cli import main
 
@@ -172,8 +179,21 @@ def test_stop_string_ends_output_and_is_not_printed(cli, baby, mode):
 
 
 def test_seed_makes_sampling_reproducible(cli, baby):
-    args = ("--prompt", "Once upon a time", "--temp", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0",
-            "-n", "30", "--json")
+    args = (
+        "--prompt",
+        "Once upon a time",
+        "--temp",
+        "1.0",
+        "--top-k",
+        "0",
+        "--top-p",
+        "1",
+        "--min-p",
+        "0",
+        "-n",
+        "30",
+        "--json",
+    )
     a = json.loads(cli("inproc", *gen_args(baby, *args, "--seed", "7")).out)["text"]
     b = json.loads(cli("inproc", *gen_args(baby, *args, "--seed", "7")).out)["text"]
     c = json.loads(cli("subprocess", *gen_args(baby, *args, "--seed", "7")).out)["text"]
@@ -208,14 +228,27 @@ def test_typer_cli_runner(baby):
 def test_a_command_module_that_fails_to_import_fails_loudly():
     """A bug that breaks `import mixcli.commands.chat` must not quietly remove `mixcli chat`: the
     CLI exits non-zero with the import error in a traceback (a bug, not a user error)."""
-    code = ("import sys; sys.modules['mixcli.commands.chat'] = None\n"  # the import now raises ImportError
-            "from mixcli.cli import main; sys.exit(main(['--help']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; sys.modules['mixcli.commands.chat'] = None\n"  # the import now raises ImportError
+        "from mixcli.cli import main; sys.exit(main(['--help']))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert p.returncode != 0
     assert "ModuleNotFoundError" in p.stderr and "mixcli.commands.chat" in p.stderr
-    ok = subprocess.run([sys.executable, "-m", "mixcli", "--help"], capture_output=True, text=True, timeout=120,
-                        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "COLUMNS": "200"})
+    ok = subprocess.run(
+        [sys.executable, "-m", "mixcli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert ok.returncode == 0 and " chat " in ok.stdout  # the same line with the module intact lists chat
 
 
@@ -230,9 +263,12 @@ def test_truncate_keeps_the_end_of_a_long_prompt(cli, baby):
 
 def test_sigint_exits_130(baby):
     """Ctrl-C during a long generation: exit code 130, no traceback."""
-    p = subprocess.Popen([sys.executable, "-m", "mixcli", *gen_args(baby, "--prompt", "Hello there", *GREEDY,
-                                                                   "-n", "4000")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mixcli", *gen_args(baby, "--prompt", "Hello there", *GREEDY, "-n", "4000")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     assert p.stdout.read(1)  # generation has started
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
@@ -278,17 +314,20 @@ def test_empty_stdin_subprocess(cli, baby):
     cli("subprocess", *gen_args(baby, "--prompt", "-"), stdin=b"").one_line_error(EXIT_USAGE, "empty")
 
 
-@pytest.mark.parametrize("flags, what, sub", [
-    (["--temp", "-1"], "temperature", True),
-    (["--temp", "nan"], "temperature", False),
-    (["--top-p", "0"], "top_p", False),
-    (["--top-p", "1.5"], "top_p", True),
-    (["--min-p", "2"], "min_p", False),
-    (["--top-k", "-3"], "top_k", False),
-    (["--max-tokens", "-1"], "--max-tokens", False),
-    (["--ctx", "0"], "--ctx", False),
-    (["--raw", "--system", "be brief"], "--system", False),
-])
+@pytest.mark.parametrize(
+    "flags, what, sub",
+    [
+        (["--temp", "-1"], "temperature", True),
+        (["--temp", "nan"], "temperature", False),
+        (["--top-p", "0"], "top_p", False),
+        (["--top-p", "1.5"], "top_p", True),
+        (["--min-p", "2"], "min_p", False),
+        (["--top-k", "-3"], "top_k", False),
+        (["--max-tokens", "-1"], "--max-tokens", False),
+        (["--ctx", "0"], "--ctx", False),
+        (["--raw", "--system", "be brief"], "--system", False),
+    ],
+)
 def test_invalid_flag_values(cli, baby, flags, what, sub):
     for mode in MODES if sub else MODES[:1]:
         cli(mode, *gen_args(baby, "--prompt", "hi", *flags)).one_line_error(EXIT_USAGE, what)
@@ -301,9 +340,14 @@ def test_stdin_not_utf8(cli, baby, mode):
 
 
 def test_stdin_closed(baby):
-    p = subprocess.run([sys.executable, "-m", "mixcli", *gen_args(baby, "--prompt", "-")],
-                       capture_output=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
-                       preexec_fn=lambda: os.close(0))
+    p = subprocess.run(
+        [sys.executable, "-m", "mixcli", *gen_args(baby, "--prompt", "-")],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(0),
+    )
     Run(p.returncode, p.stdout.decode(), p.stderr.decode()).one_line_error(EXIT_USAGE, "stdin is closed")
 
 

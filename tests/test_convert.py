@@ -4,6 +4,7 @@ safetensors library and torch (readers we did not write), f16 mode round-trips, 
 are contiguous and page aligned, and the writer's chunking, file rollover and tokenizer handling
 hold up.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,16 @@ REPO = Path(__file__).resolve().parent.parent
 # Hugging Face name -> canonical name, written out here independently of quant/sources/hf.py
 TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm", "lm_head.weight": "output"}
 LAYER = {
-    "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
-    "self_attn.q_proj.weight": "attn.wq", "self_attn.k_proj.weight": "attn.wk",
-    "self_attn.v_proj.weight": "attn.wv", "self_attn.o_proj.weight": "attn.wo",
-    "block_sparse_moe.gate.weight": "moe.gate", "mlp.gate_proj.weight": "experts.0.w1",
-    "mlp.up_proj.weight": "experts.0.w3", "mlp.down_proj.weight": "experts.0.w2",
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.weight": "attn.wq",
+    "self_attn.k_proj.weight": "attn.wk",
+    "self_attn.v_proj.weight": "attn.wv",
+    "self_attn.o_proj.weight": "attn.wo",
+    "block_sparse_moe.gate.weight": "moe.gate",
+    "mlp.gate_proj.weight": "experts.0.w1",
+    "mlp.up_proj.weight": "experts.0.w3",
+    "mlp.down_proj.weight": "experts.0.w2",
 }
 
 
@@ -97,7 +103,9 @@ def test_convert_matches_reference_quantizer(tmp_path, case):
     if kw.get("tied"):
         assert "output" not in m["tensors"]
     moe = kind == "mixtral"
-    names = tensor_names(cfg["num_hidden_layers"], cfg.get("num_local_experts", 1) if moe else 1, moe, kw.get("tied", False))
+    names = tensor_names(
+        cfg["num_hidden_layers"], cfg.get("num_local_experts", 1) if moe else 1, moe, kw.get("tied", False)
+    )
     assert list(m["tensors"]) == names  # formats.tensor_names order
     worst = 0.0
     for name in names:
@@ -178,10 +186,16 @@ def test_tokenizer_files_and_section(tmp_path):
     template = (REPO / "tests" / "data" / "tmpl_mixtral.jinja").read_text()
     (tok / "tokenizer.model").write_bytes(b"sentencepiece model bytes, copied verbatim")
     (tok / "tokenizer.json").write_text('{"version": "1.0"}')
-    (tok / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "chat_template": template,
-        "added_tokens_decoder": {"2": {"content": "</s>"}, "32000": {"content": "<|end|>"}},
-    }))
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>", "lstrip": False},
+                "eos_token": "</s>",
+                "chat_template": template,
+                "added_tokens_decoder": {"2": {"content": "</s>"}, "32000": {"content": "<|end|>"}},
+            }
+        )
+    )
     (tok / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 32000]}))
     src = make_hf_checkpoint(tmp_path / "src", "mixtral", tokenizer_dir=tok)
     convert_checkpoint(src, tmp_path / "out", quant="q8_0")
@@ -189,9 +203,15 @@ def test_tokenizer_files_and_section(tmp_path):
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (tok / f).read_bytes()
     assert m["tokenizer"] == {
-        "kind": "sentencepiece", "file": "tokenizer.model", "config_file": "tokenizer_config.json",
-        "bos_token": "<s>", "eos_token": "</s>", "add_bos": True, "extra_eos_tokens": ["<|end|>"],
-        "chat_template": template, "template_family": "mistral",
+        "kind": "sentencepiece",
+        "file": "tokenizer.model",
+        "config_file": "tokenizer_config.json",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos": True,
+        "extra_eos_tokens": ["<|end|>"],
+        "chat_template": template,
+        "template_family": "mistral",
     }
 
 
@@ -200,11 +220,19 @@ def test_tokenizer_json_only_chatml_and_no_tokenizer(tmp_path):
     tok.mkdir()
     template = (REPO / "tests" / "data" / "tmpl_chatml.jinja").read_text()
     (tok / "tokenizer.json").write_text('{"version": "1.0"}')
-    (tok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": template, "add_bos_token": False}))
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "chat_template": template, "add_bos_token": False})
+    )
     src = make_hf_checkpoint(tmp_path / "src", "llama", tokenizer_dir=tok)
     convert_checkpoint(src, tmp_path / "out", quant="q8_0")
     t = verify_model_dir(tmp_path / "out")["tokenizer"]
-    assert (t["kind"], t["file"], t["template_family"], t["add_bos"], t["bos_token"]) == ("hf-json", "tokenizer.json", "chatml", False, None)
+    assert (t["kind"], t["file"], t["template_family"], t["add_bos"], t["bos_token"]) == (
+        "hf-json",
+        "tokenizer.json",
+        "chatml",
+        False,
+        None,
+    )
     bare = make_hf_checkpoint(tmp_path / "bare", "llama")
     convert_checkpoint(bare, tmp_path / "out2", quant="q8_0")
     assert verify_model_dir(tmp_path / "out2")["tokenizer"] is None
@@ -306,9 +334,12 @@ def test_cli_convert_subprocess(tmp_path):
     verify_model_dir(tmp_path / "out")
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 1
-    assert again.stderr.strip().splitlines() == [f"error: output {tmp_path / 'out'} already exists (pass --force to replace it, or choose another -o)"]
-    q4k = subprocess.run(cmd[:-1] + [str(tmp_path / "q4k"), "--quant", "q4_k"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    assert again.stderr.strip().splitlines() == [
+        f"error: output {tmp_path / 'out'} already exists (pass --force to replace it, or choose another -o)"
+    ]
+    q4k = subprocess.run(
+        cmd[:-1] + [str(tmp_path / "q4k"), "--quant", "q4_k"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert q4k.returncode == 0, q4k.stderr
     m = verify_model_dir(tmp_path / "q4k")
     assert m["quant"]["preset"] == "q4_k" and m["tensors"]["layers.0.attn.wq"]["type"] == "q4_kr16"

@@ -1,5 +1,6 @@
 """Every bad input of `mixcli convert`: a one-line message naming the problem and the fix, the
 right exit code, and nothing left behind (no output directory, no temporary files)."""
+
 from __future__ import annotations
 
 import errno
@@ -78,7 +79,9 @@ def test_config_invalid_json(dirs):
 def test_unsupported_architecture(dirs):
     src, out = dirs
     single(src, architectures=["GPT2LMHeadModel"])
-    fails(src, out, r"unsupported architecture GPT2LMHeadModel .*MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM")
+    fails(
+        src, out, r"unsupported architecture GPT2LMHeadModel .*MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM"
+    )
 
 
 def test_index_names_missing_shard(dirs):
@@ -104,32 +107,38 @@ def test_truncated_to_nothing(dirs):
     fails(src, out, r"model.safetensors is truncated \(2 bytes")
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("length", r"corrupt safetensors header \(header length \d+ does not fit"),
-    ("json", r"corrupt safetensors header \(not JSON"),
-    ("offsets", r"corrupt safetensors header \(model.embed_tokens.weight: data_offsets"),
-    ("overlap", r"model.safetensors is not a valid safetensors file"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("length", r"corrupt safetensors header \(header length \d+ does not fit"),
+        ("json", r"corrupt safetensors header \(not JSON"),
+        ("offsets", r"corrupt safetensors header \(model.embed_tokens.weight: data_offsets"),
+        ("overlap", r"model.safetensors is not a valid safetensors file"),
+    ],
+)
 def test_corrupt_header(dirs, damage, match):
     src, out = dirs
     f = single(src)
     raw = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     if damage == "length":
         raw[:8] = struct.pack("<Q", 1 << 40)
     elif damage == "json":
-        raw[8:8 + n] = b"{" + b"\x00" * (n - 1)
+        raw[8 : 8 + n] = b"{" + b"\x00" * (n - 1)
     else:
         e = header["model.embed_tokens.weight"]
         if damage == "offsets":
             e["data_offsets"][1] -= 4  # no longer the shape's size
         else:  # the safetensors library's own check: two tensors on the same bytes
             other = header["model.norm.weight"]
-            other["data_offsets"] = [e["data_offsets"][0], e["data_offsets"][0] + (other["data_offsets"][1] - other["data_offsets"][0])]
+            other["data_offsets"] = [
+                e["data_offsets"][0],
+                e["data_offsets"][0] + (other["data_offsets"][1] - other["data_offsets"][0]),
+            ]
         text = json.dumps(header, separators=(",", ":")).encode()
         assert len(text) <= n
-        raw[8:8 + n] = text + b" " * (n - len(text))
+        raw[8 : 8 + n] = text + b" " * (n - len(text))
     f.write_bytes(bytes(raw))
     fails(src, out, match)
 
@@ -140,7 +149,11 @@ def test_wrong_tensor_shape(dirs):
     tensors = load_file(str(f))
     tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((48, 64), np.float32)
     save_file(tensors, str(f))
-    fails(src, out, r"tensor model.layers.1.self_attn.k_proj.weight has shape \[48, 64\] but config.json implies \[32, 64\]")
+    fails(
+        src,
+        out,
+        r"tensor model.layers.1.self_attn.k_proj.weight has shape \[48, 64\] but config.json implies \[32, 64\]",
+    )
 
 
 def test_missing_tensor(dirs):
@@ -161,12 +174,15 @@ def test_unexpected_tensor(dirs):
     fails(src, out, r"unexpected tensor model.layers.0.self_attn.q_proj.bias in model.safetensors")
 
 
-@pytest.mark.parametrize("dtype,hf_name,value,what", [
-    ("f32", "model.layers.1.block_sparse_moe.experts.2.w3.weight", np.nan, "1 NaN"),  # numba path
-    ("bf16", "model.layers.0.self_attn.o_proj.weight", -np.inf, "1 inf"),
-    ("f32", "model.norm.weight", np.inf, "1 inf"),  # f32 norm: numpy path
-    ("f16", "model.embed_tokens.weight", np.nan, "1 NaN"),
-])
+@pytest.mark.parametrize(
+    "dtype,hf_name,value,what",
+    [
+        ("f32", "model.layers.1.block_sparse_moe.experts.2.w3.weight", np.nan, "1 NaN"),  # numba path
+        ("bf16", "model.layers.0.self_attn.o_proj.weight", -np.inf, "1 inf"),
+        ("f32", "model.norm.weight", np.inf, "1 inf"),  # f32 norm: numpy path
+        ("f16", "model.embed_tokens.weight", np.nan, "1 NaN"),
+    ],
+)
 def test_non_finite_weights(dirs, monkeypatch, dtype, hf_name, value, what):
     src, out = dirs
     import babymodels
@@ -195,7 +211,11 @@ def test_pickle_only_is_refused_and_never_unpickled(dirs, tmp_path):
             return (open, (str(marker), "w"))
 
     (src / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
-    fails(src, out, r"holds only pickle checkpoints \(pytorch_model.bin\), which mixcli never loads \(download the model's \*.safetensors")
+    fails(
+        src,
+        out,
+        r"holds only pickle checkpoints \(pytorch_model.bin\), which mixcli never loads \(download the model's \*.safetensors",
+    )
     assert not marker.exists()
 
 
@@ -218,7 +238,13 @@ def test_output_contains_source_even_with_force(tmp_path):
 def test_unknown_quant(dirs):
     src, out = dirs
     single(src)
-    fails(src, out, r"unknown quantization 'q3_k' \(choose one of q4_0, q4_1, q4_k, q8_0, f16\)", code=EXIT_USAGE, quant="q3_k")
+    fails(
+        src,
+        out,
+        r"unknown quantization 'q3_k' \(choose one of q4_0, q4_1, q4_k, q8_0, f16\)",
+        code=EXIT_USAGE,
+        quant="q3_k",
+    )
 
 
 def test_disk_full_midway(dirs, monkeypatch):
@@ -287,5 +313,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     cmd = [sys.executable, "-m", "mixcli", "convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == EXIT_ERROR
-    assert r.stderr.splitlines() == [f"error: checkpoint directory {tmp_path / 'nope'} does not exist (check the path, or download the model first)"]
+    assert r.stderr.splitlines() == [
+        f"error: checkpoint directory {tmp_path / 'nope'} does not exist (check the path, or download the model first)"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ forced here) is byte-for-byte what one thread writes; an error in either half (N
 on the pool thread, Ctrl-C) reaches the caller and leaves nothing behind; the sink's early
 writeback and short writes change no byte.
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,11 +36,17 @@ def write_model(out: Path, tensors: dict, quant_threads: int, chunk_weights: int
 def test_two_threads_write_the_same_bytes_as_one(tmp_path):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1000, 512)) * 0.02).astype(np.float32)  # [N, K]: chunks of 256 rows, a short last one
-    tensors = {"a": ("q4_0", bf16_bits(x)), "b": ("q8_0r16", bf16_bits(x[:992])), "c": ("q4_0r16", x[:992]),
-               "d": ("q4_1", x.astype(np.float16))}  # the numpy path, split too
+    tensors = {
+        "a": ("q4_0", bf16_bits(x)),
+        "b": ("q8_0r16", bf16_bits(x[:992])),
+        "c": ("q4_0r16", x[:992]),
+        "d": ("q4_1", x.astype(np.float16)),
+    }  # the numpy path, split too
     one = write_model(tmp_path / "one", tensors, quant_threads=1)
     two = write_model(tmp_path / "two", tensors, quant_threads=2)
-    assert (tmp_path / "one" / "weights-00000.bin").read_bytes() == (tmp_path / "two" / "weights-00000.bin").read_bytes()
+    assert (tmp_path / "one" / "weights-00000.bin").read_bytes() == (
+        tmp_path / "two" / "weights-00000.bin"
+    ).read_bytes()
     assert {n: t["sha256"] for n, t in one["tensors"].items()} == {n: t["sha256"] for n, t in two["tensors"].items()}
     for name, (qtype, src) in tensors.items():
         values = (src.astype(np.uint32) << 16).view(np.float32) if src.dtype == np.uint16 else src.astype(np.float32)
@@ -104,7 +111,11 @@ def test_conversion_fails_cleanly_from_either_half(tmp_path, monkeypatch, where)
         return real(raw, qtype, scratch)
 
     monkeypatch.setattr(writer_mod, "encode_chunk", flaky)
-    want = (ConversionInterrupted, "interrupted") if where == "main" else (OutputError, "cannot write .*pool thread failed")
+    want = (
+        (ConversionInterrupted, "interrupted")
+        if where == "main"
+        else (OutputError, "cannot write .*pool thread failed")
+    )
     with pytest.raises(want[0], match=want[1]):
         convert_checkpoint(src, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -150,7 +161,9 @@ def test_early_writeback_and_short_writes_change_no_byte(tmp_path, monkeypatch):
     # each call covers the range sent by the one before it (written back by now) and the new bytes
     assert advised[0][0] == advised[1][0] == 0
     assert all(c[0] == a[0] + a[1] for a, c in zip(advised, advised[2:]))
-    assert (tmp_path / "ref" / "weights-00000.bin").read_bytes() == (tmp_path / "got" / "weights-00000.bin").read_bytes()
+    assert (tmp_path / "ref" / "weights-00000.bin").read_bytes() == (
+        tmp_path / "got" / "weights-00000.bin"
+    ).read_bytes()
     assert {n: t["sha256"] for n, t in ref["tensors"].items()} == {n: t["sha256"] for n, t in got["tensors"].items()}
 
 
@@ -161,10 +174,13 @@ def test_opening_a_checkpoint_does_not_load_numba():
     import subprocess
     import sys
 
-    code = ("import sys, quant.convert, quant.sources.hf; "
-            "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)[:3]")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys, quant.convert, quant.sources.hf; "
+        "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)[:3]"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
     assert r.returncode == 0, r.stderr
 
 

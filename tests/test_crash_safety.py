@@ -7,6 +7,7 @@
 - `/save` onto a full tmpfs (as root), or refused part-way by a file-size limit (any user), keeps
   the previous save whole (quant.atomic).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mixcli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "mixcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixcli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_leftovers_of_a_killed_convert_are_removed_by_the_next(tmp_path):
     # big enough that the conversion is still writing when we look (hidden 1024: ~100 MB of f32)
-    src = make_hf_checkpoint(tmp_path / "src", "llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=8, head_dim=128, vocab_size=512)
+    src = make_hf_checkpoint(
+        tmp_path / "src",
+        "llama",
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=512,
+    )
     outs = tmp_path / "outs"
     p = mixcli("convert", str(src), "-o", str(outs / "model"))
     deadline = time.monotonic() + 120
@@ -49,8 +65,13 @@ def test_leftovers_of_a_killed_convert_are_removed_by_the_next(tmp_path):
     live = outs / f".other.partial-{leftovers.process_tag()}"
     live.mkdir()
     small = make_hf_checkpoint(tmp_path / "small", "llama")
-    r = subprocess.run([sys.executable, "-m", "mixcli", "convert", str(small), "-o", str(outs / "model")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "mixcli", "convert", str(small), "-o", str(outs / "model")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr
     assert f"note: removed 1 leftover of interrupted mixcli runs in {outs} (" in r.stderr and "MB freed)" in r.stderr
     assert sorted(x.name for x in outs.iterdir()) == sorted(["model", live.name])
@@ -78,11 +99,18 @@ def test_two_converts_to_one_output(tmp_path):
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     out = tmp_path / "out"
     with locks.exclusive(out):  # a conversion in progress, as another process would hold it
-        r = subprocess.run([sys.executable, "-m", "mixcli", "convert", str(src), "-o", str(out)],
-                           capture_output=True, text=True, cwd=ROOT, timeout=240)
+        r = subprocess.run(
+            [sys.executable, "-m", "mixcli", "convert", str(src), "-o", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=240,
+        )
     assert r.returncode == 1
-    assert r.stderr.strip() == (f"error: another mixcli (process {os.getpid()}) is writing {out} right now "
-                                "(wait for it to finish, or choose another -o)")
+    assert r.stderr.strip() == (
+        f"error: another mixcli (process {os.getpid()}) is writing {out} right now "
+        "(wait for it to finish, or choose another -o)"
+    )
     assert sorted(x.name for x in tmp_path.iterdir()) == ["src"]  # the lock file went with its holder
     # and two real ones at once: one writes the model, the other refuses; never both "succeed"
     a, b = (mixcli("convert", str(src), "-o", str(out)) for _ in range(2))
@@ -121,8 +149,10 @@ def full_tmpfs(tmp_path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root (the RLIMIT_FSIZE test below covers the same path without it): "
-                    f"{r.stderr.decode().strip()}")
+        pytest.skip(
+            f"mounting a tmpfs needs root (the RLIMIT_FSIZE test below covers the same path without it): "
+            f"{r.stderr.decode().strip()}"
+        )
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
 
@@ -172,8 +202,9 @@ def test_save_that_the_filesystem_refuses_keeps_the_previous_save(tmp_path):
     full disk's ENOSPC, and no root needed to provoke it) leaves the previous save whole and no
     temporary behind."""
     path = tmp_path / "chat.json"
-    r = subprocess.run([sys.executable, "-c", SAVE_PAST_A_SIZE_LIMIT, str(path)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", SAVE_PAST_A_SIZE_LIMIT, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "cannot write" in r.stdout and "File too large" in r.stdout and "the previous file" in r.stdout, r.stdout
     saved = json.loads(path.read_text())

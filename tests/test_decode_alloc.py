@@ -1,6 +1,7 @@
 """Decode allocates nothing of size D or larger (llama2.c's rule, mixcli's DESIGN): the run state,
 the KV cache and the output head's row are preallocated. Measured with tracemalloc, to which
 numpy reports every array it allocates; the peak of one decode step over what was held before."""
+
 from __future__ import annotations
 
 import tracemalloc

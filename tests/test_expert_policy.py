@@ -1,5 +1,6 @@
 """The expert cache's replacement policies on recorded routing, without a model: a replay of
 routing [N, L, K] through ``expert_policy.replay`` counts the hits a pool of slots would get."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """The mutation fuzzer of tests/fuzzing.py, seeded, a few hundred cases: every mutated manifest,
 damaged data file and mutated GGUF header ends in success or one clean error line, with no signal,
 no hang, no runaway memory, and nothing left behind. benchmarks/fuzz.py runs thousands."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ CASES = {"manifest": 150, "data": 40, "gguf": 130}
 
 def _fuzz(tmp_path, *args):
     env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(TESTS / "fuzzing.py"), "--work", str(tmp_path / "fuzz"), *args],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=TESTS.parent)
+    return subprocess.run(
+        [sys.executable, str(TESTS / "fuzzing.py"), "--work", str(tmp_path / "fuzz"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=TESTS.parent,
+    )
 
 
 def test_every_mutated_input_ends_cleanly(tmp_path):

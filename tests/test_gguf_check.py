@@ -1,6 +1,7 @@
 """GGUF header pre-checks (quant.sources.gguf_check): counts and lengths bounded by the file size,
 metadata value types, tensor extents; each damage refused by `convert` in one line naming the field,
 before gguf.GGUFReader could loop or allocate on a bad count."""
+
 from __future__ import annotations
 
 import resource
@@ -52,7 +53,7 @@ def test_array_count_beyond_the_file(seed, tmp_path):
     path, data, reader = seed
     at = _field_value_at(reader, "tokenizer.ggml.tokens") + 4  # after the element type: the u64 count
     bad = bytearray(data)
-    bad[at:at + 8] = struct.pack("<Q", 2**40)
+    bad[at : at + 8] = struct.pack("<Q", 2**40)
     refused(tmp_path, bytes(bad), "array tokenizer.ggml.tokens claims 1099511627776 x 8 bytes")
 
 
@@ -60,7 +61,7 @@ def test_string_length_beyond_the_file(seed, tmp_path):
     path, data, reader = seed
     at = reader.fields["general.architecture"].offset + 8 + len("general.architecture") + 4
     bad = bytearray(data)
-    bad[at:at + 8] = struct.pack("<Q", 2**62)
+    bad[at : at + 8] = struct.pack("<Q", 2**62)
     refused(tmp_path, bytes(bad), "general.architecture is 4611686018427387904 bytes long, but only")
 
 
@@ -74,7 +75,7 @@ def test_metadata_of_the_wrong_type(seed, tmp_path):
     path, data, reader = seed
     at = reader.fields["llama.block_count"].offset + 8 + len("llama.block_count")
     bad = bytearray(data)
-    bad[at:at + 4] = struct.pack("<I", 6)  # the u32 value now reads as a float32
+    bad[at : at + 4] = struct.pack("<I", 6)  # the u32 value now reads as a float32
     refused(tmp_path, bytes(bad), "metadata llama.block_count is")
 
 
@@ -86,10 +87,10 @@ def test_tensor_outside_the_file(seed, tmp_path):
     (n_dims,) = struct.unpack_from("<I", data, n_dims_at)
     offset_at = n_dims_at + 4 + 8 * n_dims + 4
     bad = bytearray(data)
-    bad[offset_at:offset_at + 8] = struct.pack("<Q", 1 << 40)
+    bad[offset_at : offset_at + 8] = struct.pack("<Q", 1 << 40)
     refused(tmp_path, bytes(bad), f"tensor {name} (offset 1099511627776")
     bad = bytearray(data)
-    bad[n_dims_at:n_dims_at + 4] = struct.pack("<I", 9)
+    bad[n_dims_at : n_dims_at + 4] = struct.pack("<I", 9)
     refused(tmp_path, bytes(bad), f"tensor {name} has 9 dimensions")
 
 
@@ -104,9 +105,14 @@ def test_non_utf8_key(seed, tmp_path):
 def test_metadata_that_would_divide_by_zero_is_never_written(tmp_path, seed):
     """rms eps 0 (a ZeroDivisionError-class config) is refused before anything is written."""
     path, data, reader = seed
-    at = reader.fields["llama.attention.layer_norm_rms_epsilon"].offset + 8 + len("llama.attention.layer_norm_rms_epsilon") + 4
+    at = (
+        reader.fields["llama.attention.layer_norm_rms_epsilon"].offset
+        + 8
+        + len("llama.attention.layer_norm_rms_epsilon")
+        + 4
+    )
     bad = bytearray(data)
-    bad[at:at + 4] = struct.pack("<f", 0.0)
+    bad[at : at + 4] = struct.pack("<f", 0.0)
     refused(tmp_path, bytes(bad), "rms_norm_eps is 0.0, expected a number > 0")
 
 
@@ -119,19 +125,24 @@ def test_nan_in_a_copied_tensor_is_refused(tmp_path):
     weights = random_weights(cfg)
     weights["model.layers.1.post_attention_layernorm.weight"][5] = float("nan")
     src = write_gguf(tmp_path / "nan.gguf", cfg, weights)
-    with pytest.raises(CheckpointError, match=r"tensor blk\.1\.ffn_norm\.weight has 1 NaN or inf value\(s\) in its weights"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor blk\.1\.ffn_norm\.weight has 1 NaN or inf value\(s\) in its weights"
+    ):
         convert_gguf(src, tmp_path / "out" / "model")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("llama.attention.head_count", 0, "metadata llama.attention.head_count is 0, expected 1.."),  # d // h
-    ("llama.block_count", 1000, "llama.block_count is 1000, but"),  # a name list of more layers than tensors
-    ("llama.expert_count", 2**31 - 1, "llama.expert_count is 2147483647, which the expert tensors do not hold"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("llama.attention.head_count", 0, "metadata llama.attention.head_count is 0, expected 1.."),  # d // h
+        ("llama.block_count", 1000, "llama.block_count is 1000, but"),  # a name list of more layers than tensors
+        ("llama.expert_count", 2**31 - 1, "llama.expert_count is 2147483647, which the expert tensors do not hold"),
+    ],
+)
 def test_counts_that_would_divide_by_zero_or_explode(seed, tmp_path, key, value, fragment):
     path, data, reader = seed
     at = reader.fields[key].offset + 8 + len(key) + 4  # the u32 value
     bad = bytearray(data)
-    bad[at:at + 4] = struct.pack("<I", value)
+    bad[at : at + 4] = struct.pack("<I", value)
     refused(tmp_path, bytes(bad), fragment)

@@ -7,6 +7,7 @@ loader (its q/k reverse permutation and its tokenizer built from GGUF metadata).
 "mixtral", seed=s)`` holds the same float weights as ``babymodels.make_hf_checkpoint(dir,
 "mixtral", seed=s)``, so a GGUF import and a safetensors conversion of one model can be compared.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,10 +38,10 @@ CHATML = (
 CORPUS = "the cat sat on the mat. the dog ate the hat, then the cat ran! Is that the rat? The end."
 
 
-
 def _tiled(qtype: str, w: np.ndarray) -> str:
     """The storage type a matrix of block type ``qtype`` gets: row-tiled when its rows allow."""
     return row_tiled(qtype, w.shape[0]) if w.ndim == 2 else qtype
+
 
 def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     """A tiny GPT-2 style vocabulary (tokens, token types, merges) learned by BPE on CORPUS:
@@ -56,7 +57,7 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
             for a, b in zip(w, w[1:]):
                 counts[(a, b)] = counts.get((a, b), 0) + 1
         if not counts:  # the corpus is fully merged: pad with more single characters
-            tokens += [c for c in "0123456789ABCDEFGHJKLMNOPQRSUVWXYZ" if c not in tokens][:size - len(tokens)]
+            tokens += [c for c in "0123456789ABCDEFGHJKLMNOPQRSUVWXYZ" if c not in tokens][: size - len(tokens)]
             break
         (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
         merges.append(f"{a} {b}")
@@ -66,7 +67,7 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
             i = 0
             while i < len(w) - 1:
                 if w[i] == a and w[i + 1] == b:
-                    w[i:i + 2] = [a + b]
+                    w[i : i + 2] = [a + b]
                 i += 1
     types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
     return tokens, types, merges
@@ -109,8 +110,14 @@ def q4_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """6-bit codes sc, mn [..., 8] -> Q4_K / Q5_K's 12 packed bytes (llama.cpp's layout)."""
-    return np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
-                           (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], axis=-1)
+    return np.concatenate(
+        [
+            sc[..., :4] | ((sc[..., 4:] >> 4) << 6),
+            mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
+        ],
+        axis=-1,
+    )
 
 
 def q5_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
@@ -142,12 +149,21 @@ def q6_k_gguf_bytes(w: np.ndarray) -> np.ndarray:
         step = (d[..., None].astype(np.float32) * sc)[..., None]
         q = (np.where(step != 0, np.clip(np.rint(x / step), -32, 31), 0) + 32).astype(np.uint8)  # 0..63
     q = q.reshape(*q.shape[:2], 2, 4, 32)  # [R, NS, half, j, l]
-    ql = np.concatenate([(q[:, :, :, 0] & 15) | ((q[:, :, :, 2] & 15) << 4),
-                         (q[:, :, :, 1] & 15) | ((q[:, :, :, 3] & 15) << 4)], axis=-1)  # [R, NS, 2, 64]
+    ql = np.concatenate(
+        [(q[:, :, :, 0] & 15) | ((q[:, :, :, 2] & 15) << 4), (q[:, :, :, 1] & 15) | ((q[:, :, :, 3] & 15) << 4)],
+        axis=-1,
+    )  # [R, NS, 2, 64]
     qh = ((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [R, NS, 2, 32]
     r, ns = q.shape[:2]
-    return np.concatenate([ql.reshape(r, ns, 128), qh.reshape(r, ns, 64), sc.view(np.uint8),
-                           d[..., None].view(np.uint8).reshape(r, ns, 2)], axis=-1).reshape(*lead, k // 256 * 210)
+    return np.concatenate(
+        [
+            ql.reshape(r, ns, 128),
+            qh.reshape(r, ns, 64),
+            sc.view(np.uint8),
+            d[..., None].view(np.uint8).reshape(r, ns, 2),
+        ],
+        axis=-1,
+    ).reshape(*lead, k // 256 * 210)
 
 
 def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
@@ -167,10 +183,19 @@ def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
 DEFAULT_TYPES = {"linear": Q.Q4_0, "embed": Q.Q8_0, "output": Q.Q8_0, "norm": Q.F32, "router": Q.F32}
 
 
-def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], *,
-               types: dict[str, Q] | None = None, stacked: bool = True, arch: str = "llama",
-               chat_template: str | None = CHATML, tokenizer: str = "gpt2", split_max_tensors: int = 0,
-               overrides: dict[str, Q] | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    cfg: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    *,
+    types: dict[str, Q] | None = None,
+    stacked: bool = True,
+    arch: str = "llama",
+    chat_template: str | None = CHATML,
+    tokenizer: str = "gpt2",
+    split_max_tensors: int = 0,
+    overrides: dict[str, Q] | None = None,
+) -> Path:
     """Write HF-named float weights as a llama.cpp GGUF: names, permuted q/k, metadata, vocab.
 
     ``types`` maps role (linear, embed, output, norm, router) to a GGUF type; ``stacked`` writes
@@ -246,8 +271,9 @@ def write_gguf(path: Path, cfg: dict[str, Any], weights: dict[str, np.ndarray], 
     return Path(shards[0])
 
 
-def make_gguf_checkpoint(path: Path, kind: str = "mixtral", *, tied: bool = False, seed: int = 0,
-                         **kw: Any) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+def make_gguf_checkpoint(
+    path: Path, kind: str = "mixtral", *, tied: bool = False, seed: int = 0, **kw: Any
+) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
     """A baby GGUF with babymodels' float weights for (kind, tied, seed): (file, cfg, weights)."""
     cfg = {**BABY_DEFAULTS[kind], "tie_word_embeddings": tied}
     weights = random_weights(cfg, seed)
@@ -262,10 +288,15 @@ def hf_name(name: str) -> str:
     parts = name.split(".")
     p = f"model.layers.{parts[1]}."
     rest = ".".join(parts[2:])
-    fixed = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-             "attn.wq": "self_attn.q_proj.weight", "attn.wk": "self_attn.k_proj.weight",
-             "attn.wv": "self_attn.v_proj.weight", "attn.wo": "self_attn.o_proj.weight",
-             "moe.gate": "block_sparse_moe.gate.weight"}
+    fixed = {
+        "attn_norm": "input_layernorm.weight",
+        "ffn_norm": "post_attention_layernorm.weight",
+        "attn.wq": "self_attn.q_proj.weight",
+        "attn.wk": "self_attn.k_proj.weight",
+        "attn.wv": "self_attn.v_proj.weight",
+        "attn.wo": "self_attn.o_proj.weight",
+        "moe.gate": "block_sparse_moe.gate.weight",
+    }
     if rest in fixed:
         return p + fixed[rest]
     e, wn = parts[3], parts[4]
@@ -287,7 +318,12 @@ def test_mixtral_gguf_config_and_exact_blocks(tmp_path, stacked):
     src, cfg, weights = make_gguf_checkpoint(tmp_path / "baby.gguf", "mixtral", stacked=stacked)
     ck = open_gguf(src)
     c = ck.config
-    assert (c.architecture, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == ("MixtralForCausalLM", 64, 96, 2)
+    assert (c.architecture, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (
+        "MixtralForCausalLM",
+        64,
+        96,
+        2,
+    )
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (4, 2, 16, 100)
     assert (c.num_local_experts, c.num_experts_per_tok, c.tie_word_embeddings) == (4, 2, False)
     assert c.rope_theta == cfg["rope_theta"] and c.max_position_embeddings == cfg["max_position_embeddings"]
@@ -299,8 +335,17 @@ def test_mixtral_gguf_config_and_exact_blocks(tmp_path, stacked):
     assert summary.max_abs_err == 0.0 and m["source"]["kind"] == "gguf"
     for name, t in m["tensors"].items():
         want_type = {"embed": "q8_0", "output": "q8_0", "norm": "f32", "router": "f32"}.get(
-            "embed" if name == "tok_embeddings" else "output" if name == "output" else
-            "norm" if name.endswith("norm") else "router" if name.endswith("moe.gate") else "linear", "q4_0")
+            "embed"
+            if name == "tok_embeddings"
+            else "output"
+            if name == "output"
+            else "norm"
+            if name.endswith("norm")
+            else "router"
+            if name.endswith("moe.gate")
+            else "linear",
+            "q4_0",
+        )
         want_type = _tiled(want_type, weights[hf_name(name)])
         assert t["type"] == want_type, name
         ours = read_tensor_parts(out, m, name)
@@ -496,8 +541,12 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
     assert info["extra_eos_tokens"] == ["<|endoftext|>"]
     ours = load_tokenizer(out, info)
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="baby.gguf")
-    texts = ["the cat sat on the mat.", "<|im_start|>user\nIs that the rat?<|im_end|>\n", "The  end, then the dog!",
-             "hat the at eht"]
+    texts = [
+        "the cat sat on the mat.",
+        "<|im_start|>user\nIs that the rat?<|im_end|>\n",
+        "The  end, then the dog!",
+        "hat the at eht",
+    ]
     for text in texts:
         ids = ours.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False), text
@@ -519,8 +568,9 @@ def test_sentencepiece_tokenizer_matches_transformers():
     scores = [0.0] * (3 + 256) + [-100.0 - i for i in range(len(chars))] + [-1.0 - i for i in range(len(pieces))]
     meta = {"tokenizer.ggml.model": "llama"}
     ours = build_tokenizer(meta, tokens, types, None, scores)
-    ref, _ = convert_gguf_tokenizer("llama", {"tokenizer_type": "llama", "tokens": tokens, "scores": scores,
-                                              "token_type": types})
+    ref, _ = convert_gguf_tokenizer(
+        "llama", {"tokenizer_type": "llama", "tokens": tokens, "scores": scores, "token_type": types}
+    )
     for text in ["the cat sat on the mat", "here, there", " leading space", "café ünï 🤖", "<s>the</s>"]:
         got = ours.encode(text, add_special_tokens=False)
         assert got.ids == ref.encode(text, add_special_tokens=False).ids, text
@@ -612,8 +662,9 @@ def test_cli_convert_gguf_keeps_blocks_and_refuses_keep_for_a_directory(tmp_path
 def test_split_gguf_converts_like_the_single_file(tmp_path):
     """The shards of a split GGUF (named by any of them) give the model the single file gives."""
     (tmp_path / "one").mkdir()
-    single, cfg, weights = make_gguf_checkpoint(tmp_path / "one" / "baby.gguf", "mixtral", seed=3,
-                                                types={"output": Q.Q5_0})
+    single, cfg, weights = make_gguf_checkpoint(
+        tmp_path / "one" / "baby.gguf", "mixtral", seed=3, types={"output": Q.Q5_0}
+    )
     (tmp_path / "split").mkdir()
     first = write_gguf(tmp_path / "split" / "baby.gguf", cfg, weights, types={"output": Q.Q5_0}, split_max_tensors=9)
     shards = sorted((tmp_path / "split").iterdir())
@@ -635,7 +686,9 @@ def test_split_gguf_missing_or_foreign_shard(tmp_path):
     second = tmp_path / "m-00002-of-00003.gguf"
     data = second.read_bytes()
     second.unlink()
-    _assert_clean_failure(tmp_path, first, r"one of 3 shards of a split GGUF, and m-00002-of-00003.gguf is missing \(download all 3 files")
+    _assert_clean_failure(
+        tmp_path, first, r"one of 3 shards of a split GGUF, and m-00002-of-00003.gguf is missing \(download all 3 files"
+    )
     # a shard from elsewhere under the right name: its split metadata gives it away
     (tmp_path / "m-00003-of-00003.gguf").rename(second)
     (tmp_path / "m-00003-of-00003.gguf").write_bytes(data)
@@ -652,7 +705,9 @@ def test_reading_tensors_leaves_no_file_pages_resident(tmp_path):
     src = write_gguf(tmp_path / "r.gguf", cfg, random_weights(cfg), types={"output": Q.Q5_0})  # ~1 MB
     ref_reader = gguf.GGUFReader(src)
     header_end = min(int(t.data_offset) for t in ref_reader.tensors)
-    want = gguf.quants.dequantize(np.array(next(t for t in ref_reader.tensors if t.name == "blk.1.ffn_down_exps.weight").data[2]), Q.Q4_0)
+    want = gguf.quants.dequantize(
+        np.array(next(t for t in ref_reader.tensors if t.name == "blk.1.ffn_down_exps.weight").data[2]), Q.Q4_0
+    )
     del ref_reader
     gc.collect()
     assert _mapped_rss_kib(src) is None  # no map of it left

@@ -13,6 +13,7 @@ the same stored tensors, bit for bit, and so the same logits.
   Q8_0) imported keeping its blocks, against ``convert_checkpoint(quant="q4_0")``: our quantizer
   writes the same blocks llama.cpp writes, so the two model directories hold identical tensors.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,9 @@ def test_gguf_import_equals_safetensors_conversion(tmp_path: Path, case: str):
     types, gguf_quant, st_quant, stacked, tied = CASES[case]
     seed = 3
     hf_dir = make_hf_checkpoint(tmp_path / "hf", "mixtral", dtype="f32", seed=seed, tied=tied)
-    src, cfg, _ = make_gguf_checkpoint(tmp_path / "baby.gguf", "mixtral", seed=seed, tied=tied, types=types,
-                                       stacked=stacked)
+    src, cfg, _ = make_gguf_checkpoint(
+        tmp_path / "baby.gguf", "mixtral", seed=seed, tied=tied, types=types, stacked=stacked
+    )
     reader = gguf.GGUFReader(src)
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.expert_count"].contents() == cfg["num_local_experts"]

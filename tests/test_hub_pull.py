@@ -6,6 +6,7 @@ points ``huggingface_hub`` at it; HF_HUB_CACHE / HF_HOME at a private directory,
 reads the user's Hugging Face cache or token, and nothing reaches the network. The reference
 for every pulled model is what ``mixcli convert`` makes of the same files on disk.
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,8 +47,11 @@ def sources(tmp_path_factory):
     st_files["pytorch_model.bin"] = b"\0" * 64  # a pickle: never downloaded
     st_files["README.md"] = README
     quants = {}
-    for qtype, name in ((Q.Q4_0, "baby-mixtral.Q4_0.gguf"), (Q.Q8_0, "baby-mixtral.Q8_0.gguf"),
-                        (Q.Q4_1, "baby-mixtral-Q4_1.gguf")):
+    for qtype, name in (
+        (Q.Q4_0, "baby-mixtral.Q4_0.gguf"),
+        (Q.Q8_0, "baby-mixtral.Q8_0.gguf"),
+        (Q.Q4_1, "baby-mixtral-Q4_1.gguf"),
+    ):
         (d / qtype.name).mkdir()
         path, _, _ = make_gguf_checkpoint(d / qtype.name / name, "mixtral", seed=2, types={"linear": qtype})
         quants[name] = path
@@ -58,9 +62,15 @@ def sources(tmp_path_factory):
     split_files = {f"Q4_0/{p.name}": p.read_bytes() for p in sorted((d / "split").iterdir())}
     split_files["baby-Q8_0.gguf"] = gguf_files["baby-mixtral.Q8_0.gguf"]
     return {
-        "repos": {"baby/mixtral-st": st_files, "baby/mixtral-gguf": gguf_files, "baby/mixtral-split": split_files,
-                  "gated/mixtral-gguf": {"baby-mixtral.Q4_0.gguf": gguf_files["baby-mixtral.Q4_0.gguf"]}},
-        "st_dir": st, "quants": quants, "split_first": first,
+        "repos": {
+            "baby/mixtral-st": st_files,
+            "baby/mixtral-gguf": gguf_files,
+            "baby/mixtral-split": split_files,
+            "gated/mixtral-gguf": {"baby-mixtral.Q4_0.gguf": gguf_files["baby-mixtral.Q4_0.gguf"]},
+        },
+        "st_dir": st,
+        "quants": quants,
+        "split_first": first,
     }
 
 
@@ -104,8 +114,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixcli", *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                          env=_env(**env), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mixcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=_env(**env),
+        timeout=600,
+    )
 
 
 # -- the command forms ----------------------------------------------------------------------------
@@ -125,8 +141,11 @@ def test_pull_gguf_quant_tag_then_found_by_the_same_reference(hub, sources, tmp_
 
     pull("baby/mixtral-gguf:Q4_1")  # the `-Q4_1.gguf` spelling of the label
     assert _store() == ["baby--mixtral-gguf--Q4_1", "baby--mixtral-gguf--Q8_0"]
-    with pytest.raises(MixcliError, match=r"several models were pulled from baby/mixtral-gguf \(baby/mixtral-gguf:Q4_1, "
-                                          r"baby/mixtral-gguf:Q8_0\) \(name one with its :QUANT tag\)"):
+    with pytest.raises(
+        MixcliError,
+        match=r"several models were pulled from baby/mixtral-gguf \(baby/mixtral-gguf:Q4_1, "
+        r"baby/mixtral-gguf:Q8_0\) \(name one with its :QUANT tag\)",
+    ):
         resolve_model("baby/mixtral-gguf")
 
 
@@ -144,8 +163,12 @@ def test_pull_safetensors_repo_downloads_only_what_conversion_needs(hub, sources
     assert path == models_dir() / "baby--mixtral-st"
     assert _tensor_shas(path) == _reference(tmp_path, sources["st_dir"], "st", quant="q4_1")
     got = {p.rsplit("/", 1)[-1] for m, p, _ in hub.log if m == "GET" and "/resolve/" in p}
-    assert got == {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                   "model-00002-of-00002.safetensors"}
+    assert got == {
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    }
     assert resolve_model("baby/mixtral-st") == path
     assert not downloads_dir().exists()
 
@@ -302,8 +325,12 @@ def test_free_space_check_refuses_with_the_numbers(hub, monkeypatch):
 def test_files_in_the_hf_cache_are_not_downloaded_again_nor_deleted(hub, monkeypatch, sources, tmp_path):
     from huggingface_hub import hf_hub_download
 
-    cached = hf_hub_download("baby/mixtral-gguf", "baby-mixtral.Q4_0.gguf", cache_dir=os.environ["HF_HUB_CACHE"],
-                             endpoint=os.environ["HF_ENDPOINT"])
+    cached = hf_hub_download(
+        "baby/mixtral-gguf",
+        "baby-mixtral.Q4_0.gguf",
+        cache_dir=os.environ["HF_HUB_CACHE"],
+        endpoint=os.environ["HF_ENDPOINT"],
+    )
     hub.log.clear()
     path = pull("baby/mixtral-gguf:Q4_0")
     assert hub.gets("baby-mixtral.Q4_0.gguf") == []
@@ -333,7 +360,9 @@ def test_keep_source_keeps_the_download_for_the_next_pull(hub):
 def hub_registry(hub, tmp_path, monkeypatch):
     from mixcli import registry
 
-    text = registry.REGISTRY_FILE.read_text() + '''
+    text = (
+        registry.REGISTRY_FILE.read_text()
+        + """
 [models.baby-hub]
 aliases = ["baby"]
 description = "a baby Mixtral on the stand-in Hub"
@@ -342,7 +371,8 @@ quant = "keep"
 [models.baby-hub.source]
 kind = "huggingface"
 repo = "baby/mixtral-gguf:Q4_1"
-'''
+"""
+    )
     path = tmp_path / "models.toml"
     path.write_text(text)
     real = registry.load_registry
@@ -395,24 +425,34 @@ def test_cli_pull_registry_name(hub_registry):
 
 
 # -- pure functions ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("text,want", [
-    ("TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:Q4_K_M", ("TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF", "Q4_K_M")),
-    ("mistralai/Mixtral-8x7B-v0.1", ("mistralai/Mixtral-8x7B-v0.1", None)),
-    ("hf.co/a/b:q8_0", ("a/b", "q8_0")),
-    ("https://huggingface.co/a/b", ("a/b", None)),
-    ("mixtral", None), ("./models/x", None), ("a/b/c", None), ("a--x/b", None), ("/abs/path", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:Q4_K_M", ("TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF", "Q4_K_M")),
+        ("mistralai/Mixtral-8x7B-v0.1", ("mistralai/Mixtral-8x7B-v0.1", None)),
+        ("hf.co/a/b:q8_0", ("a/b", "q8_0")),
+        ("https://huggingface.co/a/b", ("a/b", None)),
+        ("mixtral", None),
+        ("./models/x", None),
+        ("a/b/c", None),
+        ("a--x/b", None),
+        ("/abs/path", None),
+    ],
+)
 def test_parse_ref(text, want):
     ref = hubmod.parse_ref(text)
     assert (None if ref is None else (ref.repo, ref.tag)) == want
 
 
-@pytest.mark.parametrize("name,label", [
-    ("mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf", "Q4_K_M"),
-    ("Mixtral-8x7B-Instruct-v0.1-Q6_K-00002-of-00002.gguf", "Q6_K"),
-    ("Q8_0/Mixtral-Q8_0-00001-of-00003.gguf", "Q8_0"),
-    ("model-f16.gguf", "f16"),
-])
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        ("mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf", "Q4_K_M"),
+        ("Mixtral-8x7B-Instruct-v0.1-Q6_K-00002-of-00002.gguf", "Q6_K"),
+        ("Q8_0/Mixtral-Q8_0-00001-of-00003.gguf", "Q8_0"),
+        ("model-f16.gguf", "f16"),
+    ],
+)
 def test_gguf_label(name, label):
     assert hubmod.gguf_label(name) == label
 
@@ -420,8 +460,11 @@ def test_gguf_label(name, label):
 def test_a_missing_relative_path_is_not_taken_for_a_repo(hub, tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(MixcliError, match=r"model directory models/mixtral-q4 does not exist \(check the path; "
-                                          r"for the Hugging Face repo models/mixtral-q4, run `mixcli pull"):
+    with pytest.raises(
+        MixcliError,
+        match=r"model directory models/mixtral-q4 does not exist \(check the path; "
+        r"for the Hugging Face repo models/mixtral-q4, run `mixcli pull",
+    ):
         resolve_model("models/mixtral-q4", pull=lambda target: pytest.fail("offered a pull"))
     assert hub.log == []
 

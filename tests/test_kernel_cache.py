@@ -2,6 +2,7 @@
 install): compiled kernels go to the user's cache directory instead, and the next process loads
 them from there rather than compiling again; and the one-line compile notice appears only when
 something is compiled."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def test_cache_falls_back_to_the_user_cache_dir(tmp_path):
     env.update(PYTHONPATH=str(src), XDG_CACHE_HOME=str(xdg), PYTHONDONTWRITEBYTECODE="1")
     runs = []
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
     first, second = runs

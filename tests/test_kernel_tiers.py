@@ -2,6 +2,7 @@
 and that every tier's byte dot compiles to the instructions it is meant to use on its CPU, also
 for CPUs this host is not (the arithmetic of each tier the host executes is checked against the
 numpy twins in test_kernels.py)."""
+
 from __future__ import annotations
 
 import llvmlite.binding as llvm

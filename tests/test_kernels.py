@@ -11,6 +11,7 @@ rounding only) and against the exact f32 product within the rigorous bound that 
 GGUF's K-quants (q6_k, q5_k: one plain-numba kernel set in every tier's table) are checked the
 same way, on random GGUF super-blocks.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,13 +62,16 @@ QSHAPES = [(1, 32), (5, 96), (13, 160), (9, 4096)]
 TSHAPES = [(16, 32), (32, 96), (48, 160), (16, 4096)]  # tiled: N a multiple of 16
 # q4_k also at K = 576 (18 blocks: two super-blocks of 8 and a partial one of 2; K = 96 and 160
 # are one partial super-block)
-QCASES = ([(q, n, k) for q in QTYPES for n, k in QSHAPES] + [(q, n, k) for q in TILED for n, k in TSHAPES]
-          + [("q4_k", 5, 576), ("q4_kr16", 32, 576)]
-          + [(q, n, k) for q in KTYPES for n, k in [(1, 256), (5, 512), (19, 768)]])
+QCASES = (
+    [(q, n, k) for q in QTYPES for n, k in QSHAPES]
+    + [(q, n, k) for q in TILED for n, k in TSHAPES]
+    + [("q4_k", 5, 576), ("q4_kr16", 32, 576)]
+    + [(q, n, k) for q in KTYPES for n, k in [(1, 256), (5, 512), (19, 768)]]
+)
 
 
 TIERS = kernels.host_tiers()  # best first, always ending with "generic"
-TABLES = ([(TIERS[0], "int8"), (TIERS[0], "int8x2")] + [(t, "int8x2") for t in TIERS[1:]] + [(TIERS[0], "f32")])
+TABLES = [(TIERS[0], "int8"), (TIERS[0], "int8x2")] + [(t, "int8x2") for t in TIERS[1:]] + [(TIERS[0], "f32")]
 K = kernels.select(TIERS[0])  # the table a model gets here by default, for the non-quantized kernels
 F32 = kernels.select(TIERS[0], "f32")  # x kept in f32 (f32.* for the block types, kquants for K-quants)
 
@@ -136,7 +140,8 @@ def test_quantize_act_levels_matches_twin(levels):
     X[1, :32] = 0.0  # an all-zero block
     X[2, 40] = 300.0  # an outlier that coarsens its block's first level
     bufs = [
-        (np.empty((3 * levels, 96), np.int8),) + tuple(np.empty((3 * levels, 3), np.float32) for _ in range(3))
+        (np.empty((3 * levels, 96), np.int8),)
+        + tuple(np.empty((3 * levels, 3), np.float32) for _ in range(3))
         + (np.empty((3, 3), np.float32),)
         for _ in range(2)
     ]
@@ -289,6 +294,7 @@ def test_silu_mul_written_out_exp_matches_torch_everywhere():
     inplace = x.copy()
     K.silu_mul(inplace, b, inplace)
     np.testing.assert_array_equal(inplace, got)
+
 
 def _torch_route(logits, k):
     p = torch.softmax(torch.from_numpy(logits), dim=-1, dtype=torch.float32)

@@ -7,6 +7,7 @@ tensor re-quantized and gives transformers-from-GGUF's logits.
 The blocks are random bytes with finite fp16 scales: every bit pattern of the codes occurs, and
 the check is equality of float32 bits, not closeness.
 """
+
 from __future__ import annotations
 
 import gguf
@@ -31,7 +32,7 @@ def random_k_blocks(rng: np.random.Generator, ggml_type: str, n: int, k: int) ->
     blocks = rng.integers(0, 256, size=(n, k // 256, nb), dtype=np.uint8)
     for off in SCALE_OFFSETS[ggml_type]:
         scale = (rng.standard_normal((n, k // 256)) * 0.01).astype("<f2")
-        blocks[:, :, off:off + 2] = scale[..., None].view(np.uint8).reshape(n, k // 256, 2)
+        blocks[:, :, off : off + 2] = scale[..., None].view(np.uint8).reshape(n, k // 256, 2)
     return blocks.reshape(n, -1)
 
 
@@ -43,8 +44,9 @@ def test_k_blocks_import_and_decode_bit_for_bit(ggml_type, n, k):
     ours = EXACT_TYPES[ggml_type]
     parts = split_blocks(data, ggml_type, k)
     want_shapes = QUANT_TYPES[ours].part_shapes(n, k)
-    assert {p: (a.shape, a.dtype.str.replace("|", "")) for p, a in parts.items()} == \
-        {p: (s, np.dtype(dt).str.replace("|", "")) for p, (s, dt) in want_shapes.items()}
+    assert {p: (a.shape, a.dtype.str.replace("|", "")) for p, a in parts.items()} == {
+        p: (s, np.dtype(dt).str.replace("|", "")) for p, (s, dt) in want_shapes.items()
+    }
     # no bit changed: the parts, laid back field by field per super-block, are the GGUF bytes
     ns = k // 256
     fields = [parts[p].view(np.uint8).reshape(n, ns, -1) for p in GGUF_FIELDS[ggml_type]]
@@ -156,8 +158,13 @@ def test_a_requantized_tensor_is_named_in_the_summary(tmp_path):
     from test_gguf_import import Q4_K_BABY, write_gguf
 
     cfg = {**BABY_DEFAULTS["llama"], **Q4_K_BABY, "tie_word_embeddings": False}
-    src = write_gguf(tmp_path / "mixed.gguf", cfg, random_weights(cfg, 9), types={"linear": Q.Q4_K, "output": Q.Q6_K},
-                     overrides={"blk.1.attn_v.weight": Q.Q5_0})
+    src = write_gguf(
+        tmp_path / "mixed.gguf",
+        cfg,
+        random_weights(cfg, 9),
+        types={"linear": Q.Q4_K, "output": Q.Q6_K},
+        overrides={"blk.1.attn_v.weight": Q.Q5_0},
+    )
     summary = convert_gguf(src, tmp_path / "out")
     assert summary.requantized == ("blk.1.attn_v.weight",) and summary.max_abs_err > 0
     assert requantized_text(summary) == "1 GGUF tensor: blk.1.attn_v.weight"
@@ -217,10 +224,11 @@ def test_k_blocks_need_k_a_multiple_of_256(tmp_path):
     reader = gguf.GGUFReader(src)
     at = _tensor_info_at(reader, "output.weight") + 8 + len("output.weight") + 4  # its ne[0] (u64)
     data = bytearray(src.read_bytes())
-    assert int.from_bytes(data[at:at + 8], "little") == 256
-    data[at:at + 8] = (128).to_bytes(8, "little")
-    assert "output.weight has dimensions [128, 100] (each > 0, the first a multiple of 256)" in \
-        refused(tmp_path, bytes(data), "the first a multiple of 256")
+    assert int.from_bytes(data[at : at + 8], "little") == 256
+    data[at : at + 8] = (128).to_bytes(8, "little")
+    assert "output.weight has dimensions [128, 100] (each > 0, the first a multiple of 256)" in refused(
+        tmp_path, bytes(data), "the first a multiple of 256"
+    )
 
     out = tmp_path / "model"
     convert_gguf(src, out)
@@ -232,5 +240,7 @@ def test_k_blocks_need_k_a_multiple_of_256(tmp_path):
         bad = json.loads(json.dumps(m))
         bad["config"]["hidden_size"] = 128
         bad["tensors"]["tok_embeddings"].update(shape=[cfg["vocab_size"], 128], type=qtype)
-        with pytest.raises(FormatError, match=f"tensor tok_embeddings of shape \\[100, 128\\] cannot be stored as {qtype}"):
+        with pytest.raises(
+            FormatError, match=f"tensor tok_embeddings of shape \\[100, 128\\] cannot be stored as {qtype}"
+        ):
             check_manifest(bad, sizes.get)

@@ -2,6 +2,7 @@
 gguf's own Q8_0 quantizer, the q8_0 and tiled prefill kernels against their numpy twins (and the
 twins against torch's SDPA in float64), and a model's logits with a q8_0 cache against the same
 model with the fp16 cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -104,8 +105,9 @@ def test_q8_0_kernel_matches_twin_and_torch(H, KVH, HD, T, pos0):
 
 
 @pytest.mark.parametrize("H,KVH,HD", SHAPES)
-@pytest.mark.parametrize("T,pos0,q_tile,kv_tile", [(2, 0, 256, 512), (17, 40, 4, 16), (40, 3, 16, 7),
-                                                   (33, 200, 32, 64)])
+@pytest.mark.parametrize(
+    "T,pos0,q_tile,kv_tile", [(2, 0, 256, 512), (17, 40, 4, 16), (40, 3, 16, 7), (33, 200, 32, 64)]
+)
 def test_tiled_prefill_matches_twin(H, KVH, HD, T, pos0, q_tile, kv_tile, monkeypatch):
     """Several query and key tiles (small tile sizes), the diagonal tile partly masked, key tiles
     that do not divide the window."""
@@ -123,7 +125,7 @@ def test_tiled_prefill_matches_twin(H, KVH, HD, T, pos0, q_tile, kv_tile, monkey
     # the same window through the decode kernel, one token after another, agrees too
     one = np.empty_like(q)
     for t in range(T):
-        A.attention(q[t:t + 1], c.k[0], c.v[0], pos0 + t, scale, one[t:t + 1], np.empty((H, pos0 + T), np.float32))
+        A.attention(q[t : t + 1], c.k[0], c.v[0], pos0 + t, scale, one[t : t + 1], np.empty((H, pos0 + T), np.float32))
     _close(got, one)
 
 

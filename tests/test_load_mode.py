@@ -1,5 +1,6 @@
 """Weights read into memory or memory-mapped (mixcli.store load modes): the same numbers either way,
 the size rule that picks one, and the command-line switch."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ def test_memory_mode_holds_a_private_copy(baby):
 
 
 def test_auto_rule(monkeypatch):
-    """"auto" reads a model that takes at most 60% of the available memory (or fits the
+    """ "auto" reads a model that takes at most 60% of the available memory (or fits the
     --max-memory budget when one is given) and at most 4 GiB, maps any other; an explicit mode is
     kept."""
     monkeypatch.setattr(store_mod, "available_memory", lambda: 10_000)

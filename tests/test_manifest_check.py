@@ -1,6 +1,7 @@
 """The one manifest check (quant.formats.check_manifest): each rule it enforces, on a real
 converted baby Mixtral, through the pure function and through both of its callers (the writer's
 verify_model_dir and the loader, mixcli.store.open_model_dir)."""
+
 from __future__ import annotations
 
 import copy
@@ -46,6 +47,7 @@ def test_the_intact_manifest_passes(model):
 
 def _set(path: str, value):
     """A mutation: set the manifest field at a dotted path (list indices as numbers)."""
+
     def apply(m):
         keys = path.split("|")
         obj = m
@@ -56,6 +58,7 @@ def _set(path: str, value):
             del obj[last]
         else:
             obj[int(last) if isinstance(obj, list) else last] = value
+
     return apply
 
 
@@ -91,7 +94,10 @@ RULES = [
     (_set("tensors|norm", DELETE), "the config implies"),
     # the config's shapes disagree with the tensors (a loader that trusted it would index out of bounds)
     (_set("config|vocab_size", 200), "tensor tok_embeddings has shape [100, 64], the config implies [200, 64]"),
-    (_set("config|intermediate_size", 128), "tensor layers.0.experts.0.w1 has shape [96, 64], the config implies [128, 64]"),
+    (
+        _set("config|intermediate_size", 128),
+        "tensor layers.0.experts.0.w1 has shape [96, 64], the config implies [128, 64]",
+    ),
     (_set("config|head_dim", 32), "tensor layers.0.attn.wq has shape [64, 64], the config implies [128, 64]"),
     (_set(WQ + "|shape", [64, 32]), "tensor layers.0.attn.wq has shape [64, 32]"),
     (_set(WQ + "|type", "q3_x"), "storage type 'q3_x', which this mixcli does not know"),
@@ -129,7 +135,11 @@ def test_each_rule(model, mutate, message):
 def test_both_callers_refuse_a_config_that_disagrees_with_the_tensors(model, tmp_path):
     """The two rules the loader missed before: shapes from the config, and expert regions."""
     d, m = model
-    picked = [r for r in RULES if r[1].startswith(("tensor tok_embeddings has shape", "expert region layers.0.experts.1 (offset"))]
+    picked = [
+        r
+        for r in RULES
+        if r[1].startswith(("tensor tok_embeddings has shape", "expert region layers.0.experts.1 (offset"))
+    ]
     assert len(picked) == 2
     for mutate, message in picked:
         copy_dir = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
@@ -140,7 +150,10 @@ def test_both_callers_refuse_a_config_that_disagrees_with_the_tensors(model, tmp
         mutate(bad)
         (copy_dir / "manifest.json").unlink()
         (copy_dir / "manifest.json").write_text(json.dumps(bad))
-        with pytest.raises(ModelFormatError, match="is not a usable converted model: " + message.split(" (")[0].replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(
+            ModelFormatError,
+            match="is not a usable converted model: " + message.split(" (")[0].replace("[", r"\[").replace("]", r"\]"),
+        ):
             open_model_dir(copy_dir, verify=False)
         with pytest.raises(FormatError, match="is not a valid mixcli model"):
             verify_model_dir(copy_dir, check_sha=False)

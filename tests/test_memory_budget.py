@@ -2,6 +2,7 @@
 /sys/fs/cgroup trees), the rule that picks a budget, and what `load_runtime_model` does with it
 (expert cache sized from it, the KV cache counted inside it, one line on stderr; --max-memory 0 and
 --mmap keep plain mapping)."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,12 @@ def _meminfo(tmp_path: Path, avail: int) -> Path:
 
 def test_v2_limit_minus_unreclaimable_usage(tmp_path):
     root = tmp_path / "cg"
-    _write(root / "user.slice" / "job", memory__max=str(16 * GiB), memory__current=str(5 * GiB),
-           memory__stat=f"anon 100\ninactive_file {2 * GiB}\nactive_file {GiB // 2}\nshmem 9\n")
+    _write(
+        root / "user.slice" / "job",
+        memory__max=str(16 * GiB),
+        memory__current=str(5 * GiB),
+        memory__stat=f"anon 100\ninactive_file {2 * GiB}\nactive_file {GiB // 2}\nshmem 9\n",
+    )
     lims = mb.cgroup_limits(root, "0::/user.slice/job\n")
     assert [c.limit for c in lims] == [16 * GiB]
     assert lims[0].room == 16 * GiB - GiB * 5 // 2  # 5 GiB used, 2.5 GiB of it page cache
@@ -65,8 +70,12 @@ def test_v1_and_hybrid(tmp_path):
     root = tmp_path / "cg"
     mem = root / "memory"
     _write(mem, memory__limit_in_bytes="9223372036854771712", memory__usage_in_bytes=str(3 * GiB))
-    _write(mem / "docker" / "abc", memory__limit_in_bytes=str(12 * GiB), memory__usage_in_bytes=str(4 * GiB),
-           memory__stat=f"cache 5\ntotal_inactive_file {1 * GiB}\ninactive_file 99\ntotal_active_file 0\n")
+    _write(
+        mem / "docker" / "abc",
+        memory__limit_in_bytes=str(12 * GiB),
+        memory__usage_in_bytes=str(4 * GiB),
+        memory__stat=f"cache 5\ntotal_inactive_file {1 * GiB}\ninactive_file 99\ntotal_active_file 0\n",
+    )
     _write(root / "unified")  # hybrid: v2 mounted too, but without the memory controller
     text = "4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/docker/abc\n"
     lims = mb.cgroup_limits(root, text)
@@ -92,8 +101,9 @@ def test_auto_budget_rule():
 @pytest.fixture(scope="module")
 def baby(tmp_path_factory):
     base = tmp_path_factory.mktemp("budget")
-    src = make_hf_checkpoint(base / "hf", "mixtral", dtype="f32", seed=3, num_hidden_layers=2, num_local_experts=8,
-                             head_dim=32)  # q8_0 KV blocks need a multiple of 32
+    src = make_hf_checkpoint(
+        base / "hf", "mixtral", dtype="f32", seed=3, num_hidden_layers=2, num_local_experts=8, head_dim=32
+    )  # q8_0 KV blocks need a multiple of 32
     out = base / "q4"
     convert_checkpoint(src, out, quant="q4_0")
     return out

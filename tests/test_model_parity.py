@@ -9,6 +9,7 @@ closer than 4-bit rounding moves them), so 4-bit greedy agreement would measure 
 Trained on the passage, the baby is as confident there as a real model is on ordinary text, and
 the 4-bit test measures what users see. Agreement on random tokens is printed for information.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -99,8 +100,10 @@ def test_q4_agrees_with_transformers(checkpoints, name, quant, capsys):
     rand_ours = model.logits(rand)
     rand_agree = float((rand_ours.argmax(-1) == rand_ref.argmax(-1)).mean())
     with capsys.disabled():
-        print(f"\n[{name} {quant}] greedy agreement {agree:.1%}, mean KL(ref || ours) {kl:.5f} nats "
-              f"(random tokens: {rand_agree:.1%}, KL {float(_kl(rand_ref, rand_ours).mean()):.5f})")
+        print(
+            f"\n[{name} {quant}] greedy agreement {agree:.1%}, mean KL(ref || ours) {kl:.5f} nats "
+            f"(random tokens: {rand_agree:.1%}, KL {float(_kl(rand_ref, rand_ours).mean()):.5f})"
+        )
     assert agree >= 0.95
     assert kl < 0.1  # a sanity bound; the figure itself is printed above
 

@@ -1,5 +1,6 @@
 """Routing: crafted router weights force known experts; exactly those are read, and their outputs
 are combined with the softmax weights renormalised over the chosen two."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,7 +68,9 @@ def test_forced_router_reads_and_combines_exactly_the_chosen_experts(baby, T):
     assert sorted({e for (_, e, _) in rec.calls}) == [1, 3]
     assert all(n == T for (_, _, n) in rec.calls) and len(rec.calls) == 2
     w = np.exp(target[[1, 3]]) / np.exp(target[[1, 3]]).sum()  # renormalised top-2 softmax
-    want = w[0] * _expert_ref(model, 0, 1, xb.astype(np.float64)) + w[1] * _expert_ref(model, 0, 3, xb.astype(np.float64))
+    want = w[0] * _expert_ref(model, 0, 1, xb.astype(np.float64)) + w[1] * _expert_ref(
+        model, 0, 3, xb.astype(np.float64)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 

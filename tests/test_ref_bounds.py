@@ -4,6 +4,7 @@ numpy itself would wrap a negative row, truncate a slice past the KV cache's end
 k experts or broadcast a wrong-length norm weight without a word; the twins raise instead, so a
 kernel test that feeds a bad shape fails loudly rather than agreeing with a wrong reference.
 """
+
 from __future__ import annotations
 
 import numpy as np

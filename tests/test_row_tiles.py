@@ -1,5 +1,6 @@
 """The row-tiled storage types ("q4_0r16" ...): the layout promised by
 ``quant.formats.interleave_rows`` byte for byte, its inverse, and the converter's choice of it."""
+
 from __future__ import annotations
 
 import numpy as np

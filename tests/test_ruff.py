@@ -13,15 +13,24 @@ PATHS = ("mixcli", "quant", "tests", "benchmarks")
 
 
 def ruff(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, input=stdin, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args], cwd=REPO, input=stdin, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ruff_reads_the_projects_configuration():
     """The checks below would pass vacuously if ruff checked nothing: a probe file with an unused
     import and unsorted imports, checked as if it were in mixcli/, must be refused with both."""
-    r = ruff("check", "--no-cache", "--output-format", "concise", "--stdin-filename", "mixcli/_probe.py", "-",
-             stdin="import sys\nimport os\n\nprint(sys.argv)\n")
+    r = ruff(
+        "check",
+        "--no-cache",
+        "--output-format",
+        "concise",
+        "--stdin-filename",
+        "mixcli/_probe.py",
+        "-",
+        stdin="import sys\nimport os\n\nprint(sys.argv)\n",
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "F401" in r.stdout and "I001" in r.stdout, r.stdout
 

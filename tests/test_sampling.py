@@ -1,5 +1,6 @@
 """mixcli.sampling: the filtered distribution against transformers' logits processors, composed in
 llama.cpp's order, plus the properties a user relies on (seeds, greedy, exact supports)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ from mixcli.sampling import SamplerConfig, filtered_probs, make_sampler
 def _reference(logits: np.ndarray, history: list[int], cfg: SamplerConfig) -> np.ndarray:
     """probs [V] from transformers' processors, in llama.cpp's order, in float64."""
     scores = torch.from_numpy(logits.astype(np.float64))[None, :]  # [1, V]
-    recent = history if cfg.repeat_last_n < 0 else history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
+    recent = history if cfg.repeat_last_n < 0 else history[-cfg.repeat_last_n :] if cfg.repeat_last_n else []
     ids = torch.tensor([recent], dtype=torch.long)  # [1, R]
     if cfg.repeat_penalty != 1.0 and recent:
         scores = RepetitionPenaltyLogitsProcessor(cfg.repeat_penalty)(ids, scores)

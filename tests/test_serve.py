@@ -5,6 +5,7 @@ The model is the baby chat model (tests/babyruntime.py: random weights, a real B
 ChatML template). Token counts are checked against Hugging Face ``tokenizers`` on the same
 tokenizer.json with the template rendered by plain jinja2, not against mixcli's own encoding.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,16 @@ def test_prompt_longer_than_a_step_is_prefilled_over_several(server, baby, ref_t
 def test_streamed_chat_equals_whole_answer(server, ref_tok):
     c = server.client()
     whole = c.chat.completions.create(model="baby-serve", messages=MSGS, max_tokens=10, temperature=0)
-    chunks = list(c.chat.completions.create(model="baby-serve", messages=MSGS, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="baby-serve",
+            messages=MSGS,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -111,8 +120,11 @@ def test_stop_string_cuts_the_text(server, stream):
     assert len(stop) == 3
     want = full[: full.index(stop)]
     if stream:
-        parts = list(c.completions.create(model="baby-serve", prompt="the cat", max_tokens=30, temperature=0,
-                                          stop=[stop], stream=True))
+        parts = list(
+            c.completions.create(
+                model="baby-serve", prompt="the cat", max_tokens=30, temperature=0, stop=[stop], stream=True
+            )
+        )
         text = "".join(p.choices[0].text for p in parts)
         finish = parts[-1].choices[0].finish_reason
     else:
@@ -125,8 +137,13 @@ def test_same_seed_same_text(server):
     c = server.client()
 
     def run(seed):
-        return c.chat.completions.create(model="baby-serve", messages=MSGS, max_tokens=16, temperature=1.0,
-                                         top_p=1.0, seed=seed).choices[0].message.content
+        return (
+            c.chat.completions.create(
+                model="baby-serve", messages=MSGS, max_tokens=16, temperature=1.0, top_p=1.0, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
 
     a, b = run(7), run(7)
     assert a == b
@@ -138,15 +155,18 @@ def _error(exc_info):
     return e.status_code, e.body
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"temperature": 5}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"),
-    ({"stop": ["a"] * 40}, "stop"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a"] * 40}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ],
+)
 def test_bad_parameters_are_400_in_openai_shape(server, kwargs, param):
     c = server.client()
     args = {"model": "baby-serve", "messages": MSGS, "max_tokens": 4, **kwargs}
@@ -171,8 +191,7 @@ def test_prompt_longer_than_context_says_the_numbers(server, ref_tok):
 
 
 def test_malformed_body_unknown_model_path_and_size(server):
-    status, _, body = server.request("POST", "/v1/chat/completions", b"{not json",
-                                     {"Content-Type": "application/json"})
+    status, _, body = server.request("POST", "/v1/chat/completions", b"{not json", {"Content-Type": "application/json"})
     assert status == 400 and body["error"]["code"] == "invalid_json"
     assert set(body["error"]) == {"message", "type", "param", "code"}
 
@@ -198,8 +217,9 @@ def test_models_and_health(server):
 
 
 def _endless_stream(client):
-    return client.completions.create(model="baby-serve", prompt="the cat", max_tokens=CTX - 100,
-                                     temperature=0, stream=True)
+    return client.completions.create(
+        model="baby-serve", prompt="the cat", max_tokens=CTX - 100, temperature=0, stream=True
+    )
 
 
 def test_client_disconnect_cancels_the_sequence(server):
@@ -246,9 +266,12 @@ def test_full_queue_is_503_with_retry_after_then_sigterm_ends_the_stream(baby):
         it = iter(stream)
         first = [next(it) for _ in range(3)]
         assert all(p.choices[0].finish_reason is None for p in first)
-        status, headers, body = srv.request("POST", "/v1/completions",
-                                            json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
-                                            {"Content-Type": "application/json"})
+        status, headers, body = srv.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
+            {"Content-Type": "application/json"},
+        )
         assert status == 503 and int(headers["retry-after"]) >= 1
         assert body["error"]["type"] == "server_error" and body["error"]["code"] == "server_busy"
 
@@ -271,7 +294,7 @@ def test_sixteen_clients_get_what_each_request_gives_alone(server):
     words = "the cat sat on a mat and the dog ran to see what it was doing there".split()
     reqs = []
     for i in range(64):
-        prompt = " ".join(words[i % 7: i % 7 + 3 + i % 5])
+        prompt = " ".join(words[i % 7 : i % 7 + 3 + i % 5])
         if i % 2:
             reqs.append(("chat", [{"role": "user", "content": prompt}], 6 + i % 11))
         else:
@@ -318,8 +341,13 @@ def test_taken_port_is_one_line_error_before_loading(baby):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "mixcli", "serve", str(baby), "--port", str(port)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "mixcli", "serve", str(baby), "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in r.stderr
     assert "Traceback" not in r.stderr

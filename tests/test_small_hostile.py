@@ -1,6 +1,7 @@
 """The small ones of issue 21, through the real command line: stdout on a full disk, a closed pipe,
 a non-UTF-8 prompt, MIXCLI_HOME that is a file, --threads 0 and below, --max-memory '', and Ctrl-C
 while mixcli is still importing. Each ends in one `error:` line (or quietly) with no traceback."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,14 @@ def baby(tmp_path_factory) -> Path:
 
 
 def run(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "mixcli", *args], capture_output=True, cwd=ROOT, timeout=240,
-                          env={**os.environ, **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "mixcli", *args],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def one_error_line(r, code: int, fragment: str) -> None:
@@ -39,22 +46,31 @@ def gen(baby, *extra):
 
 def test_stdout_on_a_full_disk(baby):
     with open("/dev/full", "wb") as full:
-        r = subprocess.run([sys.executable, "-m", "mixcli", *gen(baby)], stdout=full, stderr=subprocess.PIPE,
-                           cwd=ROOT, timeout=240)
+        r = subprocess.run(
+            [sys.executable, "-m", "mixcli", *gen(baby)], stdout=full, stderr=subprocess.PIPE, cwd=ROOT, timeout=240
+        )
     one_error_line(r, 1, "cannot write the output: No space left on device")
 
 
 def test_a_closed_pipe_ends_quietly(baby):
-    p = subprocess.Popen([sys.executable, "-m", "mixcli", *gen(baby, "-n", "50")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mixcli", *gen(baby, "-n", "50")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     p.stdout.close()  # the reader is gone before the first token: every write meets EPIPE
     err = p.stderr.read().decode()
     assert p.wait(timeout=240) in (0, 141) and err == "", err
 
 
 def test_non_utf8_prompt_is_refused():
-    r = subprocess.run([sys.executable.encode(), b"-m", b"mixcli", b"generate", b"nonexistent-model", b"-p", b"caf\xe9"],
-                       capture_output=True, cwd=ROOT, timeout=240)
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"mixcli", b"generate", b"nonexistent-model", b"-p", b"caf\xe9"],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=240,
+    )
     one_error_line(r, 2, "--prompt is not valid UTF-8")
 
 
@@ -78,8 +94,13 @@ def test_empty_max_memory_is_refused(baby):
 
 def test_ctrl_c_while_importing_is_quiet():
     """SIGINT lands while typer is still being imported (seen through -X importtime's log)."""
-    p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "mixcli", "models"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "mixcli", "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
     seen = []
     for line in p.stderr:
         seen.append(line)

@@ -5,6 +5,7 @@ Commands run as a user runs them: `python -m mixcli ...` on a pseudo-terminal of
 and stderr piped. ANSI control sequences are stripped before reading the screen's text; the bar
 tests read the raw stream, where a transient bar's frames stay even after it is erased.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def _env(**extra: str) -> dict:
 def on_pty(args: list[str], cols: int = 80, *, expect: str | None = None, timeout: float = 300, **env: str):
     """Run ``python ARGS`` on a pty ``cols`` wide: (raw output, exit status), or the live child
     once ``expect`` appeared."""
-    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=_env(**env), encoding="utf-8",
-                          timeout=timeout, dimensions=(30, cols))
+    child = pexpect.spawn(
+        sys.executable, args, cwd=str(ROOT), env=_env(**env), encoding="utf-8", timeout=timeout, dimensions=(30, cols)
+    )
     if expect is not None:
         child.expect_exact(expect)
         return child
@@ -56,8 +58,15 @@ def on_pty(args: list[str], cols: int = 80, *, expect: str | None = None, timeou
 
 
 def piped(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +193,12 @@ def test_first_use_pull_in_chat_shows_the_convert_bar(gguf_wheel, tmp_path):
     raw_convert, code = on_pty(["-m", "mixcli", "convert", str(src), "-o", str(tmp_path / "converted")], 80)
     assert code == 0, plain(raw_convert)
 
-    child = on_pty([str(launcher), "chat", "--temp", "0", "-t", "1", "-n", "4"], 80, expect=">>> ",
-                   MIXCLI_HOME=str(tmp_path / "home"))
+    child = on_pty(
+        [str(launcher), "chat", "--temp", "0", "-t", "1", "-n", "4"],
+        80,
+        expect=">>> ",
+        MIXCLI_HOME=str(tmp_path / "home"),
+    )
     first_run = child.before
     child.sendline("/exit")
     child.expect(pexpect.EOF)
@@ -213,8 +226,10 @@ def test_convert_in_a_pipe_gives_sparse_plain_lines(gguf_wheel, tmp_path):
 
 
 def test_compile_notice_is_one_stderr_line_once():
-    code = ("import sys; from mixcli import progress; progress.compile_notice(); progress.compile_notice(); "
-            "print('rich' in sys.modules, file=sys.stderr)")
+    code = (
+        "import sys; from mixcli import progress; progress.compile_notice(); progress.compile_notice(); "
+        "print('rich' in sys.modules, file=sys.stderr)"
+    )
     r = piped(["-c", code])
     assert r.returncode == 0 and r.stdout == ""
     assert r.stderr.splitlines() == ["compiling kernels for this CPU (first run only)...", "False"]
@@ -224,7 +239,9 @@ def test_plain_progress_is_sparse_and_says_rate_and_time_left():
     from mixcli.progress import Progress
 
     said: list[str] = []
-    with Progress("reading", unit="bytes", count_unit="tensors", say=said.append) as bar:  # stderr is not a terminal here
+    with Progress(
+        "reading", unit="bytes", count_unit="tensors", say=said.append
+    ) as bar:  # stderr is not a terminal here
         for i in range(1, 1001):
             bar.update(i * 1000, 1_000_000, count=(i, 1000))
     assert 4 <= len(said) <= 5, said  # the quarters (and the first update), not a thousand lines
@@ -267,11 +284,15 @@ def test_perplexity_shows_the_same_style_of_bar(baby, tmp_path):
     assert re.search(r"PPL = [\d.]+ \+/- [\d.]+", shown)
 
 
-@pytest.mark.parametrize("args", [
-    ["bench", "{baby}", "--pp", "8", "--tg", "4", "-r", "1", "-t", "1"],
-    ["experts", "{baby}", "-p", "Hello there", "-n", "2", "-t", "1"],
-    ["convert", "{gguf}", "-o", "{out}"],
-], ids=["bench", "experts", "convert"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "{baby}", "--pp", "8", "--tg", "4", "-r", "1", "-t", "1"],
+        ["experts", "{baby}", "-p", "Hello there", "-n", "2", "-t", "1"],
+        ["convert", "{gguf}", "-o", "{out}"],
+    ],
+    ids=["bench", "experts", "convert"],
+)
 def test_tables_fit_80_columns_whole(baby, gguf_wheel, tmp_path, args):
     """Titles and legends go on lines of their own; the tables fit; nothing is cut with an ellipsis."""
     out = tmp_path / "a-converted-model-directory-with-a-name-long-enough-to-wrap-at-eighty"

@@ -5,6 +5,7 @@ References: the ``sentencepiece`` library (encode/decode of plain text) and Hugg
 is checked against whole-sequence ``decode`` for every prefix and for random id sequences, which
 is where half characters and leading spaces go wrong.
 """
+
 from __future__ import annotations
 
 import io
@@ -185,8 +186,9 @@ def test_hf_encode_decode_match_tokenizers(hf_model, hf_tok, text):
 
 def test_metaspace_json_matches_tokenizers(metaspace_dir):
     ref = HFTokenizer.from_file(str(metaspace_dir / "tokenizer.json"))
-    tok = load_tokenizer(metaspace_dir, {**HF_INFO, "config_file": None, "bos_token": "<s>", "eos_token": "</s>",
-                                         "extra_eos_tokens": []})
+    tok = load_tokenizer(
+        metaspace_dir, {**HF_INFO, "config_file": None, "bos_token": "<s>", "eos_token": "</s>", "extra_eos_tokens": []}
+    )
     for text in SAMPLES[:7]:
         ids = ref.encode(text, add_special_tokens=False).ids
         assert tok.encode(text) == ids
@@ -212,8 +214,13 @@ def test_spm_parse_special_splits_like_llama_legacy(spm_model, spm_tok):
     _, sp = spm_model
     text = "<s>[INST] Hi there [/INST]Hello</s>[INST] more <|im_start|>user\nok<|im_end|>"
     expect = (
-        [1] + sp.encode("[INST] Hi there [/INST]Hello") + [2] + sp.encode("[INST] more ")
-        + [500] + sp.encode("user\nok") + [501]
+        [1]
+        + sp.encode("[INST] Hi there [/INST]Hello")
+        + [2]
+        + sp.encode("[INST] more ")
+        + [500]
+        + sp.encode("user\nok")
+        + [501]
     )
     ids = spm_tok.encode(text, parse_special=True)
     assert ids == expect
@@ -248,8 +255,10 @@ def test_hf_config_only_token_is_added(hf_model, hf_tok):
     n = ref_tok.get_vocab_size(with_added_tokens=True)
     assert hf_tok.id_of("<|tool|>") == n
     assert hf_tok.vocab_size == n + 1
-    assert hf_tok.encode("a<|tool|>b") == ref_tok.encode("a", add_special_tokens=False).ids + [n] + \
-        ref_tok.encode("b", add_special_tokens=False).ids
+    assert (
+        hf_tok.encode("a<|tool|>b")
+        == ref_tok.encode("a", add_special_tokens=False).ids + [n] + ref_tok.encode("b", add_special_tokens=False).ids
+    )
     assert hf_tok.eos_ids == frozenset({ref_tok.token_to_id("<|im_end|>"), ref_tok.token_to_id("<|endoftext|>")})
     assert hf_tok.bos_id == ref_tok.token_to_id("<|im_start|>")
 

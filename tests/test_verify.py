@@ -1,6 +1,7 @@
 """Checksums that mean something: a damaged data file is refused naming the tensor (first open
 after a change, and `mixcli verify`), an unchanged model is not hashed again (the stamp), and
 --no-verify skips the check. The speed of both paths is measured in benchmarks/verify.py."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def damaged(baby, tmp_path) -> Path:
 
 
 def mixcli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "mixcli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mixcli", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_conversion_stamps_what_it_wrote(baby):

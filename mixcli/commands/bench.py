@@ -1,4 +1,5 @@
 """`mixcli bench` and `mixcli perplexity`: speed and quality, measured as llama.cpp measures them."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ def bench_command(
     pp: Annotated[int, typer.Option("--pp", "-p", help="Prompt tokens per prompt-processing test (0: skip).")] = 512,
     tg: Annotated[int, typer.Option("--tg", "-n", help="Tokens per generation test (0: skip).")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", help="Repetitions of each test.")] = 3,
-    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2 (0: all physical cores).")] = "",
+    threads: Annotated[
+        str, typer.Option("--threads", "-t", help="Thread counts to test, e.g. 1,2 (0: all physical cores).")
+    ] = "",
     max_memory: MaxMemoryOpt = None,
     mmap: MmapOpt = None,
     act: ActOpt = None,
@@ -49,13 +52,22 @@ def bench_command(
     if pp < 0 or tg < 0:
         raise UsageError("--pp and --tg must be >= 0")
     counts = _threads_list(threads) if threads else [physical_cores()]
-    m, path = load_runtime_model(model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act,
-                                 notify=say_stderr, kv_type=kv_type)
+    m, path = load_runtime_model(
+        model, ctx=max(pp, tg, 16) + 8, max_memory=max_memory, mmap=mmap, act=act, notify=say_stderr, kv_type=kv_type
+    )
     rows = run_bench(m, pp=pp, tg=tg, reps=reps, threads=counts)
     if as_json:
-        print(json.dumps({"model": str(path), "isa": getattr(m.kernels, "isa", "numpy"),
-                          "activations": getattr(m.kernels, "act", "f32"), "results": [r.to_dict() for r in rows]},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(path),
+                    "isa": getattr(m.kernels, "isa", "numpy"),
+                    "activations": getattr(m.kernels, "act", "f32"),
+                    "results": [r.to_dict() for r in rows],
+                },
+                indent=2,
+            )
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -63,9 +75,11 @@ def bench_command(
     from ..ui import kernel_label
 
     cfg = m.config
-    title = (f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
-             f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
-             f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, kernels {kernel_label(m)}")
+    title = (
+        f"{path.name}: {cfg.architecture}, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_local_experts} experts, {m.store.manifest['quant']['preset']}, "
+        f"weights {'in memory' if m.store.load == 'memory' else 'mapped'}, kernels {kernel_label(m)}"
+    )
     t = Table()
     for c in ("test", "threads", "tokens/s", "± std", "reps"):
         t.add_column(c, justify="right")
@@ -86,7 +100,9 @@ def perplexity_command(
     file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
     chunks: Annotated[int | None, typer.Option("--chunks", help="Score at most this many chunks.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", help="Threads (default, or 0: all physical cores).")
+    ] = None,
     act: ActOpt = None,
     kv_type: KvTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -115,11 +131,22 @@ def perplexity_command(
     if chunks is not None:
         ids = ids[: ctx * max(chunks, 1)]
     with Progress("perplexity", unit="chunks", total=max(len(ids) // ctx, 1)) as bar:
-        res = perplexity(rt.model, ids, ctx, tok.bos_id if rt.add_bos else None,
-                         progress=lambda d, n: bar.update(d, n))
+        res = perplexity(rt.model, ids, ctx, tok.bos_id if rt.add_bos else None, progress=lambda d, n: bar.update(d, n))
     if as_json:
-        print(json.dumps({"model": rt.name, "file": str(file), "ppl": res.ppl, "stderr": res.stderr,
-                          "chunks": res.n_chunks, "scored_tokens": res.n_scored, "ctx": res.ctx}))
+        print(
+            json.dumps(
+                {
+                    "model": rt.name,
+                    "file": str(file),
+                    "ppl": res.ppl,
+                    "stderr": res.stderr,
+                    "chunks": res.n_chunks,
+                    "scored_tokens": res.n_scored,
+                    "ctx": res.ctx,
+                }
+            )
+        )
     else:
-        print(f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.n_chunks} chunks of {ctx} tokens, "
-              f"{res.n_scored} scored)")
+        print(
+            f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.n_chunks} chunks of {ctx} tokens, {res.n_scored} scored)"
+        )

@@ -1,4 +1,5 @@
 """`mixcli chat`: a terminal REPL over one model (the loop itself is mixcli.chat.Repl)."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -27,15 +28,24 @@ from .generate import (
 
 def chat_command(
     model: ModelArg = None,
-    system: Annotated[str | None, typer.Option("--system", help="System message (kept by /reset; /system changes it).")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens per answer (default: until the model stops or the context is full).")] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System message (kept by /reset; /system changes it).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-tokens", "-n", help="Most tokens per answer (default: until the model stops or the context is full)."
+        ),
+    ] = None,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="End an answer at this string (repeatable; not shown).")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="End an answer at this string (repeatable; not shown).")
+    ] = None,
     load: Annotated[str | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
@@ -58,8 +68,17 @@ def chat_command(
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     cfg = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = say_stderr
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
-                      verify=verify, kv_type=kv_type)
+    rt = load_runtime(
+        model,
+        ctx=ctx,
+        threads=threads,
+        max_memory=max_memory,
+        mmap=mmap,
+        act=act,
+        notify=notify,
+        verify=verify,
+        kv_type=kv_type,
+    )
     session = ChatSession(rt, make_sampler(cfg), system=system, max_tokens=max_tokens, stop=stop or ())
     if load:
         session.load(load)

@@ -6,6 +6,7 @@ Thin: flags in, ``quant.convert.convert_checkpoint`` (or ``quant.gguf_convert.co
 source bytes and tensors done) and a summary table goes to stdout at the end. Errors are
 quant's (``quant.errors``) or ``MixcliError``s; the app turns either into one line and an exit code.
 """
+
 from __future__ import annotations
 
 from enum import Enum
@@ -28,18 +29,25 @@ QuantChoice = Enum("QuantChoice", {name: name for name in (*QUANT_PRESETS, "keep
 
 
 def convert_command(
-    src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file")],
+    src: Annotated[
+        Path, typer.Argument(help="Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file")
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to create for the converted model")],
     quant: Annotated[
         QuantChoice | None,
-        typer.Option("--quant", help="weight format: 4-bit q4_0 / q4_1 / q4_k "
-                     f"({QUANT_TYPES['q4_k'].bits_per_weight:g} bits/weight, two-level scales: "
-                     "closest to the original of the 4-bit types), 8-bit q8_0, f16 (no quantization), or keep "
-                     "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 / F16 blocks as they are, other types "
-                     "to q8_0). "
-                     f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file"),
+        typer.Option(
+            "--quant",
+            help="weight format: 4-bit q4_0 / q4_1 / q4_k "
+            f"({QUANT_TYPES['q4_k'].bits_per_weight:g} bits/weight, two-level scales: "
+            "closest to the original of the 4-bit types), 8-bit q8_0, f16 (no quantization), or keep "
+            "(GGUF only: its Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 / F16 blocks as they are, other types "
+            "to q8_0). "
+            f"Default: {DEFAULT_QUANT} for a checkpoint directory, keep for a GGUF file",
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace OUTPUT if it exists (only once the new one is complete)")
+    ] = False,
 ) -> None:
     """Convert a Hugging Face checkpoint or a GGUF file for mixcli.
 
@@ -56,7 +64,10 @@ def convert_command(
             from quant.convert import convert_checkpoint
 
             if quant == QuantChoice.keep:
-                raise UsageError("--quant keep applies to GGUF files only", f"choose {', '.join(c.value for c in QuantChoice if c != QuantChoice.keep)}")
+                raise UsageError(
+                    "--quant keep applies to GGUF files only",
+                    f"choose {', '.join(c.value for c in QuantChoice if c != QuantChoice.keep)}",
+                )
             q = QuantChoice(quant).value if quant is not None else DEFAULT_QUANT
             summary = convert_checkpoint(src, output, quant=q, force=force, progress=progress)
     out = Console()

@@ -5,6 +5,7 @@ flat means every expert is equally likely (a budget buys little); hot columns me
 carry most tokens (LFU keeps them); high reuse between consecutive tokens means recency pays. The
 prompt and the generated tokens are shown apart because prefill and decode route differently.
 """
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -83,17 +84,27 @@ def heatmap(title: str, choices: list[np.ndarray], n_experts: int, k: int):
             style = f"black on rgb({level},{int(level * 0.55)},{255 - level})"
             cells.append(Text(f"{s:4.0%}", style=style))
         t.add_row(str(li), *cells, "-" if np.isnan(reuse) else f"{reuse:.0%}")
-    legend = (f"reuse: share of a token's experts the previous token also chose (chance {uniform:.0%}); "
-              f"colour: blue = unused, orange = twice the uniform share ({2 * uniform:.0%}) or more")
-    return Group(Text(f"{title}: {T} tokens, top-{k} of {n_experts} experts (share of tokens)", style="bold"), t,
-                 Text(legend, style="dim"))
+    legend = (
+        f"reuse: share of a token's experts the previous token also chose (chance {uniform:.0%}); "
+        f"colour: blue = unused, orange = twice the uniform share ({2 * uniform:.0%}) or more"
+    )
+    return Group(
+        Text(f"{title}: {T} tokens, top-{k} of {n_experts} experts (share of tokens)", style="bold"),
+        t,
+        Text(legend, style="dim"),
+    )
 
 
 def experts_command(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text, or - to read stdin.")] = ...,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (greedy) after the prompt.")] = 32,
-    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one).")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Tokens to generate (greedy) after the prompt.")
+    ] = 32,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template (default when it has one)."),
+    ] = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -117,8 +128,10 @@ def experts_command(
     rt = load_runtime(model, ctx=ctx, threads=threads, notify=notify)
     cfg = rt.model.config
     if not cfg.moe:
-        raise UsageError(f"{rt.name} is a dense model (one expert per layer): there is no router to show",
-                         "pick a Mixture-of-Experts model such as Mixtral")
+        raise UsageError(
+            f"{rt.name} is a dense model (one expert per layer): there is no router to show",
+            "pick a Mixture-of-Experts model such as Mixtral",
+        )
     use_chat = (rt.template is not None) if chat is None else chat
     tokens = rt.chat_prompt([{"role": "user", "content": text}])[0] if use_chat else rt.raw_prompt(text)
     rec = RouterRecorder(rt.model.experts, cfg.num_hidden_layers, cfg.num_experts_per_tok)

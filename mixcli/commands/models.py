@@ -1,4 +1,5 @@
 """`mixcli models` and `mixcli pull`: the registry, what is present locally, and fetching."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ def models_command(
 
 
 # (header, required, priority): names, presence and format always; then what fits, in this order
-MODEL_COLUMNS = [("name", True, 0), ("local", True, 0), ("quant", True, 0), ("architecture", False, 1),
-                 ("source", False, 2), ("description", False, 3)]
+MODEL_COLUMNS = [
+    ("name", True, 0),
+    ("local", True, 0),
+    ("quant", True, 0),
+    ("architecture", False, 1),
+    ("source", False, 2),
+    ("description", False, 3),
+]
 
 
 def models_listing(rows: list[dict], store, width: int) -> list:
@@ -56,13 +63,32 @@ def models_listing(rows: list[dict], store, width: int) -> list:
 
     from ..table_fit import Col, fit_table
 
-    cells = [[r["name"] + (" (default)" if r["default"] else ""),
-              f"{r['bytes'] / 2**20:.0f} MiB" if r["present"] else "no",
-              r["quant"] or "", r["architecture"], r["source"], r["description"]] for r in rows]
-    cols = [Col(h, required=req, priority=prio, wrap=h in ("name", "description"),
-                min_width=max((len(r["name"]) for r in rows), default=4) if h == "name" else 30 if h == "description" else None,
-                justify="right" if h == "local" else "left")
-            for h, req, prio in MODEL_COLUMNS]
+    cells = [
+        [
+            r["name"] + (" (default)" if r["default"] else ""),
+            f"{r['bytes'] / 2**20:.0f} MiB" if r["present"] else "no",
+            r["quant"] or "",
+            r["architecture"],
+            r["source"],
+            r["description"],
+        ]
+        for r in rows
+    ]
+    cols = [
+        Col(
+            h,
+            required=req,
+            priority=prio,
+            wrap=h in ("name", "description"),
+            min_width=max((len(r["name"]) for r in rows), default=4)
+            if h == "name"
+            else 30
+            if h == "description"
+            else None,
+            justify="right" if h == "local" else "left",
+        )
+        for h, req, prio in MODEL_COLUMNS
+    ]
     table, left_out = fit_table(width, cols, cells, box=_box(), show_edge=False)
     out: list = [Text(f"store: {store}")]
     if table is None:  # a name wider than the terminal: one plain line per model
@@ -107,16 +133,34 @@ def _row(name, entry, path, default) -> dict:
 
 
 def pull_command(
-    name: Annotated[str | None, typer.Argument(
-        help="A registry name, or a Hugging Face repo: owner/name (safetensors or GGUF) or owner/name:QUANT "
-             "(a GGUF repo's quant, e.g. :Q4_K_M). Default: the default model.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="A registry name, or a Hugging Face repo: owner/name (safetensors or GGUF) or owner/name:QUANT "
+            "(a GGUF repo's quant, e.g. :Q4_K_M). Default: the default model."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again even if present.")] = False,
-    keep_source: Annotated[bool, typer.Option("--keep-source", help=(
-        "Keep the downloaded files (under $MIXCLI_HOME/downloads) after converting; files found in the "
-        "Hugging Face cache are always kept."))] = False,
-    quant: Annotated[str | None, typer.Option("--quant", help=(
-        f"How to convert a safetensors repo ({', '.join(QUANT_PRESETS)}; default: the registry's or "
-        f"{DEFAULT_QUANT}). A GGUF keeps its blocks."))] = None,
+    keep_source: Annotated[
+        bool,
+        typer.Option(
+            "--keep-source",
+            help=(
+                "Keep the downloaded files (under $MIXCLI_HOME/downloads) after converting; files found in the "
+                "Hugging Face cache are always kept."
+            ),
+        ),
+    ] = False,
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help=(
+                f"How to convert a safetensors repo ({', '.join(QUANT_PRESETS)}; default: the registry's or "
+                f"{DEFAULT_QUANT}). A GGUF keeps its blocks."
+            ),
+        ),
+    ] = None,
 ):
     """Fetch a model (registry or Hub) and convert it."""
     from ..progress import say_stderr

@@ -1,5 +1,6 @@
 """`mixcli serve`: an OpenAI-compatible HTTP server (mixcli/server.py) over one model, decoding up
 to --parallel requests together (mixcli/engine.py)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -38,15 +39,37 @@ def is_loopback(host: str) -> bool:
 
 def serve_command(
     model: ModelArg = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; anything else "
-                                      "should come with --api-key).")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address to listen on (loopback by default; anything else should come with --api-key)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
-    parallel: Annotated[int, typer.Option("--parallel", "-np", help="Sequences decoded together in each step "
-                                          "(each has its own KV cache of --ctx tokens).")] = 4,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free sequence; "
-                                           "beyond it the server answers 503 with Retry-After.")] = 64,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MIXCLI_API_KEY", show_envvar=True,
-                                                   help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            "-np",
+            help="Sequences decoded together in each step (each has its own KV cache of --ctx tokens).",
+        ),
+    ] = 4,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            help="Requests that may wait for a free sequence; beyond it the server answers 503 with Retry-After.",
+        ),
+    ] = 64,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="MIXCLI_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on /v1 routes.",
+        ),
+    ] = None,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -77,8 +100,17 @@ def serve_command(
     defaults = sampler_config(temp, top_k, top_p, min_p, repeat_penalty, seed)
     notify = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     sock = bind(host, port)  # before the model loads: a taken port costs no load time
-    rt = load_runtime(model, ctx=ctx, threads=threads, max_memory=max_memory, mmap=mmap, act=act, notify=notify,
-                      kv_type=kv_type, kv_slots=parallel + 1)  # the model's own cache and one per sequence
+    rt = load_runtime(
+        model,
+        ctx=ctx,
+        threads=threads,
+        max_memory=max_memory,
+        mmap=mmap,
+        act=act,
+        notify=notify,
+        kv_type=kv_type,
+        kv_slots=parallel + 1,
+    )  # the model's own cache and one per sequence
     engine = Engine(rt.model, rt.tokenizer, parallel=parallel, max_queue=max_queue)
     names = tuple(dict.fromkeys([rt.name] + ([model] if model else [])))
     state = ServerState(engine, rt.model, names, defaults, api_key)
@@ -86,8 +118,10 @@ def serve_command(
         notify(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
     shown = sock.getsockname()
     url_host = f"[{shown[0]}]" if ":" in shown[0] else shown[0]
-    notify(f"mixcli serve: {rt.name} on http://{url_host}:{shown[1]}/v1 ({parallel} parallel, context "
-           f"{engine.ctx} each, KV cache up to {format_size(engine.decoder.kv_bytes)}); Ctrl-C stops")
+    notify(
+        f"mixcli serve: {rt.name} on http://{url_host}:{shown[1]}/v1 ({parallel} parallel, context "
+        f"{engine.ctx} each, KV cache up to {format_size(engine.decoder.kv_bytes)}); Ctrl-C stops"
+    )
     code = serve(state, sock)
     notify("mixcli serve: stopped")
     return code

@@ -19,6 +19,7 @@ Modules (dependencies point down the list; none imports the package):
 Shapes use DESIGN.md's letters: N output rows, K input columns, NB = K / 32 blocks, T tokens,
 D hidden, H / KVH heads, HD head dim, S cache positions, E experts, F FFN width.
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,5 +80,16 @@ def on_first_compile(callback) -> None:
             event.register("numba:compile", _Once())
 
 
-__all__ = ["COMPILE_NOTICE", "on_first_compile", "ACT_MODES", "DEFAULT_ACT", "TIERS", "IsaError", "KernelTable", "host_tiers", "resolve", "resolve_act",
-           "select"]
+__all__ = [
+    "COMPILE_NOTICE",
+    "on_first_compile",
+    "ACT_MODES",
+    "DEFAULT_ACT",
+    "TIERS",
+    "IsaError",
+    "KernelTable",
+    "host_tiers",
+    "resolve",
+    "resolve_act",
+    "select",
+]

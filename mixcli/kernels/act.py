@@ -6,6 +6,7 @@ rounds what the first left over, keeping x to 1/(2 * 127 * 254) of its block's l
 Every public kernel writes into a preallocated ``out`` and allocates nothing per call once warm:
 the scratch lives in thread-local buffers kept by size, so concurrent callers do not share one.
 """
+
 from __future__ import annotations
 
 import threading
@@ -161,8 +162,13 @@ def _pact_new(t: int, k: int, levels: int, alloc):
     v, nb = t * levels, k // QK
     ng = (v + 15) // 16 if v >= PACK_MIN else 0
     xp = alloc("xp", (ng, k * 16), np.int8)
-    return a + (a[0].view(np.int32), xp, xp.view(np.int32).reshape(ng, k // 4, 16),
-                alloc("dxp", (ng, nb, 16), np.float32), alloc("cp", (ng, nb, 16), np.float32))
+    return a + (
+        a[0].view(np.int32),
+        xp,
+        xp.view(np.int32).reshape(ng, k // 4, 16),
+        alloc("dxp", (ng, nb, 16), np.float32),
+        alloc("cp", (ng, nb, 16), np.float32),
+    )
 
 
 def rowbuf(k: int) -> np.ndarray:

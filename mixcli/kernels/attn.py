@@ -49,6 +49,7 @@ Shapes use the dimension letters of DESIGN.md: T tokens, H query heads, KVH kv h
 HD head dim, S cache positions, n positions attended, R heads and KB keys in a tile, C vectors
 of 16 columns.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,17 +73,22 @@ def _masked_load(builder, ptr, ety, mask, fill=0):
     """<16 x ety> at ptr with the lanes outside mask read as fill (nothing past them is touched)."""
     vty = _vec(ety, _V)
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vty, [vty.as_pointer(), _i32, _vec(_bool, _V), vty]),
-        f"llvm.masked.load.v{_V}{'i16' if ety == _i16 else 'f32'}.p0")
-    return builder.call(fn, [builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_i32, 1), mask,
-                             ir.Constant(vty, [fill] * _V)])
+        builder.module,
+        ir.FunctionType(vty, [vty.as_pointer(), _i32, _vec(_bool, _V), vty]),
+        f"llvm.masked.load.v{_V}{'i16' if ety == _i16 else 'f32'}.p0",
+    )
+    return builder.call(
+        fn, [builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_i32, 1), mask, ir.Constant(vty, [fill] * _V)]
+    )
 
 
 def _masked_store(builder, val, ptr, mask):
     vty = val.type
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), _i32, _vec(_bool, _V)]),
-        f"llvm.masked.store.v{_V}f32.p0")
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), _i32, _vec(_bool, _V)]),
+        f"llvm.masked.store.v{_V}f32.p0",
+    )
     builder.call(fn, [val, builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_i32, 1), mask])
 
 
@@ -97,10 +103,18 @@ def _prefetch_run(builder, base, start, nbytes):
     """Software prefetch of the cache lines of base[start : start + nbytes] (bytes; a hint, so
     addresses past the array are harmless)."""
     pf = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [base.type, _i32, _i32, _i32]), "llvm.prefetch.p0")
+        builder.module, ir.FunctionType(ir.VoidType(), [base.type, _i32, _i32, _i32]), "llvm.prefetch.p0"
+    )
     with cgutils.for_range_slice(builder, _c64(0), nbytes, _c64(64)) as (off, _):
-        builder.call(pf, [builder.gep(base, [builder.add(start, off)]), ir.Constant(_i32, 0), ir.Constant(_i32, 2),
-                          ir.Constant(_i32, 1)])
+        builder.call(
+            pf,
+            [
+                builder.gep(base, [builder.add(start, off)]),
+                ir.Constant(_i32, 0),
+                ir.Constant(_i32, 2),
+                ir.Constant(_i32, 1),
+            ],
+        )
 
 
 def _widen(builder, bits):
@@ -120,8 +134,10 @@ def _reduce16(builder, vs):
         hi = [i + seg for i in lo]
         lo_idx = ir.Constant(_vec(_i32, _V), lo + [i + _V for i in lo])
         hi_idx = ir.Constant(_vec(_i32, _V), hi + [i + _V for i in hi])
-        vs = [builder.fadd(builder.shuffle_vector(a, b, lo_idx), builder.shuffle_vector(a, b, hi_idx), flags=_FAST)
-              for a, b in zip(vs[0::2], vs[1::2])]
+        vs = [
+            builder.fadd(builder.shuffle_vector(a, b, lo_idx), builder.shuffle_vector(a, b, hi_idx), flags=_FAST)
+            for a, b in zip(vs[0::2], vs[1::2])
+        ]
     return vs[0]
 
 
@@ -158,8 +174,10 @@ def _make_scores(R: int, KB: int):
                 if mask is None:
                     kv = [_widen(builder, _load(builder, k_p, builder.add(kr, koff), vh)) for kr in krow]
                 else:
-                    kv = [_widen(builder, _masked_load(builder, builder.gep(k_p, [builder.add(kr, koff)]), _i16, mask))
-                          for kr in krow]
+                    kv = [
+                        _widen(builder, _masked_load(builder, builder.gep(k_p, [builder.add(kr, koff)]), _i16, mask))
+                        for kr in krow
+                    ]
                 for r in range(R):
                     if mask is None:
                         qv = _load(builder, q_p, builder.add(qrow[r], qoff), vf)
@@ -167,15 +185,20 @@ def _make_scores(R: int, KB: int):
                         qv = _masked_load(builder, builder.gep(q_p, [builder.add(qrow[r], qoff)]), _f32, mask)
                     for kk in range(KB):
                         a = accs[r * KB + kk]
-                        builder.store(builder.fadd(builder.load(a), builder.fmul(qv, kv[kk], flags=_FAST),
-                                                   flags=_FAST), a)
+                        builder.store(
+                            builder.fadd(builder.load(a), builder.fmul(qv, kv[kk], flags=_FAST), flags=_FAST), a
+                        )
 
             with cgutils.for_range(builder, nblk_v) as blk:
                 j0 = builder.mul(blk.index, _c64(KB))
                 krow = [builder.mul(builder.add(j0, _c64(kk)), k_st[0]) for kk in range(KB)]
                 if PF_KEYS:  # the block PF_KEYS keys ahead, in flight while this one computes
-                    _prefetch_run(builder, k_p, builder.mul(builder.add(j0, _c64(PF_KEYS)), k_st[0]),
-                                  builder.mul(_c64(KB), k_st[0]))
+                    _prefetch_run(
+                        builder,
+                        k_p,
+                        builder.mul(builder.add(j0, _c64(PF_KEYS)), k_st[0]),
+                        builder.mul(_c64(KB), k_st[0]),
+                    )
                 for a in accs:
                     builder.store(ir.Constant(vf, [0.0] * _V), a)
                 with cgutils.for_range(builder, nfull) as c:
@@ -185,7 +208,9 @@ def _make_scores(R: int, KB: int):
                 res = builder.fmul(_reduce16(builder, [builder.load(a) for a in accs]), sv, flags=_FAST)
                 j0b = builder.mul(j0, _c64(4))
                 for r in range(R):
-                    part = builder.shuffle_vector(res, res, ir.Constant(_vec(_i32, KB), list(range(r * KB, (r + 1) * KB))))
+                    part = builder.shuffle_vector(
+                        res, res, ir.Constant(_vec(_i32, KB), list(range(r * KB, (r + 1) * KB)))
+                    )
                     ptr = builder.bitcast(builder.gep(s_p, [builder.add(srow[r], j0b)]), _vec(_f32, KB).as_pointer())
                     builder.store(part, ptr, align=1)
             return context.get_dummy_value()
@@ -214,8 +239,10 @@ def _make_wsum(R: int, C: int):
             vf, vh = _vec(_f32, _V), _vec(_i16, _V)
             left = builder.sub(o_sh[1], c0_v)  # columns from c0 to HD
             prow = [builder.mul(builder.add(h0_v, _c64(r)), p_st[0]) for r in range(R)]
-            orow = [builder.add(builder.mul(builder.add(h0_v, _c64(r)), o_st[0]), builder.mul(c0_v, _c64(4)))
-                    for r in range(R)]
+            orow = [
+                builder.add(builder.mul(builder.add(h0_v, _c64(r)), o_st[0]), builder.mul(c0_v, _c64(4)))
+                for r in range(R)
+            ]
             vcol = builder.mul(c0_v, _c64(2))
             masks = [_lane_mask(builder, builder.sub(left, _c64(m * _V))) for m in range(C)]
             accs = [cgutils.alloca_once(builder, vf) for _ in range(R * C)]  # [R * C], r-major
@@ -248,8 +275,9 @@ def _make_wsum(R: int, C: int):
                         v = _widen(builder, bits)
                         for r in range(R):
                             a = accs[r * C + m]
-                            builder.store(builder.fadd(builder.load(a), builder.fmul(ps[r], v, flags=_FAST),
-                                                       flags=_FAST), a)
+                            builder.store(
+                                builder.fadd(builder.load(a), builder.fmul(ps[r], v, flags=_FAST), flags=_FAST), a
+                            )
                 for r in range(R):
                     for m in range(C):
                         ptr = builder.gep(o_p, [builder.add(orow[r], _c64(4 * _V * m))])
@@ -284,7 +312,9 @@ def _rowmax(typingctx, s, n):
         s_p, _, _ = _arr(context, builder, signature.args[0], s_v)
         vf = _vec(_f32, _V)
         vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf]), f"llvm.maxnum.v{_V}f32")
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_f32, [vf]), f"llvm.vector.reduce.fmax.v{_V}f32")
+        red = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_f32, [vf]), f"llvm.vector.reduce.fmax.v{_V}f32"
+        )
         ninf = float("-inf")
         acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [ninf] * _V))
         nfull = builder.sdiv(n_v, _c64(_V))
@@ -292,8 +322,9 @@ def _rowmax(typingctx, s, n):
             v = _load(builder, s_p, builder.mul(loop.index, _c64(4 * _V)), vf)
             builder.store(builder.call(vmax, [builder.load(acc), v]), acc)
         rem = builder.sub(n_v, builder.mul(nfull, _c64(_V)))
-        tail = _masked_load(builder, builder.gep(s_p, [builder.mul(nfull, _c64(4 * _V))]), _f32,
-                            _lane_mask(builder, rem), ninf)
+        tail = _masked_load(
+            builder, builder.gep(s_p, [builder.mul(nfull, _c64(4 * _V))]), _f32, _lane_mask(builder, rem), ninf
+        )
         return builder.call(red, [builder.call(vmax, [builder.load(acc), tail])])
 
     return sig, codegen
@@ -336,6 +367,7 @@ def _score_tail(q, kc, sc, h0, R, j0, n, scale):
 @intrinsic
 def _f32_at(typingctx, addr):
     """A uint64 address -> float32* (arrays cross into the cfunc below as addresses)."""
+
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], _f32.as_pointer())
 
@@ -452,8 +484,22 @@ def _attention(q, kc, vc, pos0, scale, out, scratch, group):
         t1 = tp + 1 if pairs else T
         for t in range(t0, t1):
             row = t * H if pairs else 0
-            _call_group(group, q[t].ctypes.data, kc[g].ctypes.data, vc[g].ctypes.data, out[t].ctypes.data,
-                  scratch[row].ctypes.data, H, HD, S, scratch.shape[1], g * grp, grp, pos0 + t + 1, sc)
+            _call_group(
+                group,
+                q[t].ctypes.data,
+                kc[g].ctypes.data,
+                vc[g].ctypes.data,
+                out[t].ctypes.data,
+                scratch[row].ctypes.data,
+                H,
+                HD,
+                S,
+                scratch.shape[1],
+                g * grp,
+                grp,
+                pos0 + t + 1,
+                sc,
+            )
 
 
 def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
@@ -474,8 +520,16 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
         _attention(q, kc, vc, pos0, scale, out, scratch, _group_addr())
     else:
         res = np.empty(out.shape, np.float32)
-        _attention(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), pos0, scale, res,
-                   np.ascontiguousarray(scratch), _group_addr())
+        _attention(
+            np.ascontiguousarray(q),
+            np.ascontiguousarray(kc),
+            np.ascontiguousarray(vc),
+            pos0,
+            scale,
+            res,
+            np.ascontiguousarray(scratch),
+            _group_addr(),
+        )
         out[...] = res
 
 
@@ -573,7 +627,7 @@ def _tiled(q, n_kv, rows, pos0, scale, out):
         qpos = pos0 + t0 + np.repeat(np.arange(tq), grp)  # [tq*grp] position of each query row
         n = pos0 + t1  # keys the tile's last query sees
         for g in range(n_kv):
-            Q = q[t0:t1, g * grp:(g + 1) * grp].reshape(tq * grp, HD) * sc  # [tq*grp, HD], rows (t, h)
+            Q = q[t0:t1, g * grp : (g + 1) * grp].reshape(tq * grp, HD) * sc  # [tq*grp, HD], rows (t, h)
             m = np.full(tq * grp, -np.inf, np.float32)  # running max
             l = np.zeros(tq * grp, np.float32)  # running sum of exp
             o = np.zeros((tq * grp, HD), np.float32)  # running numerator
@@ -592,7 +646,7 @@ def _tiled(q, n_kv, rows, pos0, scale, out):
                 o += s @ V
                 m = m_new
             o /= l[:, None]
-            out[t0:t1, g * grp:(g + 1) * grp] = o.reshape(tq, grp, HD)
+            out[t0:t1, g * grp : (g + 1) * grp] = o.reshape(tq, grp, HD)
 
 
 def attention_prefill(q, k_cache, v_cache, pos0, scale, out):

@@ -7,6 +7,7 @@ int8 kernels: a row is gathered into a thread's buffer and dotted in f32.
 Shapes: N rows, K columns, NB = K / 32; row-major parts qs [N, K/2] (q8_0: [N, K]), d and m
 [N, NB]; row-tiled parts [N/16, ...] (``quant.formats.interleave_rows``); T tokens.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,6 @@ def _dequant_q8_0_into(qs, d, r, out):
         s = h2f(d[r, b])
         for j in range(32):
             out[b * 32 + j] = np.float32(qs[r, b * 32 + j]) * s
-
-
 
 
 @njit(**_PJIT)
@@ -119,7 +118,6 @@ def _mm_quant_f32(kind, qs, d, m, X, rowbuf, out):
             out[t, r] = _dot(w, X[t])
 
 
-
 @njit(**_JIT)
 def _dequant_r16_into(kind, qs, d, m, r, out):
     # kind 0 q4_0, 1 q4_1, 2 q8_0; row r -> out [K] f32
@@ -161,8 +159,6 @@ def _mm_r16_f32(kind, qs, d, m, X, rowbuf, out):
 @njit(**_JIT)
 def _row_r16(kind, qs, d, m, row, out):
     _dequant_r16_into(kind, qs, d, m, row, out)
-
-
 
 
 @njit(**_JIT)
@@ -216,7 +212,6 @@ def _row_q4k(tiled, qs, s, d, m, row, out):
     _dequant_q4k_into(tiled, qs, s, d, m, row, out)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # public API: (parts..., x or X, out), fp16 parts as float16 or as their uint16 bits
 def matvec_q4_0(qs, d, x, out):
@@ -262,6 +257,7 @@ def matmul_q4_k(qs, s, d, m, X, out):
 
 def _one_token(mm):
     """The decode form of a prefill kernel: x [K] -> out [N] as one token."""
+
     def mv(*args):
         *parts, x, out = args
         mm(*parts, x.reshape(1, -1), out.reshape(1, -1))
@@ -271,7 +267,9 @@ def _one_token(mm):
 
 
 matvec_q4_1, matvec_q8_0 = _one_token(matmul_q4_1), _one_token(matmul_q8_0)
-matvec_q4_0r16, matvec_q4_1r16, matvec_q8_0r16 = (_one_token(f) for f in (matmul_q4_0r16, matmul_q4_1r16, matmul_q8_0r16))
+matvec_q4_0r16, matvec_q4_1r16, matvec_q8_0r16 = (
+    _one_token(f) for f in (matmul_q4_0r16, matmul_q4_1r16, matmul_q8_0r16)
+)
 matvec_q4_kr16, matvec_q4_k = _one_token(matmul_q4_kr16), _one_token(matmul_q4_k)
 
 

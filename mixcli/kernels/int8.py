@@ -7,6 +7,7 @@ numba's on-disk cache cannot tell closures of one factory apart (it keys them by
 a pickle of their cells, and an intrinsic pickles differently in every process), so each driver
 gets a cache of its own, keyed by that triple and by a hash of the kernel sources.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,9 +43,11 @@ class _TierCache(FunctionCache):
     def __init__(self, py_func, tag: str):
         super().__init__(py_func)
         self._tag = f"{tag}-{SOURCES}"
-        self._cache_file = IndexDataCacheFile(cache_path=self._cache_path,
-                                              filename_base=f"{self._impl.filename_base}-{tag}",
-                                              source_stamp=self._impl.locator.get_source_stamp())
+        self._cache_file = IndexDataCacheFile(
+            cache_path=self._cache_path,
+            filename_base=f"{self._impl.filename_base}-{tag}",
+            source_stamp=self._impl.locator.get_source_stamp(),
+        )
 
     def _index_key(self, sig, codegen):
         return (sig, codegen.magic_tuple(), (hashlib.sha256(self._py_func.__code__.co_code).hexdigest(), self._tag))
@@ -161,11 +164,27 @@ def _mm_r16(tier, kind, L, tag):
             tn2 = tn + (T - tn) // NT2 * NT2
             for g in prange(qs.shape[0]):
                 for t in range(0, tn, NT):
-                    itile_nt(qs, d, m, g, xq[t * L : (t + NT) * L], xdx[t * L : (t + NT) * L], xsqt[t : t + NT],
-                             out[t : t + NT])
+                    itile_nt(
+                        qs,
+                        d,
+                        m,
+                        g,
+                        xq[t * L : (t + NT) * L],
+                        xdx[t * L : (t + NT) * L],
+                        xsqt[t : t + NT],
+                        out[t : t + NT],
+                    )
                 for t in range(tn, tn2, NT2):
-                    itile_nt2(qs, d, m, g, xq[t * L : (t + NT2) * L], xdx[t * L : (t + NT2) * L],
-                              xsqt[t : t + NT2], out[t : t + NT2])
+                    itile_nt2(
+                        qs,
+                        d,
+                        m,
+                        g,
+                        xq[t * L : (t + NT2) * L],
+                        xdx[t * L : (t + NT2) * L],
+                        xsqt[t : t + NT2],
+                        out[t : t + NT2],
+                    )
                 for t in range(tn2, T):
                     itile(qs, d, m, g, xq[t * L : t * L + L], xdx[t * L : t * L + L], xsqt[t : t + 1], out[t])
 

@@ -5,6 +5,7 @@ which defeats vectorisation; so the inner loops are small IR generators over exp
 types, and float16 arrays cross into numba viewed as uint16 and widen with ``fpext half``.
 Nothing here is specific to an instruction set: LLVM legalizes these vectors for the host.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -87,8 +88,11 @@ def _bcast_pairs(builder, vec, nblk):
 def _prefetch(builder, base, off, locality: int = 3):
     """A software prefetch (read) of the cache line at base + off."""
     pf = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0")
-    builder.call(pf, [builder.gep(base, [off]), ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
+        builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0"
+    )
+    builder.call(
+        pf, [builder.gep(base, [off]), ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)]
+    )
 
 
 FP16_AS_U16 = True  # every public kernel also takes float16 arrays as their uint16 bits (Linear binds them so)

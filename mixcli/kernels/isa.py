@@ -6,6 +6,7 @@ execute is an error rather than a SIGILL. Features come from LLVM's view of the 
 view numba compiles for; with ``NUMBA_CPU_NAME`` set (a portable cache target) only the generic
 tier is safe.
 """
+
 from __future__ import annotations
 
 import functools

@@ -23,6 +23,7 @@ T tokens, L levels. q6_k parts ql [N, NS*128], qh [N, NS*64], sc [N, NS*16] i1, 
 q5_k parts qs [N, NS*128], qh [N, NS*32], s [N, NS*12], d, m [N, NS]; fp16 parts as float16 or
 as their uint16 bits.
 """
+
 from __future__ import annotations
 
 import numba
@@ -65,8 +66,12 @@ def _unpack_q6k(ql, qh, sc, d, r, w):
                     t1 = np.floor(q * np.float32(0.25))
                     t2 = np.floor(t1 * np.float32(0.25))
                     t3 = np.floor(t2 * np.float32(0.25))
-                    w[o + l] = f0 * (a - np.float32(16.0) * a4 + np.float32(16.0) * (q - np.float32(4.0) * t1) - np.float32(32.0))
-                    w[o + 32 + l] = f1 * (b - np.float32(16.0) * b4 + np.float32(16.0) * (t1 - np.float32(4.0) * t2) - np.float32(32.0))
+                    w[o + l] = f0 * (
+                        a - np.float32(16.0) * a4 + np.float32(16.0) * (q - np.float32(4.0) * t1) - np.float32(32.0)
+                    )
+                    w[o + 32 + l] = f1 * (
+                        b - np.float32(16.0) * b4 + np.float32(16.0) * (t1 - np.float32(4.0) * t2) - np.float32(32.0)
+                    )
                     w[o + 64 + l] = f2 * (a4 + np.float32(16.0) * (t2 - np.float32(4.0) * t3) - np.float32(32.0))
                     w[o + 96 + l] = f3 * (b4 + np.float32(16.0) * t3 - np.float32(32.0))
 
@@ -104,7 +109,9 @@ def _unpack_q5k(qs, qh, s, d, m, r, w):
                 hs = np.floor(np.float32(qh[r, hb + l]) * shift)
                 t = np.floor(hs * np.float32(0.5))
                 w[o + l] = f0 * (a - np.float32(16.0) * a4 + np.float32(16.0) * (hs - np.float32(2.0) * t)) - m0
-                w[o + 32 + l] = f1 * (a4 + np.float32(16.0) * (t - np.float32(2.0) * np.floor(t * np.float32(0.5)))) - m1
+                w[o + 32 + l] = (
+                    f1 * (a4 + np.float32(16.0) * (t - np.float32(2.0) * np.floor(t * np.float32(0.5)))) - m1
+                )
 
 
 @njit(**_JIT)
@@ -166,8 +173,11 @@ def _mm_k(kind, p0, p1, p2, d, m, X, L, xq, xdx, xsq, xsum, xsqt, xh, wbuf, out)
 def _bufs(t: int, k: int, levels: int):
     """act() scratch for ``levels`` (one level's, unused, in f32 mode), x_hat [T, K] and R4
     dequantized rows [R4, K] per worker thread."""
-    return (*act(t, k, max(levels, 1)), scratch("kq_xh", (t, k), np.float32),
-            scratch("kq_w4", (numba.config.NUMBA_NUM_THREADS, R4, k), np.float32))
+    return (
+        *act(t, k, max(levels, 1)),
+        scratch("kq_xh", (t, k), np.float32),
+        scratch("kq_w4", (numba.config.NUMBA_NUM_THREADS, R4, k), np.float32),
+    )
 
 
 def _pairs(levels: int):
@@ -185,11 +195,16 @@ def _pairs(levels: int):
         _mm_k(5, qs, qh, s, _u16(d), _u16(m), X, levels, *_bufs(X.shape[0], X.shape[1], levels), out)
 
     def mv_q5_k(qs, qh, s, d, m, x, out):
-        _mm_k(5, qs, qh, s, _u16(d), _u16(m), x.reshape(1, -1), levels, *_bufs(1, x.shape[0], levels),
-              out.reshape(1, -1))
+        _mm_k(
+            5, qs, qh, s, _u16(d), _u16(m), x.reshape(1, -1), levels, *_bufs(1, x.shape[0], levels), out.reshape(1, -1)
+        )
 
-    return {("q6_k", "matvec"): mv_q6_k, ("q6_k", "matmul"): mm_q6_k,
-            ("q5_k", "matvec"): mv_q5_k, ("q5_k", "matmul"): mm_q5_k}
+    return {
+        ("q6_k", "matvec"): mv_q6_k,
+        ("q6_k", "matmul"): mm_q6_k,
+        ("q5_k", "matvec"): mv_q5_k,
+        ("q5_k", "matmul"): mm_q5_k,
+    }
 
 
 _PAIRS: dict[int, dict] = {}
@@ -201,8 +216,11 @@ def kernels(qtype: str, levels: int) -> dict:
     if levels not in _PAIRS:
         _PAIRS[levels] = _pairs(levels)
     pairs = _PAIRS[levels]
-    return {"matvec": pairs[(qtype, "matvec")], "matmul": pairs[(qtype, "matmul")],
-            "dequant_row": {"q6_k": dequant_row_q6_k, "q5_k": dequant_row_q5_k}[qtype]}
+    return {
+        "matvec": pairs[(qtype, "matvec")],
+        "matmul": pairs[(qtype, "matmul")],
+        "dequant_row": {"q6_k": dequant_row_q6_k, "q5_k": dequant_row_q5_k}[qtype],
+    }
 
 
 # ---- embedding rows, bit for bit as gguf decodes them ---------------------------------------------

@@ -7,6 +7,7 @@ more when another process holds a core, since the region waits for every thread.
 
 Shapes: N rows, K columns, T tokens, D hidden, NH heads, HD head dim, E experts, F FFN width.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,7 +82,6 @@ def matmul_f16(w, X, out):
 def matmul_f32(w, X, out):
     """w [N, K] f32, X [T, K] f32 -> out [T, N] f32."""
     _mm_f32(w, X, out)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,5 +249,3 @@ def _add_scaled(out, x, w):
 def add_scaled(out, x, w):
     """out += w * x for out, x [D] or [T, D] (C-contiguous), w a scalar."""
     _add_scaled(out.reshape(-1), x.reshape(-1), np.float32(w))
-
-

@@ -14,6 +14,7 @@ k <= E, matching lengths) and raises ``IndexError``/``ValueError`` where numpy w
 index, truncate a slice or broadcast silently: a test that drives a kernel out of range through
 its twin fails instead of reading past an array.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +51,10 @@ def _mv(w: np.ndarray, x, out) -> None:
 def _mm(w: np.ndarray, X, out) -> None:
     """out [T, N] = X [T, K] @ w [N, K].T, shapes checked."""
     _require(np.ndim(X) == 2 and np.shape(X)[1] == w.shape[1], f"X {np.shape(X)} for K = {w.shape[1]}")
-    _require(np.shape(out) == (np.shape(X)[0], w.shape[0]), f"out {np.shape(out)} for [T, N] = [{np.shape(X)[0]}, {w.shape[0]}]")
+    _require(
+        np.shape(out) == (np.shape(X)[0], w.shape[0]),
+        f"out {np.shape(out)} for [T, N] = [{np.shape(X)[0]}, {w.shape[0]}]",
+    )
     out[:] = X @ w.T
 
 
@@ -272,7 +276,10 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
     """Causal GQA attention; q [T, H, HD], caches [KVH, S, HD] float16, out [T, H, HD]."""
     T, H, HD = q.shape
     KVH, S, _ = k_cache.shape
-    _require(v_cache.shape == k_cache.shape and k_cache.shape[2] == HD, f"caches {k_cache.shape} / {v_cache.shape} for HD = {HD}")
+    _require(
+        v_cache.shape == k_cache.shape and k_cache.shape[2] == HD,
+        f"caches {k_cache.shape} / {v_cache.shape} for HD = {HD}",
+    )
     _require(KVH > 0 and H % KVH == 0, f"{KVH} KV heads do not divide {H} heads")
     _require(0 <= pos0 and pos0 + T <= S, f"positions {pos0}..{pos0 + T} past the cache's {S}", IndexError)
     _require(np.shape(out) == q.shape, f"out {np.shape(out)} for q {q.shape}")
@@ -288,14 +295,19 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
 
 
 def silu_mul(a, b, out):
-    _require(np.shape(a) == np.shape(b) == np.shape(out), f"silu_mul shapes {np.shape(a)}, {np.shape(b)}, {np.shape(out)}")
+    _require(
+        np.shape(a) == np.shape(b) == np.shape(out), f"silu_mul shapes {np.shape(a)}, {np.shape(b)}, {np.shape(out)}"
+    )
     out[...] = a / (np.float32(1.0) + np.exp(-a)) * b
 
 
 def route_topk(logits, k, weights_out, idx_out):
     """Softmax over E in f32, the k largest (lower expert first among equals), renormalised."""
     _require(0 < k <= logits.shape[1], f"top-{k} of {logits.shape[1]} experts")
-    _require(np.shape(idx_out) == (logits.shape[0], k) == np.shape(weights_out), f"outputs {np.shape(idx_out)} / {np.shape(weights_out)} for [T, k] = [{logits.shape[0]}, {k}]")
+    _require(
+        np.shape(idx_out) == (logits.shape[0], k) == np.shape(weights_out),
+        f"outputs {np.shape(idx_out)} / {np.shape(weights_out)} for [T, k] = [{logits.shape[0]}, {k}]",
+    )
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)  # [T, E]
     idx = np.argsort(-p, axis=1, kind="stable")[:, :k]  # [T, K]

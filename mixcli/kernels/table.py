@@ -5,6 +5,7 @@
 so the choice is made once, when the table is built, and nothing is rebound afterwards. A table
 costs nothing until its kernels run: numba compiles a driver the first time a model calls it.
 """
+
 from __future__ import annotations
 
 from quant.formats import QUANT_TYPES
@@ -17,14 +18,24 @@ from .isa import tier
 
 ACT_MODES = ("int8x2", "int8", "f32")  # two int8 levels, llama.cpp's one level, exact f32
 LEVELS = {"int8x2": 2, "int8": 1, "f32": 0}
-_OPS = ("rmsnorm", "rope_inplace", "silu_mul", "route_topk", "add_scaled", "matvec_f16", "matvec_f32",
-        "matmul_f16", "matmul_f32")
+_OPS = (
+    "rmsnorm",
+    "rope_inplace",
+    "silu_mul",
+    "route_topk",
+    "add_scaled",
+    "matvec_f16",
+    "matvec_f32",
+    "matmul_f16",
+    "matmul_f32",
+)
 
 
 def _int8_pair(drv_mv, drv_mm, nparts: int, L: int):
     """(matvec, matmul) taking a storage type's parts in their manifest order (qs, d[, m] or qs, s,
     d, m), fp16 parts as float16 or as uint16 bits; no-min types pass d again as m."""
     if nparts == 2:
+
         def mv(qs, d, x, out):
             d = _u16(d)
             drv_mv(qs, d, d, x, *act(1, x.shape[0], L), out)
@@ -33,17 +44,20 @@ def _int8_pair(drv_mv, drv_mm, nparts: int, L: int):
             d = _u16(d)
             drv_mm(qs, d, d, X, *pact(X.shape[0], X.shape[1], L), out)
     elif nparts == 3:
+
         def mv(qs, d, m, x, out):
             drv_mv(qs, _u16(d), _u16(m), x, *act(1, x.shape[0], L), out)
 
         def mm(qs, d, m, X, out):
             drv_mm(qs, _u16(d), _u16(m), X, *pact(X.shape[0], X.shape[1], L), out)
     else:
+
         def mv(qs, s, d, m, x, out):
             drv_mv(qs, s, _u16(d), _u16(m), x, *act(1, x.shape[0], L), out)
 
         def mm(qs, s, d, m, X, out):
             drv_mm(qs, s, _u16(d), _u16(m), X, *pact(X.shape[0], X.shape[1], L), out)
+
     return mv, mm
 
 
@@ -71,8 +85,12 @@ class KernelTable:
             if qtype in ("f16", "f32"):
                 continue
             if self.levels and qtype in int8.QTYPES:
-                mv, mm = _int8_pair(int8.driver(t, qtype, "mv", self.levels), int8.driver(t, qtype, "mm", self.levels),
-                                    len(spec.parts), self.levels)
+                mv, mm = _int8_pair(
+                    int8.driver(t, qtype, "mv", self.levels),
+                    int8.driver(t, qtype, "mm", self.levels),
+                    len(spec.parts),
+                    self.levels,
+                )
             else:
                 mv, mm = getattr(f32, f"matvec_{qtype}"), getattr(f32, f"matmul_{qtype}")
             setattr(self, f"matvec_{qtype}", mv)

@@ -8,6 +8,7 @@ multiplies elsewhere), how Q8_0's signed weights meet it, and how many accumulat
 register file. Each family module (``x86_avx512``, ``x86_avx2``, ``generic``) defines its tiers
 as subclasses of ``Tier``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -53,7 +54,9 @@ class Tier(ABC):
     def high_nibbles(self, builder, w):
         """Each byte's high nibble (byte >> 4) of <n x i32> packed bytes."""
         n = w.type.count
-        return builder.and_(builder.lshr(w, ir.Constant(_vec(_i32, n), [4] * n)), ir.Constant(_vec(_i32, n), [0x0F0F0F0F] * n))
+        return builder.and_(
+            builder.lshr(w, ir.Constant(_vec(_i32, n), [4] * n)), ir.Constant(_vec(_i32, n), [0x0F0F0F0F] * n)
+        )
 
     def __repr__(self):
         return f"<tier {self.name}>"

@@ -21,6 +21,7 @@ benchmarks/RESULTS.md):
 Shapes: N output rows, K input columns, NB = K / 32 blocks, T tokens, L activation levels,
 NG groups of 16 virtual tokens; row-tiled parts [N/16, ...] (``quant.formats.interleave_rows``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,7 +94,8 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
             nb = d_sh[1]
             red = {
                 w: cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(_f32, [_f32, _vec(_f32, w)]), f"llvm.vector.reduce.fadd.v{w}f32")
+                    builder.module, ir.FunctionType(_f32, [_f32, _vec(_f32, w)]), f"llvm.vector.reduce.fadd.v{w}f32"
+                )
                 for w in (8, 16)
             }
             W = 16 if wide else 8
@@ -120,11 +122,28 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
                 b2 = builder.mul(b, _c64(2))
                 xv, dx, cs = [], [], []
                 for j in range(ntoks):
-                    xv.append([builder.bitcast(
-                        _load(builder, xq_p, builder.add(lv_x[j][l], builder.mul(b, _c64(32))), _vec(_i8, 32 * nblk)),
-                        _vec(_i32, w)) for l in range(L)])
-                    dx.append([_bcast_pairs(builder, _load(builder, xdx_p, builder.add(lv_dx[j][l], b4), _vec(_f32, nblk)), nblk)
-                               for l in range(L)])
+                    xv.append(
+                        [
+                            builder.bitcast(
+                                _load(
+                                    builder,
+                                    xq_p,
+                                    builder.add(lv_x[j][l], builder.mul(b, _c64(32))),
+                                    _vec(_i8, 32 * nblk),
+                                ),
+                                _vec(_i32, w),
+                            )
+                            for l in range(L)
+                        ]
+                    )
+                    dx.append(
+                        [
+                            _bcast_pairs(
+                                builder, _load(builder, xdx_p, builder.add(lv_dx[j][l], b4), _vec(_f32, nblk)), nblk
+                            )
+                            for l in range(L)
+                        ]
+                    )
                     c = _load(builder, xs_p, builder.add(tok_s[j], b4), _vec(_f32, nblk))
                     c = builder.fmul(c, ir.Constant(_vec(_f32, nblk), [cfac] * nblk), flags=_FAST)
                     cs.append(_bcast_pairs(builder, c, nblk))
@@ -135,10 +154,14 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
                         qv = _load(builder, qs_p, qoff, _vec(_i8, 16 * nblk))
                         idx = [blk * 16 + e for blk in range(nblk) for _ in range(2) for e in range(16)]
                         dup = builder.shuffle_vector(qv, qv, ir.Constant(_vec(_i32, 32 * nblk), idx))
-                        sh = builder.lshr(builder.bitcast(dup, _vec(_i16, 16 * nblk)),
-                                          ir.Constant(_vec(_i16, 16 * nblk), ([0] * 8 + [4] * 8) * nblk))
-                        qu = builder.bitcast(builder.and_(builder.bitcast(sh, _vec(_i8, 32 * nblk)), _splat(_i8, 32 * nblk, 15)),
-                                             _vec(_i32, w))
+                        sh = builder.lshr(
+                            builder.bitcast(dup, _vec(_i16, 16 * nblk)),
+                            ir.Constant(_vec(_i16, 16 * nblk), ([0] * 8 + [4] * 8) * nblk),
+                        )
+                        qu = builder.bitcast(
+                            builder.and_(builder.bitcast(sh, _vec(_i8, 32 * nblk)), _splat(_i8, 32 * nblk, 15)),
+                            _vec(_i32, w),
+                        )
                         umax, qs_signed = 15, None
                     else:
                         qoff = builder.add(row_q[i], builder.mul(b, _c64(32)))
@@ -165,7 +188,9 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
                         if kind == "q4_1":
                             part = builder.fadd(part, builder.fmul(mw, cs[j], flags=_FAST), flags=_FAST)
                         if w != W:  # the 8-lane tail of a 16-lane accumulator: add into its low half
-                            part = builder.shuffle_vector(part, ir.Constant(vf, [0.0] * w), ir.Constant(_vec(_i32, W), list(range(W))))
+                            part = builder.shuffle_vector(
+                                part, ir.Constant(vf, [0.0] * w), ir.Constant(_vec(_i32, W), list(range(W)))
+                            )
                         builder.store(builder.fadd(builder.load(accs[k]), part, flags=_FAST), accs[k])
 
             if wide:
@@ -176,8 +201,10 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
             else:
                 with cgutils.for_range(builder, nb) as loop:
                     step(loop.index, 1)
-            outs = [builder.call(red[W], [ir.Constant(_f32, 0.0), builder.load(accs[k])], fastmath=_FAST)
-                    for k in range(nacc)]
+            outs = [
+                builder.call(red[W], [ir.Constant(_f32, 0.0), builder.load(accs[k])], fastmath=_FAST)
+                for k in range(nacc)
+            ]
             return context.make_tuple(builder, signature.return_type, outs)
 
         return sig, codegen
@@ -226,8 +253,10 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
         else:
             nb = builder.sdiv(d_sh[1], _c64(R)) if tiled else d_sh[1]
         v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
-        facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(ngroups)]
-                for _ in range(nrows)]
+        facc = [
+            [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(ngroups)]
+            for _ in range(nrows)
+        ]
         nm1 = builder.sub(n_v, _c64(1))
         gm1 = builder.sub(ng_v, _c64(1))
         rows = [_clamp(builder, builder.add(r_v, _c64(i)), nm1) for i in range(nrows)]
@@ -298,7 +327,9 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
                             terms[i][j].append((wu, tier.q8_act(builder, xv[j], ws)))
             for i in range(nrows):
                 for j in range(ngroups):
-                    f = builder.fmul(builder.sitofp(tier.dot(builder, zero, terms[i][j], umax), v16f), dx[j], flags=_FAST)
+                    f = builder.fmul(
+                        builder.sitofp(tier.dot(builder, zero, terms[i][j], umax), v16f), dx[j], flags=_FAST
+                    )
                     if kind not in ("q4_1", "q4_k"):
                         f = builder.fadd(f, cs[j], flags=_FAST)
                     a = builder.fadd(builder.load(facc[i][j]), builder.fmul(f, dw[i], flags=_FAST), flags=_FAST)
@@ -325,6 +356,7 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
         return context.get_dummy_value()
 
     if kind == "q4_k":
+
         @intrinsic
         def ptile_k(typingctx, qs, s, d, m, r, n, xp, dxp, cp, g0, ng, out):
             return types.void(qs, s, d, m, r, n, xp, dxp, cp, g0, ng, out), codegen
@@ -374,7 +406,9 @@ def _tile_block_dots(tier, builder, kind, L, qs_p, qb, xq_p, xq_st, xdx_p, xdx_s
     for lv in range(L):
         s = tier.dot(builder, zero, terms[lv], umax, chains=2)
         dxo = builder.add(builder.mul(_c64(lv), xdx_st[0]), builder.mul(b, _c64(4)))
-        p = builder.fmul(builder.sitofp(s, v16f), _splat16(builder, _load(builder, xdx_p, dxo, _f32), v16f), flags=_FAST)
+        p = builder.fmul(
+            builder.sitofp(s, v16f), _splat16(builder, _load(builder, xdx_p, dxo, _f32), v16f), flags=_FAST
+        )
         f = p if f is None else builder.fadd(f, p, flags=_FAST)
     return f
 
@@ -433,14 +467,18 @@ def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = 
                     f = _tile_block_dots(tier, builder, kind, L, qs_p, qb, xq_t[j], xq_st, xdx_t[j], xdx_st, b)
                     cs = _splat16(builder, _load(builder, xs_t[j], builder.mul(b, _c64(4)), _f32), v16f)
                     if offset:
-                        f = builder.fadd(f, builder.fmul(cs, ir.Constant(v16f, [-offset] * 16), flags=_FAST), flags=_FAST)
+                        f = builder.fadd(
+                            f, builder.fmul(cs, ir.Constant(v16f, [-offset] * 16), flags=_FAST), flags=_FAST
+                        )
                     a = builder.fadd(builder.load(accs[j]), builder.fmul(f, dw, flags=_FAST), flags=_FAST)
                     if mw is not None:
                         a = builder.fadd(a, builder.fmul(mw, cs, flags=_FAST), flags=_FAST)
                     builder.store(a, accs[j])
             for j in range(NT):
                 row = builder.mul(_c64(j), out_st[0]) if NT > 1 else _c64(0)
-                optr = builder.bitcast(builder.gep(out_p, [builder.add(row, builder.mul(g_v, _c64(4 * R)))]), v16f.as_pointer())
+                optr = builder.bitcast(
+                    builder.gep(out_p, [builder.add(row, builder.mul(g_v, _c64(4 * R)))]), v16f.as_pointer()
+                )
                 builder.store(builder.load(accs[j]), optr, align=4)
             return context.get_dummy_value()
 
@@ -506,8 +544,9 @@ def make_itile_q4k(tier, levels: int, prefetch: tuple[int, int] | None = None):
                     cs = _splat16(builder, _load(builder, xs_p, builder.mul(b, _c64(4)), _f32), v16f)
                     so = builder.add(gs, builder.mul(b, _c64(2 * R)))
                     ad = builder.fadd(builder.load(acc_d), builder.fmul(f, codes(so), flags=_FAST), flags=_FAST)
-                    am = builder.fadd(builder.load(acc_m), builder.fmul(cs, codes(builder.add(so, _c64(R))), flags=_FAST),
-                                      flags=_FAST)
+                    am = builder.fadd(
+                        builder.load(acc_m), builder.fmul(cs, codes(builder.add(so, _c64(R))), flags=_FAST), flags=_FAST
+                    )
                     builder.store(ad, acc_d)
                     builder.store(am, acc_m)
                 dw = halves(d_p, builder.add(gd, builder.mul(sb, _c64(2 * R))))

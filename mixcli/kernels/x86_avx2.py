@@ -14,6 +14,7 @@ and ``vpmaddwd`` against ones adds the int16 pairs into int32. Saturation decide
 AVX-VNNI (Alder Lake and later cores, Sapphire Rapids) keeps the AVX-512 VNNI arithmetic on ymm.
 Both tiers have 16 ymm registers, so their tiles hold fewer accumulators than the AVX-512 tier's.
 """
+
 from __future__ import annotations
 
 from llvmlite import ir
@@ -73,11 +74,18 @@ class Avx2(_Ymm):
         for c in range(0, len(terms), per):
             chunk = terms[c : c + per]
             for p in range(len(out)):
-                prods = [builder.call(maddubs, [as_bytes(builder, _ymm_pieces(builder, u)[p]),
-                                                as_bytes(builder, _ymm_pieces(builder, s)[p])]) for u, s in chunk]
+                prods = [
+                    builder.call(
+                        maddubs,
+                        [as_bytes(builder, _ymm_pieces(builder, u)[p]), as_bytes(builder, _ymm_pieces(builder, s)[p])],
+                    )
+                    for u, s in chunk
+                ]
                 while len(prods) > 1:  # a tree of int16 adds keeps the dependency chains short
-                    prods = [builder.add(prods[i], prods[i + 1]) if i + 1 < len(prods) else prods[i]
-                             for i in range(0, len(prods), 2)]
+                    prods = [
+                        builder.add(prods[i], prods[i + 1]) if i + 1 < len(prods) else prods[i]
+                        for i in range(0, len(prods), 2)
+                    ]
                 out[p] = builder.add(out[p], builder.call(maddwd, [prods[0], ones]))
         return _join(builder, out)
 

@@ -3,6 +3,7 @@
 Needs avx512vnni, avx512bw and avx512vl (Ice Lake and later Xeons, Zen 4/5). Where the host also
 has GFNI, a high-nibble extraction is one ``gf2p8affineqb`` instead of a shift and a mask.
 """
+
 from __future__ import annotations
 
 from llvmlite import ir
@@ -14,7 +15,9 @@ from .tier import Tier, chained
 
 def _vpdpbusd(builder, n):
     ty = _vec(_i32, n)
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * n}")
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ty, [ty] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * n}"
+    )
 
 
 class Avx512Vnni(Tier):
@@ -36,6 +39,7 @@ class Avx512Vnni(Tier):
             return super().high_nibbles(builder, w)
         v64b = _vec(_i8, 64)
         gf = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512")
+            builder.module, ir.FunctionType(v64b, [v64b, v64b, _i8]), "llvm.x86.vgf2p8affineqb.512"
+        )
         hi = builder.bitcast(ir.Constant(_vec(_i64, 8), [0x1020408000000000] * 8), v64b)
         return builder.bitcast(builder.call(gf, [builder.bitcast(w, v64b), hi, ir.Constant(_i8, 0)]), w.type)

@@ -28,6 +28,7 @@ type llama.cpp defines, K-quants included. What is ours, and why:
 
 Dimension letters: N output rows, K input columns, NB = K / 32 blocks per row, E experts.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,12 +46,22 @@ from quant.q4 import unpack_k_scales
 from quant.sources.gguf_check import check_gguf_header
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
-SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # Llama, Mistral and Mixtral GGUFs all say "llama"
+SHARD_RE = re.compile(
+    r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE
+)  # Llama, Mistral and Mixtral GGUFs all say "llama"
 DOWNLOAD_HINT = "download the .gguf file again (it is damaged or incomplete)"
 
 # GGUF block types our format stores bit for bit: GGUF type name -> our type name
-EXACT_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k",
-               "Q6_K": "q6_k", "Q5_K": "q5_k"}
+EXACT_TYPES = {
+    "F32": "f32",
+    "F16": "f16",
+    "Q8_0": "q8_0",
+    "Q4_0": "q4_0",
+    "Q4_1": "q4_1",
+    "Q4_K": "q4_k",
+    "Q6_K": "q6_k",
+    "Q5_K": "q5_k",
+}
 Q4_K_BYTES = 144  # one GGUF Q4_K super-block: d, dmin (fp16), 12 bytes of codes, 128 bytes of nibbles
 
 # Bytes of one GGUF block, in order: (field, byte offset, byte length) for the exact block types
@@ -116,7 +127,7 @@ def split_blocks(data: np.ndarray, ggml_type: str, k: int) -> dict[str, np.ndarr
     blocks = np.ascontiguousarray(data).reshape(n, nb, bpb)  # [N, NB, block bytes]
     parts: dict[str, np.ndarray] = {}
     for field, off, length in fields:
-        raw = np.ascontiguousarray(blocks[:, :, off:off + length]).reshape(n, nb * length)  # [N, NB * length]
+        raw = np.ascontiguousarray(blocks[:, :, off : off + length]).reshape(n, nb * length)  # [N, NB * length]
         dtype = "i1" if (ggml_type, field) == ("Q8_0", "qs") else _FIELD_DTYPES.get(field, "u1")
         parts[field] = raw.view(dtype)  # d, m: [N, NB] <f2
     return parts
@@ -158,8 +169,15 @@ def _field_value(field: Any) -> Any:
 class GGUFCheckpoint:
     """An opened, validated GGUF (one file, or the shards of a split one); tensors by canonical name."""
 
-    def __init__(self, path: Path, readers: list[Any], metadata: dict[str, Any], hf_config: dict[str, Any],
-                 config: ModelConfig, tensors: dict[str, GGUFTensorRef]):
+    def __init__(
+        self,
+        path: Path,
+        readers: list[Any],
+        metadata: dict[str, Any],
+        hf_config: dict[str, Any],
+        config: ModelConfig,
+        tensors: dict[str, GGUFTensorRef],
+    ):
         self.path = path
         self.readers = readers  # one per shard; the first holds the metadata
         self.reader = readers[0]
@@ -237,8 +255,11 @@ class GGUFCheckpoint:
         q/k come back with their rows un-permuted (whole blocks move, no value changes)."""
         ref = self.tensors[name]
         ours = EXACT_TYPES.get(ref.ggml_type)
-        if ours is None or (len(ref.shape) == 2 and ref.ggml_type in _BLOCK_FIELDS
-                            and ref.shape[1] % _BLOCK_WEIGHTS.get(ref.ggml_type, QK)):
+        if ours is None or (
+            len(ref.shape) == 2
+            and ref.ggml_type in _BLOCK_FIELDS
+            and ref.shape[1] % _BLOCK_WEIGHTS.get(ref.ggml_type, QK)
+        ):
             return None
         raw = self._raw(name)
         order = self._order(name)
@@ -314,7 +335,9 @@ def _open_reader(path: Path) -> Any:
                 f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
                 "pass a llama.cpp .gguf file, or a Hugging Face checkpoint directory",
             ) from None
-        raise CheckpointError(f"{path} is not a valid GGUF file ({detail}); it may be truncated", DOWNLOAD_HINT) from None
+        raise CheckpointError(
+            f"{path} is not a valid GGUF file ({detail}); it may be truncated", DOWNLOAD_HINT
+        ) from None
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
@@ -362,7 +385,9 @@ def hf_config_from_metadata(meta: dict[str, Any], n_vocab: int, tied: bool) -> d
         hf["num_local_experts"] = experts
         hf["num_experts_per_tok"] = int(get("expert_used_count", 2))
     scaling = get("rope.scaling.type")
-    if scaling not in (None, "none", "linear") or (scaling == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0):
+    if scaling not in (None, "none", "linear") or (
+        scaling == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0
+    ):
         hf["rope_scaling"] = {"rope_type": scaling, "factor": get("rope.scaling.factor")}
     rot = get("rope.dimension_count")
     if rot is not None and int(rot) != hf["head_dim"]:
@@ -525,8 +550,10 @@ def _check_shards(paths: list[Path], readers: list[Any]) -> None:
         total = _field_int(r, "split.tensors.count") if total is None else total
     held = sum(len(r.tensors) for r in readers)
     if total is not None and held != total:
-        raise CheckpointError(f"the {len(paths)} shards of {paths[0].name} hold {held} tensors, they say {total}",
-                              "download the shards again from one repo and revision")
+        raise CheckpointError(
+            f"the {len(paths)} shards of {paths[0].name} hold {held} tensors, they say {total}",
+            "download the shards again from one repo and revision",
+        )
 
 
 def _field_int(reader: Any, key: str) -> int | None:

@@ -13,6 +13,7 @@ u64 n_tensors, u64 n_kv; n_kv x (string key, u32 value type, value); n_tensors x
 u32 n_dims, n_dims x u64 ne, u32 ggml type, u64 offset); padding to ``general.alignment``; data.
 A string is u64 length + bytes; an array is u32 element type, u64 count, elements.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,26 +31,51 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _INTS, _FLOATS = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}
 # metadata mixcli reads (with "{arch}." expanded): what kind of value each must be
 _KEYS = {
-    "general.architecture": "str", "general.alignment": "int",
-    "{arch}.embedding_length": "int", "{arch}.block_count": "int", "{arch}.feed_forward_length": "int",
-    "{arch}.attention.head_count": "int", "{arch}.attention.head_count_kv": "int",
-    "{arch}.attention.key_length": "int", "{arch}.context_length": "int", "{arch}.expert_count": "int",
-    "{arch}.expert_used_count": "int", "{arch}.rope.dimension_count": "int",
-    "{arch}.attention.layer_norm_rms_epsilon": "float", "{arch}.rope.freq_base": "float",
-    "{arch}.rope.scaling.factor": "float", "{arch}.rope.scaling.type": "str", "{arch}.vocab_size": "int",
-    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str",
-    "tokenizer.ggml.bos_token_id": "int", "tokenizer.ggml.eos_token_id": "int",
-    "tokenizer.ggml.unknown_token_id": "int", "tokenizer.ggml.padding_token_id": "int",
-    "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool",
-    "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.scores": "float[]",
-    "tokenizer.ggml.token_type": "int[]", "tokenizer.chat_template": "str",
+    "general.architecture": "str",
+    "general.alignment": "int",
+    "{arch}.embedding_length": "int",
+    "{arch}.block_count": "int",
+    "{arch}.feed_forward_length": "int",
+    "{arch}.attention.head_count": "int",
+    "{arch}.attention.head_count_kv": "int",
+    "{arch}.attention.key_length": "int",
+    "{arch}.context_length": "int",
+    "{arch}.expert_count": "int",
+    "{arch}.expert_used_count": "int",
+    "{arch}.rope.dimension_count": "int",
+    "{arch}.attention.layer_norm_rms_epsilon": "float",
+    "{arch}.rope.freq_base": "float",
+    "{arch}.rope.scaling.factor": "float",
+    "{arch}.rope.scaling.type": "str",
+    "{arch}.vocab_size": "int",
+    "tokenizer.ggml.model": "str",
+    "tokenizer.ggml.pre": "str",
+    "tokenizer.ggml.bos_token_id": "int",
+    "tokenizer.ggml.eos_token_id": "int",
+    "tokenizer.ggml.unknown_token_id": "int",
+    "tokenizer.ggml.padding_token_id": "int",
+    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_eos_token": "bool",
+    "tokenizer.ggml.tokens": "str[]",
+    "tokenizer.ggml.merges": "str[]",
+    "tokenizer.ggml.scores": "float[]",
+    "tokenizer.ggml.token_type": "int[]",
+    "tokenizer.chat_template": "str",
 }
 
 
 # metadata that sizes the model: 1..CONFIG_LIMIT (a 0 here divided by zero in the reader's arithmetic)
-_POSITIVE = ("{arch}.embedding_length", "{arch}.block_count", "{arch}.feed_forward_length",
-             "{arch}.attention.head_count", "{arch}.attention.head_count_kv", "{arch}.attention.key_length",
-             "{arch}.context_length", "{arch}.rope.dimension_count", "{arch}.vocab_size")
+_POSITIVE = (
+    "{arch}.embedding_length",
+    "{arch}.block_count",
+    "{arch}.feed_forward_length",
+    "{arch}.attention.head_count",
+    "{arch}.attention.head_count_kv",
+    "{arch}.attention.key_length",
+    "{arch}.context_length",
+    "{arch}.rope.dimension_count",
+    "{arch}.vocab_size",
+)
 
 
 class _Walker:
@@ -80,7 +106,7 @@ class _Walker:
         if n > left:
             raise self.fail(f"{what} is {n} bytes long, but only {left} bytes remain")
         self.pos += n
-        raw = bytes(self.buf[start:self.pos])
+        raw = bytes(self.buf[start : self.pos])
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -201,12 +227,16 @@ def _check(path: Path, buf) -> None:
     # the reader builds name lists of layers x experts: bound both by the tensors that hold them
     layers = meta.get(f"{arch}.block_count", (4, 0))[1]
     if layers * 4 > len(tensors):
-        raise w.fail(f"metadata {arch}.block_count is {layers}, but {len(tensors)} tensors cannot hold that many layers")
+        raise w.fail(
+            f"metadata {arch}.block_count is {layers}, but {len(tensors)} tensors cannot hold that many layers"
+        )
     experts = meta.get(f"{arch}.expert_count", (4, 0))[1]
     stacked = {ne[2] for name, ne, _, _ in tensors if name.endswith("_exps.weight") and len(ne) == 3}
     if experts > 1 and (stacked != {experts} if stacked else experts * 3 > len(tensors)):
-        raise w.fail(f"metadata {arch}.expert_count is {experts}, which the expert tensors do not hold "
-                     f"({'stacked by ' + str(sorted(stacked)) if stacked else str(len(tensors)) + ' tensors'})")
+        raise w.fail(
+            f"metadata {arch}.expert_count is {experts}, which the expert tensors do not hold "
+            f"({'stacked by ' + str(sorted(stacked)) if stacked else str(len(tensors)) + ' tensors'})"
+        )
 
 
 def _check_tensors(w: _Walker, tensors: list, data_start: int, align: int) -> None:
@@ -222,5 +252,7 @@ def _check_tensors(w: _Walker, tensors: list, data_start: int, align: int) -> No
             raise w.fail(f"tensor {name} has dimensions {ne} (each > 0, the first a multiple of {block})")
         n_bytes = math.prod(ne) // block * type_size
         if offset % align or data_start + offset + n_bytes > size:
-            raise w.fail(f"tensor {name} (offset {offset}, {n_bytes} bytes) lies outside the file's "
-                         f"{size - data_start} bytes of data or off its {align}-byte alignment")
+            raise w.fail(
+                f"tensor {name} (offset {offset}, {n_bytes} bytes) lies outside the file's "
+                f"{size - data_start} bytes of data or off its {align}-byte alignment"
+            )

@@ -17,6 +17,7 @@ uint16 bit patterns (the f32 value is those bits shifted left by 16); the writer
 decodes them on the fly. Pickle checkpoints (``*.bin``, ``*.pt``) are refused, never unpickled:
 loading a pickle runs arbitrary code.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,7 +134,9 @@ def _read_header(file: Path) -> tuple[dict[str, Any], int]:
             dtype, shape, (b, e) = entry["dtype"], [int(s) for s in entry["shape"]], entry["data_offsets"]
             b, e = int(b), int(e)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file} has a corrupt safetensors header (bad entry for {name})", DOWNLOAD_HINT) from None
+            raise CheckpointError(
+                f"{file} has a corrupt safetensors header (bad entry for {name})", DOWNLOAD_HINT
+            ) from None
         if dtype in DTYPES and (e - b != int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1].itemsize or b < 0):
             raise CheckpointError(
                 f"{file} has a corrupt safetensors header ({name}: data_offsets [{b}, {e}] do not fit shape {shape} {dtype})",
@@ -169,7 +172,9 @@ def _load_json(file: Path, what: str) -> Any:
             "download it again from the model's Hugging Face repo",
         ) from None
     except UnicodeDecodeError:
-        raise CheckpointError(f"{what} {file} is not UTF-8 text", "download it again from the model's Hugging Face repo") from None
+        raise CheckpointError(
+            f"{what} {file} is not UTF-8 text", "download it again from the model's Hugging Face repo"
+        ) from None
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -183,7 +188,10 @@ def _shard_files(path: Path) -> list[Path]:
         shards = sorted(set(map(str, weight_map.values())))
         for shard in shards:
             if Path(shard).name != shard or shard in (".", ".."):
-                raise CheckpointError(f"{index} names a shard outside the directory: {shard!r}", "use the index file that came with the checkpoint")
+                raise CheckpointError(
+                    f"{index} names a shard outside the directory: {shard!r}",
+                    "use the index file that came with the checkpoint",
+                )
             if not (path / shard).is_file():
                 raise CheckpointError(
                     f"shard {shard} named in {INDEX_NAME} is missing from {path}",
@@ -320,7 +328,11 @@ class HFCheckpoint:
             raise IndexError(f"rows {start}:{stop} of {name} with {n} rows")
         dt = DTYPES[{"bf16": "BF16", "f16": "F16", "f32": "F32"}[t.dtype]][1]
         arr = np.empty((stop - start, k), dtype=dt)  # [rows, K]
-        if arr.nbytes and os.preadv(self._fd(t.file), [memoryview(arr).cast("B")], t.start + start * k * dt.itemsize) != arr.nbytes:
+        if (
+            arr.nbytes
+            and os.preadv(self._fd(t.file), [memoryview(arr).cast("B")], t.start + start * k * dt.itemsize)
+            != arr.nbytes
+        ):
             raise CheckpointError(f"{t.file} shrank while being read ({t.hf_name})", DOWNLOAD_HINT)
         return arr
 
@@ -387,17 +399,26 @@ def open_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
     """Validate a checkpoint directory and index its tensors; raise CheckpointError on bad input."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint directory {path} does not exist", "check the path, or download the model first")
+        raise CheckpointError(
+            f"checkpoint directory {path} does not exist", "check the path, or download the model first"
+        )
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory", "pass the directory that holds config.json and the *.safetensors files")
+        raise CheckpointError(
+            f"{path} is not a directory", "pass the directory that holds config.json and the *.safetensors files"
+        )
     if not any(path.iterdir()):
-        raise CheckpointError(f"checkpoint directory {path} is empty", "download the model's files into it (config.json, *.safetensors, tokenizer files)")
+        raise CheckpointError(
+            f"checkpoint directory {path} is empty",
+            "download the model's files into it (config.json, *.safetensors, tokenizer files)",
+        )
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in {path}", "download the complete checkpoint, config.json included")
     hf = _load_json(cfg_file, "config")
     if not isinstance(hf, dict):
-        raise CheckpointError(f"config {cfg_file} is not a JSON object", "download it again from the model's Hugging Face repo")
+        raise CheckpointError(
+            f"config {cfg_file} is not a JSON object", "download it again from the model's Hugging Face repo"
+        )
     config = ModelConfig.from_hf(hf)
 
     found: dict[str, TensorInfo] = {}
@@ -415,14 +436,18 @@ def open_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
             if name == "output" and config.tie_word_embeddings:
                 continue  # tied: the head is the embedding; a stored copy is ignored
             if name in found:
-                raise CheckpointError(f"tensor {hf_name} appears twice ({found[name].file.name} and {file.name})", DOWNLOAD_HINT)
+                raise CheckpointError(
+                    f"tensor {hf_name} appears twice ({found[name].file.name} and {file.name})", DOWNLOAD_HINT
+                )
             if entry["dtype"] not in DTYPES:
                 raise CheckpointError(
                     f"tensor {hf_name} has dtype {entry['dtype']}; mixcli reads BF16, F16 and F32",
                     "use the original floating-point checkpoint",
                 )
             b, e = (int(x) for x in entry["data_offsets"])
-            found[name] = TensorInfo(hf_name, file, DTYPES[entry["dtype"]][0], tuple(int(s) for s in entry["shape"]), data_start + b, e - b)
+            found[name] = TensorInfo(
+                hf_name, file, DTYPES[entry["dtype"]][0], tuple(int(s) for s in entry["shape"]), data_start + b, e - b
+            )
 
     names = tensor_names(config.num_hidden_layers, config.num_local_experts, config.moe, config.tie_word_embeddings)
     missing, extra = tensor_set_difference(names, found)
@@ -433,7 +458,10 @@ def open_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
         )
     if extra:
         t = found[extra[0]]
-        raise CheckpointError(f"tensor {t.hf_name} does not fit config.json (it implies no {extra[0]})", "use the config.json that came with these weights")
+        raise CheckpointError(
+            f"tensor {t.hf_name} does not fit config.json (it implies no {extra[0]})",
+            "use the config.json that came with these weights",
+        )
     for n in names:
         want, t = expected_shape(config, n), found[n]
         if t.shape != want:
