@@ -150,7 +150,10 @@ def test_bench_under_a_budget_reports_the_expert_cache(tmp_path_factory, capsys)
     from mixcli.expert_cache import memory_for_slots
 
     model = babyruntime.baby_chat_model(tmp_path_factory.getbasetemp() / "babyruntime")
-    budget = str(memory_for_slots(open_model_dir(model), 2))
+    from mixcli.kv_cache import kv_cache_bytes
+
+    store = open_model_dir(model)  # 2 experts' slots, and the KV cache of bench's context (max(pp, tg, 16) + 8)
+    budget = str(memory_for_slots(store, 2) + kv_cache_bytes(store.config, 24))
     code = main(["bench", str(model), "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1", "--max-memory", budget])
     out = capsys.readouterr().out
     assert code == 0 and "expert cache: 2 slots" in out and "policy next + prefetch" in out and "hits " in out, out
