@@ -82,31 +82,9 @@ def attach_text(model, path) -> None:
     model.add_bos = bool(info.get("add_bos", False))
 
 
-def load_runtime(
-    model_arg: str | None,
-    *,
-    ctx: int | None = None,
-    threads: int | None = None,
-    max_memory: str | None = None,
-    mmap: bool | None = None,
-    act: str | None = None,
-    notify=None,
-    verify: bool = True,
-    kv_type: str | None = None,
-    kv_slots: int = 1,
-) -> Runtime:
-    model, path = load_runtime_model(
-        model_arg,
-        ctx=ctx,
-        threads=threads,
-        max_memory=max_memory,
-        mmap=mmap,
-        act=act,
-        notify=notify,
-        verify=verify,
-        kv_type=kv_type,
-        kv_slots=kv_slots,
-    )
+def load_runtime(model_arg: str | None, **options) -> Runtime:
+    """The model with its tokenizer and chat template; ``options`` are ``load_runtime_model``'s."""
+    model, path = load_runtime_model(model_arg, **options)
     attach_text(model, path)
     tok = text_tokenizer(model)  # generate, chat and serve need text: fail now, not at the first prompt
     return Runtime(path, model, tok, model.chat_template, model.add_bos)
