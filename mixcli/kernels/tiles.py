@@ -321,8 +321,13 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
                             terms[i][j].append((w, xv[j]))
                     else:
                         off = builder.add(row_q[i], builder.add(builder.mul(b, _c64(bq)), _c64(ce * e)))
-                        ws = splat(_load(builder, qs_p, off, _i32), v16i)
-                        wu, umax = tier.q8_weights(builder, ws)
+                        w1 = _load(builder, qs_p, off, _i32)
+                        ws = splat(w1, v16i)
+                        # the unsigned operand from the scalar, then broadcast: the same bytes in
+                        # every lane, and LLVM's backend never finishes (llvmlite 0.50, any x86
+                        # target) when the transform is applied to the broadcast vector instead
+                        wu1, umax = tier.q8_weights(builder, builder.bitcast(w1, _vec(_i32, 1)))
+                        wu = splat(builder.extract_element(wu1, ir.Constant(_i32, 0)), v16i)
                         for j in range(ngroups):
                             terms[i][j].append((wu, tier.q8_act(builder, xv[j], ws)))
             for i in range(nrows):
