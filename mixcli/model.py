@@ -157,9 +157,30 @@ class Attention:
         self.wv.matmul(x, st.v)
         kernels.rope_inplace(st.q.reshape(T, H, HD), st.pos, self.inv_freq)
         kernels.rope_inplace(st.k.reshape(T, KVH, HD), st.pos, self.inv_freq)
-        for seq in seqs:
-            self.attend(st, seq)
+        if len(seqs) > 1 and len(seqs) == T and all(q.kv.kv_type == "f16" for q in seqs):
+            self.attend_decoding(st, seqs)
+        else:
+            for seq in seqs:
+                self.attend(st, seq)
         return self.wo.matmul(st.att, st.attn_out)
+
+    def attend_decoding(self, st: RunState, seqs: Sequence[SeqRows]) -> None:
+        """One new token per sequence (a batched decode step, row b = seqs[b]'s token), every
+        sequence's attention in one kernel call."""
+        B, H, KVH, HD, L = len(seqs), self.n_heads, self.n_kv_heads, self.head_dim, self.layer
+        k3, v3 = st.k.reshape(B, KVH, HD), st.v.reshape(B, KVH, HD)
+        for b, seq in enumerate(seqs):
+            seq.kv.store(L, seq.pos0, k3[b : b + 1], v3[b : b + 1])
+        n_keys = np.array([seq.pos0 + 1 for seq in seqs], np.int64)  # [B]
+        self.kernels.attention_slots(
+            st.q.reshape(B, H, HD),
+            [seq.kv.k[L] for seq in seqs],
+            [seq.kv.v[L] for seq in seqs],
+            n_keys,
+            self.scale,
+            st.att.reshape(B, H, HD),
+            np.empty((B * H, int(n_keys.max())), np.float32),
+        )
 
     def attend(self, st: RunState, seq: SeqRows) -> None:
         """Store seq's keys and values in its cache, then its queries' attention into st.att."""

@@ -123,3 +123,56 @@ def test_scratch_too_small(shape):
             fn(q, kc, vc, pos0, 0.25, out, np.empty(shape, np.float32))
         msgs.append(str(err.value))
     assert msgs[0] == msgs[1] == f"attention scratch {shape} is smaller than [8, 12]"
+
+
+# ---- one decode token per slot, each slot over its own cache (a batched server step) -------------
+def _slots_case(H, KVH, HD, n_keys, seed, S=40):
+    """B queries [B, H, HD] and B caches [KVH, S, HD] float16, slot b filled to n_keys[b] (NaN past it)."""
+    rng = np.random.default_rng(seed)
+    B = len(n_keys)
+    q = rng.standard_normal((B, H, HD)).astype(np.float32)
+    kcs, vcs = [], []
+    for n in n_keys:
+        kc = np.full((KVH, S, HD), np.nan, np.float16)
+        vc = np.full((KVH, S, HD), np.nan, np.float16)
+        kc[:, :n] = rng.standard_normal((KVH, n, HD))
+        vc[:, :n] = rng.standard_normal((KVH, n, HD))
+        kcs.append(kc)
+        vcs.append(vc)
+    return q, kcs, vcs, np.array(n_keys, np.int64)
+
+
+@pytest.mark.parametrize("H,KVH,HD", SHAPES)
+def test_attention_slots_equals_each_slot_alone(H, KVH, HD):
+    """Every slot's row equals torch's attention of that query over its own cache, and the numpy
+    twin's; slots of different lengths (1 key, a partial tile, a long row) share one call."""
+    q, kcs, vcs, n_keys = _slots_case(H, KVH, HD, [1, 17, 33, 6], seed=H + HD)
+    B = len(n_keys)
+    got = np.full((B, H, HD), np.nan, np.float32)
+    A.attention_slots(q, kcs, vcs, n_keys, HD**-0.5, got, np.full((B * H, 33), np.nan, np.float32))
+    twin = np.full((B, H, HD), np.nan, np.float32)
+    R.attention_slots(q, kcs, vcs, n_keys, HD**-0.5, twin, None)
+    for b in range(B):
+        want = _torch(q[b : b + 1], kcs[b], vcs[b], int(n_keys[b]) - 1, HD**-0.5)
+        _close(got[b : b + 1], want)
+        _close(twin[b : b + 1], want)
+
+
+@pytest.mark.parametrize(
+    "change, err, msg",
+    [
+        (lambda a: a.update(n_keys=np.array([3, 41], np.int64)), IndexError, "key counts 3..41 outside 1..40"),
+        (lambda a: a.update(n_keys=np.array([0, 5], np.int64)), IndexError, "key counts 0..5 outside 1..40"),
+        (lambda a: a.update(k=[a["k"][0], a["k"][1][:, :20]]), ValueError, "is not a C-contiguous float16"),
+        (lambda a: a.update(v=[a["v"][0], a["v"][1].astype(np.float32)]), ValueError, "is not a C-contiguous float16"),
+        (lambda a: a.update(k=a["k"][:1]), ValueError, "caches and (2,) key counts for 2 queries"),
+        (lambda a: a.update(scratch=np.empty((2 * 4 - 1, 40), np.float32)), ValueError, "scratch"),
+    ],
+)
+def test_attention_slots_refuses_what_would_read_out_of_bounds(change, err, msg):
+    """The kernel reads caches by address: every shape, type and count is checked before it runs."""
+    q, kcs, vcs, n_keys = _slots_case(4, 2, 16, [3, 5], seed=0)
+    a = {"k": kcs, "v": vcs, "n_keys": n_keys, "scratch": np.empty((8, 40), np.float32)}
+    change(a)
+    with pytest.raises(err, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        A.attention_slots(q, a["k"], a["v"], a["n_keys"], 0.25, np.empty((2, 4, 16), np.float32), a["scratch"])

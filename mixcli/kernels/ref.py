@@ -294,6 +294,15 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
         out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[h // grp]
 
 
+def attention_slots(q, k_caches, v_caches, n_keys, scale, out, scratch):
+    """One decode token per slot, q [B, H, HD], slot b over its own caches [KVH, S, HD] float16
+    with n_keys[b] keys; out [B, H, HD]."""
+    _require(len(k_caches) == len(v_caches) == len(n_keys) == q.shape[0], "one cache pair and key count per query")
+    for b in range(q.shape[0]):
+        _require(1 <= n_keys[b], f"slot {b}: {n_keys[b]} keys", IndexError)
+        attention(q[b : b + 1], k_caches[b], v_caches[b], int(n_keys[b]) - 1, scale, out[b : b + 1], None)
+
+
 def silu_mul(a, b, out):
     _require(
         np.shape(a) == np.shape(b) == np.shape(out), f"silu_mul shapes {np.shape(a)}, {np.shape(b)}, {np.shape(out)}"

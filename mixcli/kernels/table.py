@@ -12,7 +12,7 @@ from quant.formats import QUANT_TYPES
 
 from . import f32, int8, kquants, ops
 from .act import act, pact
-from .attn import attention, attention_prefill, attention_prefill_q8_0, attention_q8_0
+from .attn import attention, attention_prefill, attention_prefill_q8_0, attention_q8_0, attention_slots
 from .irgen import _u16
 from .isa import tier
 
@@ -71,6 +71,7 @@ class KernelTable:
             raise ValueError(f"activation mode {act!r} is not one of {', '.join(ACT_MODES)}")
         self.isa, self.act, self.levels = isa, act, LEVELS[act]
         self.attention = attention
+        self.attention_slots = attention_slots  # one decode token per slot, each over its own cache
         self.attention_q8_0 = attention_q8_0  # the q8_0 KV cache (mixcli.kv_cache)
         self.attention_prefill, self.attention_prefill_q8_0 = attention_prefill, attention_prefill_q8_0  # tiled
         for name in _OPS:
