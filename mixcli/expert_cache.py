@@ -58,6 +58,7 @@ class CacheStats:
     bytes_wasted: int = 0  # read ahead and evicted or abandoned before any use
     stall_seconds: float = 0.0  # time the forward pass spent waiting for expert reads
     predicted: int = 0  # decode steps x K: experts guessed for the next layer
+    guesses_skipped: int = 0  # guesses not read ahead: their layer's recent accuracy was too low
     predicted_right: int = 0  # of those, how many the next layer's router then chose
     predicted_right_raw: int = 0  # the same for the guess without the norm-weight correction
     tokens: int = 0  # tokens whose MoE layers ran (decode and prefill)
@@ -269,6 +270,9 @@ class ExpertCache:
                 self._tick(T)
             self._needed = {(layer, e) for e in order}
             room = max(0, self.n_slots - len(order) - 1)  # never guess more than fits beside this layer
+            if guess and not self.predictor.trusted(layer + 1):  # wrong too often lately: not worth a read
+                self.cstats.guesses_skipped += len(guess)
+                guess = []
             nxt = [(layer + 1, e) for e in guess][:room]
             self._wanted = self._needed | set(nxt)
             for s in self._slots:  # guesses this layer did not take: ordinary residents from now on

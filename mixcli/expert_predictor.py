@@ -4,6 +4,12 @@ layer l+1's router applied to layer l's MoE input, so the expert cache can read 
 The guess is better when that input is rescaled elementwise by ffn_norm[l+1] / ffn_norm[l]: it is
 then what layer l+1's router would see if the residual stream did not move between the two
 layers. Both guesses, corrected and raw, are scored, so the correction's worth stays measured.
+
+A wrong guess is not free: its read takes disk time from the experts actually needed and evicts a
+resident one. Each layer's recent accuracy is kept (``trusted``): below GUESS_MIN_ACCURACY the cache
+stops reading that layer's guesses (it still guesses and scores, so it starts again when they come
+right). Measured at full size (benchmarks/RESULTS.md): where routing defeats the guess (25% right),
+reading the guesses more than doubled the bytes read per token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import numpy as np
 if TYPE_CHECKING:
     from .model import Block
 
+GUESS_MIN_ACCURACY = 0.5  # a guess read pays when right at least as often as wrong (disk-bound)
+ACCURACY_WEIGHT = 1 / 8  # each scored token's weight in a layer's running accuracy
+
 
 class NextLayerPredictor:
     def __init__(self, n_layers: int, n_experts: int, top_k: int, use_next_norm: bool = True):
@@ -26,6 +35,7 @@ class NextLayerPredictor:
         ] * n_layers  # [E, D] layer l's gate, norm-corrected for l-1's input
         self._gates_raw: list[np.ndarray | None] = [None] * n_layers  # [E, D]
         self._guess: dict[int, tuple[set[int], set[int]]] = {}  # layer -> (guess, raw guess), one token
+        self.accuracy = np.ones(n_layers)  # [L] running share of each layer's guessed experts it chose
 
     def attach(self, blocks: Sequence[Block]) -> None:
         """Take each layer's router and the norm weights around it."""
@@ -63,4 +73,10 @@ class NextLayerPredictor:
         guess = self._guess.pop(layer, None)
         if guess is None:
             return 0, 0, 0
+        used = guess[0] if self.use_next_norm else guess[1]
+        self.accuracy[layer] += (len(used & chosen) / max(1, len(chosen)) - self.accuracy[layer]) * ACCURACY_WEIGHT
         return len(chosen), len(guess[0] & chosen), len(guess[1] & chosen)
+
+    def trusted(self, layer: int) -> bool:
+        """Whether guesses for ``layer`` have lately been right often enough to read them ahead."""
+        return layer < self.L and bool(self.accuracy[layer] >= GUESS_MIN_ACCURACY)

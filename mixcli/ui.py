@@ -63,6 +63,7 @@ def cache_report(model) -> str | None:
             f"  next-layer guess right {c.prefetch_accuracy:.0%} ({c.predicted_right}/{c.predicted}; "
             f"without norm correction {c.predicted_right_raw / c.predicted:.0%}) | "
             f"read ahead but unused {format_size(c.bytes_wasted)}"
+            + (f" | {c.guesses_skipped} guesses not read (too often wrong)" if c.guesses_skipped else "")
         )
     return "\n".join(lines)
 

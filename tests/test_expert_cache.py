@@ -178,6 +178,47 @@ def test_prefetch_guess_is_scored_right_or_wrong(baby, case):
     cache.close()
 
 
+def test_guesses_that_keep_missing_are_no_longer_read(baby):
+    """A layer whose guesses keep coming out wrong stops costing reads (its running accuracy fell
+    below predictor.GUESS_MIN_ACCURACY); it is still guessed and scored, and once the guesses come
+    right again they are read ahead again."""
+    from mixcli.expert_predictor import GUESS_MIN_ACCURACY
+
+    model, cache = _cached(baby, 6, prefetch=True)
+    rng = np.random.default_rng(5)
+    t0 = np.array([3, 2, 1, 0, -1, -2, -3, -4], np.float32)
+    t1 = np.array([-4, -3, 5, -2, 4, -1, 0, 1], np.float32)
+    x = _crafted(model, rng, {0: t0, 1: t1})
+    D = model.config.hidden_size
+    model.layers[0].ffn_norm = np.ones(D, np.float32)
+    model.layers[1].ffn_norm = np.ones(D, np.float32)
+    cache.attach(model)
+    st = model.run_state(1)
+
+    def token(sign):  # layer 0 guesses 2, 4 for layer 1; layer 1 sees x(sign): right if +1
+        model.layers[0].moe(x(1.0), st)
+        assert cache.wait_idle(30)
+        model.layers[1].moe(x(sign), st)
+        assert cache.wait_idle(30)
+
+    wasted = []
+    for _ in range(12):
+        token(-1.0)
+        wasted.append(cache.cstats.bytes_wasted)
+    c = cache.cstats
+    assert c.predicted == 24 and c.predicted_right == 0  # every guess still made and scored
+    assert c.guesses_skipped > 0 and cache.predictor.accuracy[1] < GUESS_MIN_ACCURACY
+    assert wasted[0] > 0 and wasted[-1] == wasted[-4]  # no more reads wasted once it stopped
+    for _ in range(6):
+        token(1.0)
+    assert cache.predictor.trusted(1)  # right again: trusted again
+    skipped = c.guesses_skipped
+    token(1.0)
+    token(1.0)
+    assert c.guesses_skipped == skipped and c.predicted_right == 2 * 8  # read ahead, and right
+    cache.close()
+
+
 @pytest.mark.parametrize("failure", ["oserror", "bug"])
 def test_loader_thread_failure_is_a_clear_error_not_a_hang(baby, monkeypatch, failure):
     model, cache = _cached(baby, 5, prefetch=True)
