@@ -16,6 +16,7 @@ over batched steps instead of the model's single KV cache.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,12 +38,14 @@ def load(
     """A converted model directory, registry name or alias (None: the default model, fetched and
     converted on first use) -> the model (``logits(tokens)``, ``prefill``, ``decode``), carrying
     its ``tokenizer`` and ``chat_template``. ``load``: "auto", "memory" or "mmap"; ``max_memory``:
-    a budget for resident experts ("12GB"); ``act``, ``isa``: the kernels' activation mode and
+    a budget for the weights and the KV cache ("12GB"), as ``--max-memory``; ``act``, ``isa``: the kernels' activation mode and
     instruction-set tier (None: $MIXCLI_ACT / $MIXCLI_ISA, else the defaults); other keywords go to
-    ``mixcli.model.Model``."""
+    ``mixcli.model.Model``. Like the CLI, a model that does not fit the available memory (cgroup
+    limits included) gets an automatic budget and an expert cache when neither ``max_memory`` nor
+    ``load`` says otherwise; what was chosen goes to the "mixcli" logger."""
     from .model import Model
     from .registry import resolve_model
-    from .runtime import attach_text, expert_provider, select_kernels
+    from .runtime import _auto_budget, _budget_provider, _kv_bytes_for, attach_text, select_kernels
     from .store import open_model_dir
 
     def _pull(entry):
@@ -53,14 +56,22 @@ def load(
     if "kernels" not in kw:
         kw["kernels"] = select_kernels(act, isa, source="act")
     path = resolve_model(None if name_or_path is None else str(name_or_path), pull=_pull)
-    budget = None
-    if max_memory:
-        from .memsize import parse_size
+    budget = kv = note = None  # as the CLI: the budget holds the weights and the KV cache
+    if "experts" not in kw:
+        from .kv_cache import check_kv_type
 
-        budget = parse_size(max_memory)
-    store = open_model_dir(path, load=load, budget=budget)
-    if max_memory and "experts" not in kw:
-        kw["experts"] = expert_provider(store, max_memory, kw["kernels"])
+        kv_type = check_kv_type(kw.get("kv_type"))
+        if max_memory:
+            from .memsize import parse_size
+
+            budget = parse_size(max_memory)
+        elif load == "auto":  # the CLI's automatic budget
+            budget, note = _auto_budget(path, ctx, kv_type)
+        if budget is not None:
+            kv = _kv_bytes_for(path, ctx, kv_type)
+    store = open_model_dir(path, load=load, budget=None if budget is None else budget - kv)
+    if budget is not None:
+        kw["experts"] = _budget_provider(store, kw["kernels"], budget, kv, note, logging.getLogger("mixcli").info)
     model = Model(store, ctx=ctx, threads=threads, **kw)
     attach_text(model, path)
     return model

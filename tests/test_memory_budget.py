@@ -161,3 +161,23 @@ def test_explicit_budget_counts_the_kv_cache(baby):
     kv = kv_cache_bytes(store.config, 256)
     m, _ = load_runtime_model(str(baby), ctx=256, threads=1, max_memory=str(budget + kv))
     assert isinstance(m.experts, ExpertCache) and m.experts.n_slots == 2
+
+
+def test_python_api_load_picks_the_same_budget(baby, monkeypatch, caplog):
+    """``mixcli.load`` of a model that does not fit gets the CLI's automatic budget (said on the
+    "mixcli" logger); load="mmap" or an explicit max_memory keep the caller's choice."""
+    import logging
+
+    import mixcli
+
+    ctx = 256
+    kv = kv_cache_bytes(open_model_dir(baby).config, ctx)
+    monkeypatch.setattr(mb, "MIN_HEADROOM", 0)
+    monkeypatch.setattr(mb, "available_memory", lambda *a, **k: _room_for(baby, 3, kv))
+    with caplog.at_level(logging.INFO, logger="mixcli"):
+        m = mixcli.load(baby, ctx=ctx, threads=1)
+    assert isinstance(m.experts, ExpertCache) and m.experts.n_slots == 3
+    assert any("memory budget" in r.getMessage() and "3 of 16 experts cached" in r.getMessage() for r in caplog.records)
+    assert isinstance(mixcli.load(baby, ctx=ctx, threads=1, load="mmap").experts, MappedExperts)
+    m = mixcli.load(baby, ctx=ctx, threads=1, max_memory=str(memory_for_slots(open_model_dir(baby), 2) + kv))
+    assert isinstance(m.experts, ExpertCache) and m.experts.n_slots == 2
