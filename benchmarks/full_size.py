@@ -29,7 +29,7 @@ Markov chain per layer: with probability a_l a token keeps one of the previous t
 overlap = a_l + (1 - a_l) * 0.464, so a_l = (target - 0.464) / 0.536. mixcli's router logits are
 steered to the trace (+30 on its two experts, see ``_Routed``), so the expert cache's own hooks
 see the trace's experts as the routed ones; the printed
-overlap per layer is measured on the trace the run actually used. The next-layer guess of the
+overlap per layer is measured on the experts the decoded tokens were routed to, under either routing. The next-layer guess of the
 expert cache still comes from the real router on the real hidden state, so against a replayed
 trace it is near chance: the guess accuracy column means something only under "random". llama.cpp's
 router cannot be driven this way: its "mixtral" rows are not measured.
@@ -156,28 +156,31 @@ def child(argv: list[str]) -> None:
     trace = None
     if routing == "mixtral":
         trace = mixtral_like_trace(prompt + tokens + 1, L, m.config.num_local_experts, seed=1)
-        m.kernels = _Routed(m.kernels, trace)
+        routed = _Routed(m.kernels, trace)
+        for block in m.layers:  # the router's product runs in each MoE layer's own kernel table
+            block.moe.kernels = routed
     prov = m.experts
-    used = []  # (layer, expert) in order
+    chosen = [[] for _ in range(L)]  # per layer, each decoded token's two experts
     layer_hits = np.zeros((L, 2), np.int64)  # [L, (hits, requests)]
     layer_guess = np.zeros((L, 2), np.int64)  # [L, (right, predicted)]
     cache = prov if isinstance(prov, ExpertCache) else None
     if cache is not None:
-        inner_get, inner_score = cache.get, cache._score_guess
+        inner_get, inner_route = cache.get, cache.on_route
 
         def get(layer, e, n):
             h0 = cache.cstats.hits
             w = inner_get(layer, e, n)
             layer_hits[layer] += (cache.cstats.hits - h0, 1)
-            used.append((layer, e))
             return w
 
-        def score(layer, actual):
+        def on_route(layer, x, experts):  # the cache scores the previous layer's guess for this one here
             r0, p0 = cache.cstats.predicted_right, cache.cstats.predicted
-            inner_score(layer, actual)
+            inner_route(layer, x, experts)
+            if x.shape[0] == 1:
+                chosen[layer].append(sorted(int(e) for e in experts[0]))
             layer_guess[layer] += (cache.cstats.predicted_right - r0, cache.cstats.predicted - p0)
 
-        cache.get, cache._score_guess = get, score
+        cache.get, cache.on_route = get, on_route
     rng = np.random.default_rng(0)
     V = m.config.vocab_size
     t = time.perf_counter()
@@ -203,7 +206,7 @@ def child(argv: list[str]) -> None:
         "cache": cache is not None,
         "hit_rate": [h / r if r else None for h, r in layer_hits.tolist()],
         "guess_acc": [h / r if r else None for h, r in layer_guess.tolist()],
-        "overlap": overlap(trace[: prompt + tokens]).tolist() if trace is not None else None,
+        "overlap": overlap(np.array(chosen).transpose(1, 0, 2)).tolist() if cache is not None else None,
     }
     if cache is not None:
         res["slots"] = cache.n_slots
@@ -363,7 +366,7 @@ def main() -> None:
                 print(f"\n{limit} {routing}: {r['slots']} expert slots; per layer hit rate: {_percents(r['hit_rate'])}")
                 print(f"  next-layer guess accuracy: {_percents(r['guess_acc'])}")
                 if r.get("overlap"):
-                    print(f"  consecutive-token top-2 overlap of the replayed trace: {_percents(r['overlap'])}")
+                    print(f"  consecutive decoded tokens' top-2 overlap, as routed: {_percents(r['overlap'])}")
     finally:
         if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)

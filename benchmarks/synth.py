@@ -104,10 +104,15 @@ def write_random_model(out: Path, quant: str = "q4_0", seed: int = 0, gate_bias=
 
 
 def _random_q4_0_bytes(rng, shape: tuple[int, ...], scale: float = 0.002) -> np.ndarray:
-    """GGUF Q4_0 data for a float tensor of ``shape`` (last axis K): uint8 [..., K/32*18]."""
+    """GGUF Q4_0 data for a float tensor of ``shape`` (last axis K): uint8 [..., K/32*18].
+
+    Nibbles are drawn from 1..15 (weights -7..7 x d, mean 0). Uniform bytes would give every
+    weight a mean of -0.5 d with d > 0: each product then adds the same direction to every token's
+    hidden state, and the random router sends every token to the same two experts."""
     *lead, k = shape
     nb = k // 32
-    blocks = rng.integers(0, 256, size=(*lead, nb, 18), dtype=np.uint8)
+    blocks = rng.integers(1, 16, size=(*lead, nb, 18), dtype=np.uint8)
+    blocks |= rng.integers(1, 16, size=(*lead, nb, 18), dtype=np.uint8) << 4
     d = (rng.random((*lead, nb), dtype=np.float32) * scale + scale / 4).astype("<f2")
     blocks[..., :2] = d[..., None].view(np.uint8).reshape(*lead, nb, 2)
     return blocks.reshape(*lead, nb * 18)
@@ -158,18 +163,24 @@ def write_random_gguf(path: Path, layers: int = 2, seed: int = 0, vocab: int = 3
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
+    from mixcli.chat_template import FALLBACK_TEMPLATES
+
+    w.add_chat_template(FALLBACK_TEMPLATES["mistral"])  # as Mixtral-Instruct's GGUFs carry one: `mixcli chat` runs
 
     # (name, shape, maker): the header lists every tensor first, then each one's data is made and
     # written in turn, so memory holds one tensor at a time (a full-size model's is 26 GB)
     specs = []
 
-    def q4(name, shape):
-        specs.append((name, shape, lambda: _random_q4_0_bytes(rng, shape)))
+    def q4(name, shape, scale=0.002):
+        specs.append((name, shape, lambda: _random_q4_0_bytes(rng, shape, scale)))
 
     def f32(name, make):
         specs.append((name, None, make))
 
-    q4("token_embd.weight", (vocab, D))
+    # embeddings 50x the other weights: at 0.002 every token's row (rms ~0.006) is drowned by the
+    # attention output (rms ~0.1, nearly the same for every token), and the random router sends
+    # consecutive tokens to the same two experts; at 0.1 they overlap about as chance gives
+    q4("token_embd.weight", (vocab, D), 0.1)
     for i in range(layers):
         p = f"blk.{i}."
         f32(p + "attn_norm.weight", lambda: np.ones(D, np.float32))
