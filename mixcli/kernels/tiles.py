@@ -14,7 +14,9 @@ benchmarks/RESULTS.md):
   rows into 16 row sums; no horizontal reduction, and one sequential stream per thread.
 - **Prefill, one lane per virtual token** (``make_ptile``): activations packed in groups of 16
   virtual tokens (tokens x levels) by ``act.pack_act``; 4 weights of a row are broadcast to all
-  lanes and one byte dot adds them to 16 token dot products.
+  lanes and one byte dot adds them to 16 token dot products. The x86 tiers run the row-tiled
+  types' prefill through the decode tile over 4 tokens instead (``Tier.packed_prefill``), which
+  measured faster on AVX2 and Zen 4; the generic tier and q4_k keep this tile.
 - **Row-major weights** (GGUF shapes that are not a multiple of 16 rows) use ``make_tile2``:
   several rows share each activation load, reduced horizontally once per row.
 

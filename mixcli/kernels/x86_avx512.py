@@ -2,6 +2,12 @@
 
 Needs avx512vnni, avx512bw and avx512vl (Ice Lake and later Xeons, Zen 4/5). Where the host also
 has GFNI, a high-nibble extraction is one ``gf2p8affineqb`` instead of a shift and a mask.
+
+Row-tiled prefill and batched decode run the decode tile over 4 tokens at a time, as the 256-bit
+tiers do, not the lane-per-token packed tile: on Zen 4 the packed tile cost 2.2x the 4-token tile
+per token at every prompt length, and 8x at the 3-8 tokens of a batched decode step, where it
+fills 16 lanes whatever the batch (benchmarks/RESULTS.md, 2026-12-04). Sapphire Rapids, where the
+packed tile was first measured, was not available to measure again. q4_k keeps the packed tile.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class Avx512Vnni(Tier):
     rows, wide = 8, True
     mm, mm2 = (4, 4), (4, 2)
     p_rows, p_groups = 4, 2
+    packed_prefill = False
+    few_tokens = 4
 
     def __init__(self, gfni: bool = False):
         self.gfni = gfni
