@@ -78,6 +78,7 @@ class RunState:
     expert_out: np.ndarray  # [T, D] one expert's output
     moe_out: np.ndarray  # [T, D] the MoE sublayer's output
     pos: np.ndarray  # [T] int64 each token's position
+    slots: tuple | None = None  # (seqs, attn.SlotCaches) of a batched decode step, made at its first layer
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, T: int, S: int) -> RunState:
@@ -115,7 +116,11 @@ class RunState:
     def rows(self, T: int) -> RunState:
         """The first T rows of every per-token buffer (views): a smaller step in this state."""
         return RunState(
-            **{f.name: getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:T] for f in fields(self)}
+            **{
+                f.name: getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:T]
+                for f in fields(self)
+                if f.name != "slots"
+            }
         )
 
 
@@ -167,19 +172,20 @@ class Attention:
     def attend_decoding(self, st: RunState, seqs: Sequence[SeqRows]) -> None:
         """One new token per sequence (a batched decode step, row b = seqs[b]'s token), every
         sequence's attention in one kernel call."""
-        B, H, KVH, HD, L = len(seqs), self.n_heads, self.n_kv_heads, self.head_dim, self.layer
-        k3, v3 = st.k.reshape(B, KVH, HD), st.v.reshape(B, KVH, HD)
-        for b, seq in enumerate(seqs):
-            seq.kv.store(L, seq.pos0, k3[b : b + 1], v3[b : b + 1])
-        n_keys = np.array([seq.pos0 + 1 for seq in seqs], np.int64)  # [B]
-        self.kernels.attention_slots(
+        B, H, KVH, HD = len(seqs), self.n_heads, self.n_kv_heads, self.head_dim
+        if st.slots is None or st.slots[0] is not seqs:  # the step's first layer: check the caches once
+            caches = self.kernels.slot_caches(
+                [seq.kv.k for seq in seqs], [seq.kv.v for seq in seqs], [seq.pos0 + 1 for seq in seqs], H
+            )
+            st.slots = (seqs, caches)
+        self.kernels.store_attend_slots(
             st.q.reshape(B, H, HD),
-            [seq.kv.k[L] for seq in seqs],
-            [seq.kv.v[L] for seq in seqs],
-            n_keys,
+            st.k.reshape(B, KVH, HD),
+            st.v.reshape(B, KVH, HD),
+            st.slots[1],
+            self.layer,
             self.scale,
             st.att.reshape(B, H, HD),
-            np.empty((B * H, int(n_keys.max())), np.float32),
         )
 
     def attend(self, st: RunState, seq: SeqRows) -> None:

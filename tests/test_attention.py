@@ -176,3 +176,68 @@ def test_attention_slots_refuses_what_would_read_out_of_bounds(change, err, msg)
     change(a)
     with pytest.raises(err, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         A.attention_slots(q, a["k"], a["v"], a["n_keys"], 0.25, np.empty((2, 4, 16), np.float32), a["scratch"])
+
+
+# ---- the same, with each slot's new key and value stored by the kernel (checked once per step) ----
+def _store_case(H, KVH, HD, n_keys, seed, L=3, S=40):
+    """B queries, B whole caches [L, KVH, S, HD] float16 filled below each slot's new position,
+    and the new tokens' keys and values [B, KVH, HD] f32 (a few at fp16's half-way points and its
+    largest value, where rounding shows)."""
+    rng = np.random.default_rng(seed)
+    B = len(n_keys)
+    q = rng.standard_normal((B, H, HD)).astype(np.float32)
+    k_all = [(rng.standard_normal((L, KVH, S, HD))).astype(np.float16) for _ in range(B)]
+    v_all = [(rng.standard_normal((L, KVH, S, HD))).astype(np.float16) for _ in range(B)]
+    k_new = rng.standard_normal((B, KVH, HD)).astype(np.float32) * 3
+    v_new = rng.standard_normal((B, KVH, HD)).astype(np.float32)
+    k_new[0, 0, :3] = [1 + 2**-11, 65519.0, 2**-25]  # ties that round to even (down), the largest fp16
+    return q, k_all, v_all, k_new, v_new, np.array(n_keys, np.int64)
+
+
+@pytest.mark.parametrize("H,KVH,HD", SHAPES)
+def test_store_attend_slots_equals_the_twin_and_stores_numpy_fp16(H, KVH, HD):
+    """The kernel writes each slot's new key and value at (layer, n_keys - 1) with the bits of
+    numpy's float16 rounding and nowhere else, and its output equals the twin's and torch's."""
+    q, k_all, v_all, k_new, v_new, n_keys = _store_case(H, KVH, HD, [1, 17, 33, 6], seed=H + HD)
+    B, layer = len(n_keys), 1
+    tk, tv = [k.copy() for k in k_all], [v.copy() for v in v_all]
+    got = np.full((B, H, HD), np.nan, np.float32)
+    slots = K.slot_caches(k_all, v_all, n_keys, H)
+    K.store_attend_slots(q, k_new, v_new, slots, layer, HD**-0.5, got)
+    twin = np.full((B, H, HD), np.nan, np.float32)
+    R.store_attend_slots(q, k_new, v_new, tk, tv, n_keys, layer, HD**-0.5, twin)
+    for b in range(B):
+        np.testing.assert_array_equal(k_all[b].view(np.uint16), tk[b].view(np.uint16))
+        np.testing.assert_array_equal(v_all[b].view(np.uint16), tv[b].view(np.uint16))
+        want = _torch(q[b : b + 1], tk[b][layer], tv[b][layer], int(n_keys[b]) - 1, HD**-0.5)
+        _close(twin[b : b + 1], want)
+        _close(got[b : b + 1], want)
+    assert list(k_all[0][layer, 0, 0, :3]) == [1.0, 65504.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "change, err, msg",
+    [
+        (lambda a: a.update(layer=3), IndexError, "layer 3 outside 0..2"),
+        (lambda a: a.update(layer=-1), IndexError, "layer -1 outside 0..2"),
+        (lambda a: a.update(n_keys=np.array([3, 41], np.int64)), IndexError, "key counts 3..41 outside 1..40"),
+        (lambda a: a.update(k=[a["k"][0], a["k"][1][:, :, :20]]), ValueError, "is not a C-contiguous float16"),
+        (lambda a: a.update(v=[a["v"][0], a["v"][1].astype(np.float32)]), ValueError, "is not a C-contiguous float16"),
+        (lambda a: a.update(k=a["k"][:1]), ValueError, "caches and (2,) key counts"),
+        (lambda a: a.update(k_new=a["k_new"][:1]), ValueError, "is not a C-contiguous float32 [2, 2, 16]"),
+        (lambda a: a.update(v_new=a["v_new"].astype(np.float64)), ValueError, "is not a C-contiguous float32"),
+        (lambda a: a.update(H=3), ValueError, "2 KV heads do not divide 3 heads"),
+    ],
+)
+def test_store_attend_slots_refuses_what_would_write_out_of_bounds(change, err, msg):
+    """The kernel writes and reads caches by address: layer, shapes, types and counts are checked
+    first, and a refused call leaves every cache as it was."""
+    q, k_all, v_all, k_new, v_new, n_keys = _store_case(4, 2, 16, [3, 5], seed=0)
+    a = {"k": k_all, "v": v_all, "n_keys": n_keys, "k_new": k_new, "v_new": v_new, "layer": 0, "H": 4}
+    change(a)
+    before = [c.copy() for c in (*k_all, *v_all)]
+    with pytest.raises(err, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.").replace("[", r"\[")):
+        slots = A.slot_caches(a["k"], a["v"], a["n_keys"], a["H"])
+        A.store_attend_slots(q, a["k_new"], a["v_new"], slots, a["layer"], 0.25, np.empty((2, 4, 16), np.float32))
+    for c, b in zip((*k_all, *v_all), before):
+        np.testing.assert_array_equal(c.view(np.uint16), b.view(np.uint16))

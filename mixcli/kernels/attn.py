@@ -53,6 +53,7 @@ of 16 columns.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -60,7 +61,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .irgen import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, h2f
+from .irgen import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, f2h, h2f
 from .ops import exp_f32
 
 _V = 16  # lanes per vector: one zmm of f32 (a ymm of fp16 bits)
@@ -534,18 +535,28 @@ def attention(q, k_cache, v_cache, pos0, scale, out, scratch):
 
 
 @njit(error_model="numpy", **_PJIT)
-def _attention_slots(q, k_at, v_at, n_keys, KVH, S, scale, out, scratch, group):
+def _attention_slots(q, k_new, v_new, k_at, v_at, n_keys, KVH, S, scale, out, scratch, group):
     # q, out [B, H, HD] f32: one query token per slot; k_at, v_at [B] uint64: the address of slot
     # b's [KVH, S, HD] fp16 keys and values of this layer (C-contiguous); n_keys [B]: the keys slot
     # b's query sees; scratch [B*H, >= max n_keys] f32 (C-contiguous). Every (slot, kv head) pair in
-    # parallel: one fork/join for the whole batch instead of one per slot.
+    # parallel: one fork/join for the whole batch instead of one per slot. k_new, v_new [B, KVH, HD]
+    # f32 (or [0, ...]: nothing to store): the new token's key and value, written to position
+    # n_keys[b] - 1 as fp16 by the pair that reads that head next.
     B, H, HD = q.shape
     grp = H // KVH
     sc = np.float32(scale)
     head_bytes = S * HD * 2
+    store = k_new.shape[0] > 0
     for i in prange(B * KVH):
         b = i // KVH
         g = i - b * KVH
+        if store:
+            p = n_keys[b] - 1
+            kc = carray(_u16_at(k_at[b] + np.uint64(g * head_bytes)), (S, HD))
+            vc = carray(_u16_at(v_at[b] + np.uint64(g * head_bytes)), (S, HD))
+            for j in range(HD):
+                kc[p, j] = f2h(k_new[b, g, j])
+                vc[p, j] = f2h(v_new[b, g, j])
         _call_group(
             group,
             q[b].ctypes.data,
@@ -592,7 +603,78 @@ def attention_slots(q, k_caches, v_caches, n_keys, scale, out, scratch):
         raise ValueError("q, out and scratch must be C-contiguous float32")
     k_at = np.array([c.ctypes.data for c in k_caches], np.uint64)
     v_at = np.array([c.ctypes.data for c in v_caches], np.uint64)
-    _attention_slots(q, k_at, v_at, n, KVH, S, scale, out, scratch, _group_addr())
+    none = np.empty((0, KVH, HD), np.float32)
+    _attention_slots(q, none, none, k_at, v_at, n, KVH, S, scale, out, scratch, _group_addr())
+
+
+class SlotCaches(NamedTuple):
+    """A batched decode step's slot caches, checked once for the step by ``slot_caches``; each
+    layer's ``store_attend_slots`` then writes and reads them by address. Holds the arrays so
+    their memory outlives the addresses."""
+
+    k_all: tuple  # B arrays [L, KVH, S, HD] float16, C-contiguous, one shape
+    v_all: tuple
+    k_at: np.ndarray  # [B] uint64 their addresses
+    v_at: np.ndarray
+    n_keys: np.ndarray  # [B] int64 keys slot b's query sees, its new token's included
+    scratch: np.ndarray  # [B*H, max n_keys] f32 scores
+    shape: tuple  # (L, KVH, S, HD, H)
+
+
+def slot_caches(k_all, v_all, n_keys, n_heads: int) -> SlotCaches:
+    """Check B slots' whole float16 caches k_all, v_all (each [L, KVH, S, HD]) and their key
+    counts once per step, for every layer's ``store_attend_slots``: the per-layer call then costs
+    a few comparisons instead of a walk over 2B arrays (a third of a 4-slot step of the default
+    model went to checking, views and per-slot stores)."""
+    B = len(k_all)
+    if len(v_all) != B or np.shape(n_keys) != (B,) or B == 0:
+        raise ValueError(f"{len(k_all)} / {len(v_all)} caches and {np.shape(n_keys)} key counts")
+    L, KVH, S, HD = k_all[0].shape
+    for c in (*k_all, *v_all):
+        if c.shape != (L, KVH, S, HD) or c.dtype != np.float16 or not c.flags.c_contiguous:
+            raise ValueError(f"a KV cache {c.shape} {c.dtype} is not a C-contiguous float16 [{L}, {KVH}, {S}, {HD}]")
+    if KVH == 0 or n_heads % KVH:
+        raise ValueError(f"{KVH} KV heads do not divide {n_heads} heads")
+    n = np.array(n_keys, np.int64)
+    if n.min() < 1 or n.max() > S:
+        raise IndexError(f"key counts {n.min()}..{n.max()} outside 1..{S}")
+    return SlotCaches(
+        tuple(k_all),
+        tuple(v_all),
+        np.array([c.ctypes.data for c in k_all], np.uint64),
+        np.array([c.ctypes.data for c in v_all], np.uint64),
+        n,
+        np.empty((B * n_heads, int(n.max())), np.float32),
+        (L, KVH, S, HD, n_heads),
+    )
+
+
+def store_attend_slots(q, k_new, v_new, slots: SlotCaches, layer: int, scale, out):
+    """One decode token per slot at layer ``layer``: store each slot's new key and value k_new,
+    v_new [B, KVH, HD] f32 (as fp16, at position n_keys[b] - 1), then out [B, H, HD] = attention of
+    q [B, H, HD] over the slot's keys 0..n_keys[b] - 1. ``slots`` from ``slot_caches``."""
+    L, KVH, S, HD, H = slots.shape
+    B = len(slots.k_all)
+    if not 0 <= layer < L:
+        raise IndexError(f"layer {layer} outside 0..{L - 1}")
+    for a, shape in ((q, (B, H, HD)), (out, (B, H, HD)), (k_new, (B, KVH, HD)), (v_new, (B, KVH, HD))):
+        if a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{a.shape} {a.dtype} is not a C-contiguous float32 {list(shape)}")
+    at = np.uint64(layer * KVH * S * HD * 2)
+    _attention_slots(
+        q,
+        k_new,
+        v_new,
+        slots.k_at + at,
+        slots.v_at + at,
+        slots.n_keys,
+        KVH,
+        S,
+        scale,
+        out,
+        slots.scratch,
+        _group_addr(),
+    )
 
 
 # ---- q8_0 KV cache (llama.cpp's block: 32 int8 values and one fp16 scale) -----------------------

@@ -41,6 +41,17 @@ def h2f(typingctx, u):
 
 
 @intrinsic
+def f2h(typingctx, x):
+    """float32 -> float16 bits (uint16), rounded to nearest even as numpy's ``astype(float16)``."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _i16)
+
+    return sig, codegen
+
+
+@intrinsic
 def i2f(typingctx, u):
     """int32 bits -> the float32 with those bits (a register move; vectorizes)."""
     sig = types.float32(types.int32)

@@ -303,6 +303,17 @@ def attention_slots(q, k_caches, v_caches, n_keys, scale, out, scratch):
         attention(q[b : b + 1], k_caches[b], v_caches[b], int(n_keys[b]) - 1, scale, out[b : b + 1], None)
 
 
+def store_attend_slots(q, k_new, v_new, k_all, v_all, n_keys, layer, scale, out):
+    """The twin of ``attn.slot_caches`` + ``attn.store_attend_slots``: slot b's new key and value
+    k_new[b], v_new[b] [KVH, HD] go into its caches k_all[b], v_all[b] [L, KVH, S, HD] float16 at
+    (layer, position n_keys[b] - 1), then ``attention_slots`` over that layer."""
+    for b in range(q.shape[0]):
+        _require(1 <= n_keys[b] <= k_all[b].shape[2], f"slot {b}: {n_keys[b]} keys", IndexError)
+        k_all[b][layer, :, n_keys[b] - 1] = k_new[b].astype(np.float16)
+        v_all[b][layer, :, n_keys[b] - 1] = v_new[b].astype(np.float16)
+    attention_slots(q, [k[layer] for k in k_all], [v[layer] for v in v_all], n_keys, scale, out, None)
+
+
 def silu_mul(a, b, out):
     _require(
         np.shape(a) == np.shape(b) == np.shape(out), f"silu_mul shapes {np.shape(a)}, {np.shape(b)}, {np.shape(out)}"

@@ -12,7 +12,15 @@ from quant.formats import QUANT_TYPES
 
 from . import f32, int8, kquants, ops
 from .act import act, pact
-from .attn import attention, attention_prefill, attention_prefill_q8_0, attention_q8_0, attention_slots
+from .attn import (
+    attention,
+    attention_prefill,
+    attention_prefill_q8_0,
+    attention_q8_0,
+    attention_slots,
+    slot_caches,
+    store_attend_slots,
+)
 from .irgen import _u16
 from .isa import tier
 
@@ -72,6 +80,7 @@ class KernelTable:
         self.isa, self.act, self.levels = isa, act, LEVELS[act]
         self.attention = attention
         self.attention_slots = attention_slots  # one decode token per slot, each over its own cache
+        self.slot_caches, self.store_attend_slots = slot_caches, store_attend_slots  # the same, stores included
         self.attention_q8_0 = attention_q8_0  # the q8_0 KV cache (mixcli.kv_cache)
         self.attention_prefill, self.attention_prefill_q8_0 = attention_prefill, attention_prefill_q8_0  # tiled
         for name in _OPS:
