@@ -32,7 +32,11 @@ see the trace's experts as the routed ones; the printed
 overlap per layer is measured on the experts the decoded tokens were routed to, under either routing. The next-layer guess of the
 expert cache still comes from the real router on the real hidden state, so against a replayed
 trace it is near chance: the guess accuracy column means something only under "random". llama.cpp's
-router cannot be driven this way: its "mixtral" rows are not measured.
+router cannot be driven this way: its "mixtral" rows are not measured. After each "mixtral" row the
+script prints how far that row could go: the trace replayed through each replacement policy at the
+run's slot count, the chain's online ceiling (``chain_hit_ceiling``) and Belady's (the future
+known), and the read rate 2x llama.cpp's decode would need at the ceiling, beside the rate the run
+read at (``print_ceiling``).
 
 The model directory and GGUF are removed at the end unless --keep. Uses ~2x the model's size on disk.
 """
@@ -57,7 +61,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from expert_cache import make_cgroup, remove_cgroup  # noqa: E402
+from expert_cache import disk_bandwidth, make_cgroup, remove_cgroup, replay_belady  # noqa: E402
 from synth import drop_page_cache  # noqa: E402
 
 RANDOM_OVERLAP = 1 - 15 / 28  # P(two random top-2 sets of 8 experts share one) = 0.464
@@ -91,6 +95,20 @@ def mixtral_like_trace(n_tokens: int, n_layers: int, n_experts: int = 8, seed: i
             out[t, layer] = pair
             prev = pair
     return out
+
+
+def chain_hit_ceiling(n_slots: int, n_layers: int, n_experts: int = 8) -> float:
+    """The best hit rate an online policy can have on ``mixtral_like_trace`` (no read-ahead):
+    under the chain the previous pair is likelier than the rest, which are alike, so the best a
+    policy can hold is each layer's previous pair plus s - 2 others, s = n_slots / n_layers.
+    A kept expert then always hits, the new one with chance (s - 1) / (E - 1); a fresh pair hits
+    s / E per expert."""
+    s = n_slots / n_layers
+    rates = []
+    for layer in range(n_layers):
+        a = (target_overlap(layer, n_layers) - RANDOM_OVERLAP) / (1 - RANDOM_OVERLAP)
+        rates.append((a * (1 + (s - 1) / (n_experts - 1)) + (1 - a) * 2 * s / n_experts) / 2)
+    return float(np.mean(rates))
 
 
 def overlap(trace: np.ndarray) -> np.ndarray:
@@ -221,7 +239,52 @@ def _percents(xs) -> str:
     return " ".join("-" if x is None else f"{x:.0%}" for x in xs)
 
 
+def print_ceiling(args, r: dict, llama_tps: float | None = None) -> None:
+    """How far a Mixtral-like row can go: the trace replayed through the replacement policies at
+    the run's slot count, the chain's online ceiling and Belady's; then the bytes a token needs at
+    the ceiling (the run's bytes per miss) and the read rate that 2x llama.cpp's decode
+    (``llama_tps``, its random run at the same limit) would need, beside the rate this run read at
+    and ``dd``'s. dd's single sequential stream reads slower than the expert reader, so it is no
+    bound; the run's own rate is a rate the disk certainly gives."""
+    from mixcli.expert_policy import POLICIES, ReplacementPolicy, replay
+
+    L, slots = len(r["hit_rate"]), r["slots"]
+    trace = mixtral_like_trace(args.prompt + args.tokens + 1, L, seed=1)  # the child's trace
+    n_dec = args.tokens * L * 2  # decode requests; the prompt's tokens warm the pool first
+    warm = trace[: args.prompt]
+    got = []
+    for name in POLICIES:
+        full = replay(trace[: args.prompt + args.tokens], slots, ReplacementPolicy(name, L, 8))
+        got.append(f"{name} {(full - replay(warm, slots, ReplacementPolicy(name, L, 8))) / n_dec:.0%}")
+
+    def belady_hits(routing):  # [N, L, K] -> hits of Belady's policy over it
+        keys = [(layer, int(e)) for token in routing for layer, chosen in enumerate(token) for e in chosen]
+        return replay_belady(keys, slots) * len(keys)
+
+    best = (belady_hits(trace[: args.prompt + args.tokens]) - belady_hits(warm)) / n_dec
+    ceiling = chain_hit_ceiling(slots, L)
+    print(
+        f"  the trace replayed at {slots} slots, no read-ahead: {', '.join(got)}; online ceiling "
+        f"{ceiling:.0%}; Belady (the future known) {best:.0%}"
+    )
+    hits = sum(x for x in r["hit_rate"] if x is not None) / L
+    misses = 2 * L * (1 - hits)
+    if misses and r.get("disk_per_token") and any(args.model_dir.glob("weights-*.bin")):
+        per_miss = r["disk_per_token"] / misses
+        rate = max(disk_bandwidth(args.model_dir) for _ in range(3))  # a cloud disk varies: its best
+        need = 2 * L * (1 - ceiling) * per_miss
+        got = r["disk_per_token"] * r["tg_tps"]
+        line = (
+            f"  {per_miss / 1e6:.0f} MB read per miss; at the ceiling {need / 2**30:.2f} GiB per token; this run "
+            f"read {got / 1e9:.2f} GB/s, dd {rate / 1e9:.2f} GB/s (O_DIRECT, best of 3)"
+        )
+        if llama_tps:
+            line += f"; 2x llama.cpp ({2 * llama_tps:.2f} tok/s) needs {2 * llama_tps * need / 1e9:.2f} GB/s with no compute"
+        print(line)
+
+
 def run_mixcli(args, cg: Path | None, routing: str) -> dict:
+
     drop_page_cache([args.gguf, *sorted(args.dir.glob("weights-*.bin"))])  # the other engine's file too
     cmd = [
         sys.executable,
@@ -367,6 +430,9 @@ def main() -> None:
                 print(f"  next-layer guess accuracy: {_percents(r['guess_acc'])}")
                 if r.get("overlap"):
                     print(f"  consecutive decoded tokens' top-2 overlap, as routed: {_percents(r['overlap'])}")
+                if routing == "mixtral":
+                    llama = [x for lim, _, x in rows if lim == limit and x.get("engine") == "llama.cpp"]
+                    print_ceiling(args, r, llama[0].get("tg_tps") if llama else None)
     finally:
         if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)
