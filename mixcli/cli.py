@@ -61,6 +61,10 @@ def _root(
 
 
 def _register() -> None:
+    """Adds the commands to ``app``, once per process: ``main`` may run many times in one process
+    (the tests, a program embedding the CLI), and typer would keep every duplicate."""
+    if app.registered_commands:
+        return
     from .commands.convert import convert_command
     from .commands.generate import generate_command
     from .commands.models import models_command, pull_command

@@ -309,6 +309,18 @@ def test_tables_fit_80_columns_whole(baby, gguf_wheel, tmp_path, args):
         assert any(line.startswith(f"{baby.name}: MixtralForCausalLM, ") for line in shown.splitlines())
 
 
+def test_commands_are_registered_once_however_often_main_runs(capsys):
+    """main() runs many times in one process (here, and in a program embedding the CLI): typer
+    kept each registration, and a suite-long process had thousands of commands."""
+    from mixcli import cli
+
+    for _ in range(3):
+        assert cli.main(["models", "--help"]) == 0
+    assert "Usage: mixcli models" in capsys.readouterr().out
+    names = [info.name for info in cli.app.registered_commands]
+    assert len(names) == len(set(names)) and {"chat", "generate", "serve"} <= set(names)
+
+
 def test_every_command_help_fits_80_columns():
     from mixcli import cli
 
