@@ -40,8 +40,8 @@ def _join(builder, pieces):
 class _Ymm(Tier):
     """What the two 256-bit tiers share: row-tiled prefill runs the decode tile over 4 tokens at a
     time (each block's weights unpacked once for the 4), which beat the lane-per-token tile at
-    every prompt length measured on AVX2 (benchmarks/RESULTS.md); AVX-VNNI follows AVX2 here
-    unmeasured, as it has the same 16 ymm registers."""
+    every prompt length measured on AVX2, and on AVX-VNNI by 3-4x at 4-8 tokens and 1.5-2x at
+    64-256 (Sapphire Rapids; benchmarks/RESULTS.md, 2026-12-04)."""
 
     packed_prefill = False
     few_tokens = 4
