@@ -61,12 +61,11 @@ from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .irgen import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, f2h, h2f
+from .irgen import _FAST, _JIT, _PJIT, _arr, _c64, _f32, _i16, _i32, _i64, _load, _u16, _vec, f2h, h2f, half_to_f32
 from .ops import exp_f32
 
 _V = 16  # lanes per vector: one zmm of f32 (a ymm of fp16 bits)
 PF_KEYS = 32  # software prefetch distance in K and V rows (8 KiB at HD = 128), into L2
-_f16 = ir.HalfType()
 _bool = ir.IntType(1)
 
 
@@ -120,7 +119,7 @@ def _prefetch_run(builder, base, start, nbytes):
 
 def _widen(builder, bits):
     """<16 x i16> fp16 bits -> <16 x float>."""
-    return builder.fpext(builder.bitcast(bits, _vec(_f16, _V)), _vec(_f32, _V))
+    return half_to_f32(builder, bits)
 
 
 def _reduce16(builder, vs):

@@ -2,12 +2,16 @@
 
 numba cannot type float16 arrays, and its integer rules widen every ``uint8 & 15`` to int64,
 which defeats vectorisation; so the inner loops are small IR generators over explicit vector
-types, and float16 arrays cross into numba viewed as uint16 and widen with ``fpext half``.
+types, and float16 arrays cross into numba viewed as uint16 and widen with ``half_to_f32``.
 Nothing here is specific to an instruction set: LLVM legalizes these vectors for the host.
 """
 
 from __future__ import annotations
 
+import functools
+
+import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -29,13 +33,84 @@ def _splat(t, n, v):
     return ir.Constant(_vec(t, n), [v] * n)
 
 
+@functools.lru_cache(maxsize=1)
+def native_half() -> bool:
+    """Whether the compile target converts float16 itself. x86 needs F16C: without it (CPUs before
+    2012, Atom-class Pentiums and Celerons, or ``NUMBA_CPU_NAME=generic``, a portable cache) LLVM
+    turns ``fpext``/``fptrunc half`` into calls to compiler-rt's __extendhfsf2/__truncsfhf2, which
+    numba's JIT cannot link: the process aborts. Other architectures convert natively."""
+    if not llvm.get_process_triple().startswith(("x86_64", "i386", "i686")):
+        return True
+    if numba.config.CPU_NAME not in (None, "host"):
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+# numba's fastmath pass gives "fast" to every float op without flags; these two must round as
+# IEEE says (the result's bits are the answer), and "contract" (fuse into fma) has nothing to fuse
+_EXACT = ("contract",)
+
+
+def _like(ty, elem):
+    """elem, or a vector of elem as wide as ty."""
+    return ir.VectorType(elem, ty.count) if isinstance(ty, ir.VectorType) else elem
+
+
+def _k(ty, v):
+    return ir.Constant(ty, [v] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, v)
+
+
+def half_to_f32(builder, bits, soft: bool | None = None):
+    """i16 or <n x i16> float16 bits -> f32 or <n x f32>: ``fpext`` (one ``vcvtph2ps``) where the
+    target has it (``native_half``), else integer steps that give the same value for every half,
+    subnormals, infinities and NaN payloads included (numpy's widening)."""
+    if not (not native_half() if soft is None else soft):
+        return builder.fpext(builder.bitcast(bits, _like(bits.type, ir.HalfType())), _like(bits.type, _f32))
+    ti, tf = _like(bits.type, _i32), _like(bits.type, _f32)
+    u = builder.zext(bits, ti)
+    o = builder.shl(builder.and_(u, _k(ti, 0x7FFF)), _k(ti, 13))  # exponent and mantissa, in place
+    e = builder.and_(o, _k(ti, 0x0F800000))
+    o = builder.add(o, _k(ti, 0x38000000))  # exponent bias 15 -> 127
+    o = builder.select(builder.icmp_unsigned("==", e, _k(ti, 0x0F800000)), builder.add(o, _k(ti, 0x38000000)), o)
+    # zero and subnormals: 2^-14 * (1 + m / 1024) - 2^-14, exact in f32
+    sub = builder.fsub(builder.bitcast(builder.add(o, _k(ti, 0x00800000)), tf), _k(tf, 2.0**-14), flags=_EXACT)
+    o = builder.select(builder.icmp_unsigned("==", e, _k(ti, 0)), builder.bitcast(sub, ti), o)
+    o = builder.or_(o, builder.shl(builder.and_(u, _k(ti, 0x8000)), _k(ti, 16)))
+    return builder.bitcast(o, tf)
+
+
+def f32_to_half(builder, x, soft: bool | None = None):
+    """f32 or <n x f32> -> i16 or <n x i16> float16 bits, rounded to nearest even as numpy's
+    ``astype(float16)``: ``fptrunc`` where the target has it, else integer steps (overflow to
+    infinity, subnormals rounded, NaN kept a NaN)."""
+    if not (not native_half() if soft is None else soft):
+        return builder.bitcast(builder.fptrunc(x, _like(x.type, ir.HalfType())), _like(x.type, _i16))
+    ti, tf = _like(x.type, _i32), _like(x.type, _f32)
+    u = builder.bitcast(x, ti)
+    sign = builder.lshr(builder.and_(u, _k(ti, 0x80000000)), _k(ti, 16))
+    a = builder.and_(u, _k(ti, 0x7FFFFFFF))
+    # NaN: quiet, payload's top bits kept; inf and anything >= 65520 (rounds past 65504): inf
+    nan = builder.or_(_k(ti, 0x7E00), builder.and_(builder.lshr(a, _k(ti, 13)), _k(ti, 0x3FF)))
+    big = builder.select(builder.icmp_unsigned(">", a, _k(ti, 0x7F800000)), nan, _k(ti, 0x7C00))
+    # below 2^-14: adding 0.5 aligns the half's subnormal steps to f32's last bit; the FPU rounds
+    magic = _k(ti, (127 - 15 + 23 - 10 + 1) << 23)
+    small = builder.fadd(builder.bitcast(a, tf), builder.bitcast(magic, tf), flags=_EXACT)
+    small = builder.sub(builder.bitcast(small, ti), magic)
+    # normal: rebias, round to nearest even on the 13 bits dropped
+    odd = builder.and_(builder.lshr(a, _k(ti, 13)), _k(ti, 1))
+    normal = builder.lshr(builder.add(builder.add(a, _k(ti, ((15 - 127) << 23) + 0xFFF)), odd), _k(ti, 13))
+    o = builder.select(builder.icmp_unsigned("<", a, _k(ti, 113 << 23)), small, normal)
+    o = builder.select(builder.icmp_unsigned(">=", a, _k(ti, 0x477FF000)), big, o)
+    return builder.trunc(builder.or_(o, sign), _like(x.type, _i16))
+
+
 @intrinsic
 def h2f(typingctx, u):
-    """float16 bits (uint16) -> float32, one ``vcvtph2ps`` lane."""
+    """float16 bits (uint16) -> float32, one ``vcvtph2ps`` lane (``half_to_f32``)."""
     sig = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _f32)
+        return half_to_f32(builder, args[0])
 
     return sig, codegen
 
@@ -46,7 +121,7 @@ def f2h(typingctx, x):
     sig = types.uint16(types.float32)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _i16)
+        return f32_to_half(builder, args[0])
 
     return sig, codegen
 

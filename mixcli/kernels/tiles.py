@@ -50,6 +50,7 @@ from .irgen import (
     _splat,
     _splat16,
     _vec,
+    half_to_f32,
 )
 
 R = ROW_TILE
@@ -172,10 +173,10 @@ def make_tile2(tier, kind: str, nrows: int, ntoks: int, levels: int, wide: bool 
                     if prefetch:
                         _prefetch(builder, qs_p, builder.add(qoff, _c64(prefetch)))
                     dh = _load(builder, d_p, builder.add(row_d[i], b2), _vec(_i16, nblk))
-                    dw = builder.fpext(builder.bitcast(_bcast_pairs(builder, dh, nblk), _vec(ir.HalfType(), w)), vf)
+                    dw = half_to_f32(builder, _bcast_pairs(builder, dh, nblk))
                     if kind == "q4_1":
                         mh = _load(builder, m_p, builder.add(row_m[i], b2), _vec(_i16, nblk))
-                        mw = builder.fpext(builder.bitcast(_bcast_pairs(builder, mh, nblk), _vec(ir.HalfType(), w)), vf)
+                        mw = half_to_f32(builder, _bcast_pairs(builder, mh, nblk))
                     for j in range(ntoks):
                         k = j * nrows + i
                         f = None
@@ -283,7 +284,7 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
         splat = functools.partial(_splat16, builder)
 
         def half16(p, off):
-            return splat(builder.fpext(builder.bitcast(_load(builder, p, off, _i16), ir.HalfType()), _f32), v16f)
+            return splat(half_to_f32(builder, _load(builder, p, off, _i16)), v16f)
 
         def coded16(b, which, sup, row_sup, scale):
             """q4_k: per row i, splat(code * super-scale * scale) of block b (which 0: sc, 1: mn);
@@ -293,7 +294,7 @@ def make_ptile(tier, kind: str, nrows: int, ngroups: int, levels: int, tiled: bo
             code = builder.uitofp(builder.zext(_load(builder, s_p, off, _vec(_i8, nrows)), _vec(_i32, nrows)), vf)
             sb = builder.mul(builder.lshr(b, _c64(3)), _c64(bd))  # SUPER = 8 blocks
             h = _load(builder, sup, builder.add(row_sup[0], sb), _vec(_i16, nrows))
-            v = builder.fmul(code, builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), nrows)), vf), flags=_FAST)
+            v = builder.fmul(code, half_to_f32(builder, h), flags=_FAST)
             v = builder.fmul(v, ir.Constant(vf, [scale] * nrows), flags=_FAST)
             return [splat(builder.extract_element(v, ir.Constant(_i32, i)), v16f) for i in range(nrows)]
 
@@ -462,7 +463,7 @@ def make_itile(tier, kind: str, levels: int, prefetch: tuple[int, int] | None = 
 
             def halves(p, off):  # 16 fp16 at p + off -> <16 x float>
                 h = _load(builder, p, off, _vec(_i16, 16))
-                return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), 16)), v16f)
+                return half_to_f32(builder, h)
 
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
@@ -531,7 +532,7 @@ def make_itile_q4k(tier, levels: int, prefetch: tuple[int, int] | None = None):
 
             def halves(p, off):  # 16 fp16 at p + off -> <16 x float>
                 h = _load(builder, p, off, _vec(_i16, 16))
-                return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), 16)), v16f)
+                return half_to_f32(builder, h)
 
             def codes(off):  # 16 uint8 codes at s + off -> <16 x float>
                 return builder.uitofp(builder.zext(_load(builder, s_p, off, _vec(_i8, 16)), v16i), v16f)
