@@ -60,11 +60,16 @@ def _k(ty, v):
     return ir.Constant(ty, [v] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, v)
 
 
+def _soft(soft: bool | None) -> bool:
+    """Integer steps instead of the conversion instruction: as asked, else where there is none."""
+    return not native_half() if soft is None else soft
+
+
 def half_to_f32(builder, bits, soft: bool | None = None):
     """i16 or <n x i16> float16 bits -> f32 or <n x f32>: ``fpext`` (one ``vcvtph2ps``) where the
     target has it (``native_half``), else integer steps that give the same value for every half,
     subnormals, infinities and NaN payloads included (numpy's widening)."""
-    if not (not native_half() if soft is None else soft):
+    if not _soft(soft):
         return builder.fpext(builder.bitcast(bits, _like(bits.type, ir.HalfType())), _like(bits.type, _f32))
     ti, tf = _like(bits.type, _i32), _like(bits.type, _f32)
     u = builder.zext(bits, ti)
@@ -83,7 +88,7 @@ def f32_to_half(builder, x, soft: bool | None = None):
     """f32 or <n x f32> -> i16 or <n x i16> float16 bits, rounded to nearest even as numpy's
     ``astype(float16)``: ``fptrunc`` where the target has it, else integer steps (overflow to
     infinity, subnormals rounded, NaN kept a NaN)."""
-    if not (not native_half() if soft is None else soft):
+    if not _soft(soft):
         return builder.bitcast(builder.fptrunc(x, _like(x.type, ir.HalfType())), _like(x.type, _i16))
     ti, tf = _like(x.type, _i32), _like(x.type, _f32)
     u = builder.bitcast(x, ti)
